@@ -14,7 +14,6 @@ from ._native import ffi, lib
 from .errors import DatapathError
 
 TEST_IFINDEX = 1
-_XDP_MD = "__u32 data; __u32 data_end; __u32 data_meta; __u32 ingress_ifindex; __u32 rx_queue_index; __u32 egress_ifindex;"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,71 @@
+# pyflow — one-command setup, test, lint, bench.
+# `make setup` is idempotent: it installs what is missing and fails naming what it could not get.
+
+SHELL := /bin/bash
+PY_SYS := /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+KVER := $(shell uname -r)
+APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute2 nftables conntrack \
+	ethtool socat iperf3 tcpdump iputils-ping gcc make
+PYTEST_ARGS ?=
+
+.PHONY: setup apt headers bpffs venv native test lint bench clean
+
+setup: apt headers bpffs venv native
+	@$(PY) -c 'import bcc, pyroute2, prometheus_client, pyflow._native' \
+		|| { echo "setup: the virtualenv cannot import bcc/pyroute2/prometheus_client/pyflow._native" >&2; exit 1; }
+	@echo "setup: done"
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "setup: installing$$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q >/dev/null || { echo "setup: apt-get update failed" >&2; exit 1; }; \
+		apt-get install -y -q $$missing >/dev/null || { echo "setup: apt-get install failed for:$$missing" >&2; exit 1; }; \
+	fi
+
+# bcc compiles at load time against kernel headers. Where the running kernel ships none,
+# Debian's headers are linked in: the datapath uses only UAPI headers, so the version gap is harmless.
+headers:
+	@if [ -e /lib/modules/$(KVER)/build/include ]; then exit 0; fi; \
+	if ! ls -d /usr/src/linux-headers-*-amd64 >/dev/null 2>&1; then \
+		echo "setup: no headers for $(KVER); installing linux-headers-amd64"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q linux-headers-amd64 >/dev/null \
+			|| { echo "setup: cannot install linux-headers-amd64 (bcc needs kernel headers)" >&2; exit 1; }; \
+	fi; \
+	hdr=$$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1); common=$${hdr%-amd64}-common; \
+	[ -d "$$common" ] || { echo "setup: $$common missing (bcc needs it)" >&2; exit 1; }; \
+	mkdir -p /lib/modules/$(KVER); ln -sfn $$hdr /lib/modules/$(KVER)/build; ln -sfn $$common /lib/modules/$(KVER)/source; \
+	echo "setup: linked $$hdr as headers for $(KVER)"
+
+bpffs:
+	@grep -q ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf \
+		|| { echo "setup: cannot mount bpffs at /sys/fs/bpf" >&2; exit 1; }
+
+# --system-site-packages: bcc's Python module comes from Debian (python3-bpfcc).
+venv:
+	@[ -x $(PY) ] || $(PY_SYS) -m venv --system-site-packages $(VENV) \
+		|| { echo "setup: cannot create $(VENV)" >&2; exit 1; }
+	@$(PY) -m pip install -q --upgrade pip setuptools wheel cffi >/dev/null
+	@$(PY) -m pip install -q "pyroute2>=0.9" "prometheus-client>=0.17" "pytest>=7" "scapy>=2.5" ruff mypy matplotlib \
+		|| { echo "setup: pip install failed" >&2; exit 1; }
+
+native:
+	@$(PY) -m pip install -q --no-build-isolation -e . \
+		|| { echo "setup: building pyflow (cffi extension from csrc/) failed" >&2; exit 1; }
+
+test:
+	$(PY) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+
+lint:
+	$(VENV)/bin/ruff check pyflow tests
+	$(VENV)/bin/mypy pyflow
+
+bench:
+	$(PY) tests/bench/run_all.py
+
+clean:
+	rm -rf build *.egg-info pyflow/_native*.so bench-results .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,86 @@
+"""The Python ABI helpers fill the header's structs in the documented byte order.
+
+Expected bytes are packed here with the struct module from the field list in
+pyflow_abi.h, independently of cffi, so a header change that cffi follows but the
+documented wire order does not is caught.
+"""
+
+import ipaddress
+import struct
+
+import pytest
+
+from pyflow import abi
+from pyflow._native import ffi, lib
+
+
+def test_key_bytes_follow_header_order():
+    k = abi.FlowKey(ifindex=7, proto=6, saddr="198.18.0.1", daddr="198.19.0.2", sport=1000, dport=80,
+                    vlan_outer=100, vlan_inner=200, pppoe_sid=0x1234)
+    want = struct.pack("=IHHHBB", 7, 100, 200, 0x1234, abi.FAMILY_IPV4, 6)
+    want += struct.pack("!HH", 1000, 80)
+    want += ipaddress.ip_address("198.18.0.1").packed + bytes(12)
+    want += ipaddress.ip_address("198.19.0.2").packed + bytes(12)
+    assert abi.key_bytes(k) == want
+    assert abi.KEY_SIZE == len(want) == 48
+
+
+def test_ipv6_key():
+    k = abi.FlowKey(ifindex=1, proto=17, saddr="2001:2::1", daddr="2001:2:0:1::2", sport=53, dport=5353)
+    raw = abi.key_bytes(k)
+    assert raw[10] == abi.FAMILY_IPV6
+    assert raw[16:32] == ipaddress.ip_address("2001:2::1").packed
+    assert raw[32:48] == ipaddress.ip_address("2001:2:0:1::2").packed
+
+
+def test_mixed_families_refused():
+    with pytest.raises(ValueError, match="families differ"):
+        abi.key_bytes(abi.FlowKey(1, 6, "198.18.0.1", "2001:2::1", 1, 2))
+
+
+def test_action_nat_flags_and_defaults():
+    k = abi.FlowKey(3, 6, "198.18.0.1", "198.19.0.2", 1000, 80)
+    a = abi.FlowAction(out_ifindex=4, tx_port=2, mtu=1500, in_mac="02:00:00:00:00:01",
+                       dmac="02:00:00:00:00:02", smac="02:00:00:00:00:03",
+                       nat_saddr="198.18.1.1", nat_sport=4000)
+    v = abi.flow_value(a, k)
+    assert v.action.flags == lib.PYFLOW_ACT_SNAT
+    assert bytes(ffi.buffer(v.action.nat_saddr))[:4] == bytes([198, 18, 1, 1])
+    # DNAT not requested: destination fields carry the key's own values
+    assert bytes(ffi.buffer(v.action.nat_daddr))[:4] == bytes([198, 19, 0, 2])
+    assert struct.pack("=H", v.action.nat_sport) == struct.pack("!H", 4000)
+    assert struct.pack("=H", v.action.nat_dport) == struct.pack("!H", 80)
+    assert v.counters.packets == 0 and v.counters.closing == 0
+
+
+def test_action_encap_flags():
+    k = abi.FlowKey(3, 17, "198.18.0.1", "198.19.0.2", 1, 2)
+    a = abi.FlowAction(4, 2, 1492, "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03",
+                       vlan_outer_tci=10, vlan_outer_tpid=abi.ETH_P_8021AD, vlan_inner_tci=20, pppoe_sid=7)
+    v = abi.flow_value(a, k)
+    want = lib.PYFLOW_ACT_VLAN_OUTER | lib.PYFLOW_ACT_VLAN_INNER | lib.PYFLOW_ACT_PPPOE
+    assert v.action.flags == want
+    assert struct.pack("=H", v.action.encap.vlan_outer_tpid) == b"\x88\xa8"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"vlan_inner_tci": 5}, "inner VLAN tag needs an outer"),
+    ({"pppoe_sid": 0}, "PPPoE session id out of range"),
+    ({"pppoe_sid": 0xFFFF}, "PPPoE session id out of range"),
+])
+def test_action_bad_encap_refused(kwargs, message):
+    a = abi.FlowAction(4, 2, 1500, "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        a.flags()
+
+
+def test_bad_mac_refused():
+    with pytest.raises(ValueError, match="not a MAC"):
+        abi.mac_bytes("02:00:00")
+
+
+def test_reason_names_cover_enum():
+    assert len(abi.REASONS) == lib.PYFLOW_R__COUNT
+    assert abi.REASONS[lib.PYFLOW_R_FORWARDED] == "forwarded"
+    assert abi.REASONS[lib.PYFLOW_R_MISS] == "miss"
+    assert len(set(abi.REASONS)) == len(abi.REASONS)

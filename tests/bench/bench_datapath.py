@@ -1,0 +1,262 @@
+"""Micro-benchmark of the datapath through BPF_PROG_TEST_RUN (ns per packet).
+
+Run as root: ``python tests/bench/bench_datapath.py [--quick]``. Prints a table and
+writes bench-results/datapath.json.
+
+Why a harness program: BPF_PROG_TEST_RUN replays one buffer ``repeat`` times without
+restoring it, so after the first run a forwarded packet would carry the rewritten
+MACs, NATed addresses and a lower TTL and stop being a hit. Every measured program
+is therefore reached through the same harness: a small program that copies a packet
+template over the buffer (rotating through many templates, so that with many flows
+the lookups touch many buckets as real traffic does) and tail-calls the program
+under test. All rows pay the same harness cost; the ``harness`` row (harness +
+XDP_PASS) shows it, and the ``net`` column subtracts it.
+
+Rows, each for the XDP and the TC build: a hit (IPv4 TCP with SNAT+DNAT), a hit
+(IPv6 TCP, no NAT), a miss, and the floor: a minimal program that only redirects.
+Then the IPv4 hit at 1k, 10k, 100k and 1M flows in the map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes as ct
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from pyflow import abi
+from pyflow.bpfsource import TC_FUNC, XDP_FUNC, compile_datapath
+from pyflow.flowtable import FlowTable
+from pyflow.testrun import TEST_IFINDEX, run
+
+FRAME = 96  # bytes restored per run; every template frame is exactly this long
+MAX_TEMPLATES = 16384
+ROUTER_MAC, NEXTHOP_MAC, CLIENT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03"
+
+HARNESS_SRC = r"""
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+struct frame { u8 b[%(FRAME)d]; };
+BPF_PROG_ARRAY(under_test, 1);
+BPF_ARRAY(templates, struct frame, %(MAX_TEMPLATES)d);
+BPF_PERCPU_ARRAY(cursor, u32, 1);
+BPF_ARRAY(ntemplates, u32, 1);
+BPF_DEVMAP(floor_tx, 1);
+
+static __always_inline struct frame *next_template(void)
+{
+	int zero = 0;
+	u32 *n = ntemplates.lookup(&zero);
+	u32 *c = cursor.lookup(&zero);
+	if (!n || !c || *n == 0)
+		return 0;
+	u32 i = *c;
+	*c = i + 1 >= *n ? 0 : i + 1;
+	return templates.lookup(&i);
+}
+
+int harness_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct frame *t = next_template();
+	if (!t || data + sizeof(*t) > end)
+		return XDP_ABORTED;
+	__builtin_memcpy(data, t->b, sizeof(*t));
+	under_test.call(ctx, 0);
+	return XDP_ABORTED;
+}
+
+int harness_tc(struct __sk_buff *skb)
+{
+	struct frame *t = next_template();
+	if (!t || bpf_skb_store_bytes(skb, 0, t->b, sizeof(*t), 0))
+		return TC_ACT_SHOT;
+	under_test.call(skb, 0);
+	return TC_ACT_SHOT;
+}
+
+/* The floor: the least a forwarding program can do. */
+int floor_xdp(struct xdp_md *ctx) { return floor_tx.redirect_map(0, XDP_PASS); }
+int floor_tc(struct __sk_buff *skb) { return bpf_redirect(%(IFINDEX)d, 0); }
+/* Harness cost alone. */
+int pass_xdp(struct xdp_md *ctx) { return XDP_PASS; }
+int pass_tc(struct __sk_buff *skb) { return TC_ACT_OK; }
+"""
+
+
+def v4_flow(i: int) -> tuple[abi.FlowKey, abi.FlowAction, bytes]:
+    """Flow i: client 198.18.x.y:port -> server 198.19.0.1:80, SNAT to 198.19.255.1 and DNAT."""
+    src = f"198.18.{(i >> 8) & 0xFF}.{i & 0xFF}"
+    sport = 1024 + (i >> 16)
+    key = abi.FlowKey(TEST_IFINDEX, abi.PROTO_TCP, src, "198.19.0.1", sport, 80)
+    action = abi.FlowAction(TEST_IFINDEX, 0, 1500, ROUTER_MAC, NEXTHOP_MAC, ROUTER_MAC,
+                            nat_saddr="198.19.255.1", nat_sport=40000 + (i & 0x3FFF),
+                            nat_daddr="198.19.1.1", nat_dport=8080)
+    pkt = (Ether(dst=ROUTER_MAC, src=CLIENT_MAC) / IP(src=src, dst="198.19.0.1", ttl=64)
+           / TCP(sport=sport, dport=80, flags="A"))
+    return key, action, pad(pkt)
+
+
+def v6_flow(i: int) -> tuple[abi.FlowKey, abi.FlowAction, bytes]:
+    src = f"2001:2::{(i >> 16) & 0xFFFF:x}:{i & 0xFFFF:x}"
+    key = abi.FlowKey(TEST_IFINDEX, abi.PROTO_TCP, src, "2001:2:0:1::1", 1024, 443)
+    action = abi.FlowAction(TEST_IFINDEX, 0, 1500, ROUTER_MAC, NEXTHOP_MAC, ROUTER_MAC)
+    pkt = (Ether(dst=ROUTER_MAC, src=CLIENT_MAC) / IPv6(src=src, dst="2001:2:0:1::1", hlim=64)
+           / TCP(sport=1024, dport=443, flags="A"))
+    return key, action, pad(pkt)
+
+
+def pad(pkt) -> bytes:
+    """The packet with a zero payload that makes the frame exactly FRAME bytes (scapy fills lengths/checksums)."""
+    out = bytes(pkt / Raw(bytes(FRAME - len(pkt))))
+    assert len(out) == FRAME, len(out)
+    return out
+
+
+class Harness:
+    def __init__(self):
+        from bcc import BPF
+
+        self.bpf = BPF(text=HARNESS_SRC % {"FRAME": FRAME, "MAX_TEMPLATES": MAX_TEMPLATES,
+                                            "IFINDEX": TEST_IFINDEX})
+        self.bpf["floor_tx"][ct.c_int(0)] = ct.c_int(TEST_IFINDEX)
+        self.fn = {
+            "xdp": self.bpf.load_func("harness_xdp", BPF.XDP),
+            "tc": self.bpf.load_func("harness_tc", BPF.SCHED_CLS),
+            "floor_xdp": self.bpf.load_func("floor_xdp", BPF.XDP),
+            "floor_tc": self.bpf.load_func("floor_tc", BPF.SCHED_CLS),
+            "pass_xdp": self.bpf.load_func("pass_xdp", BPF.XDP),
+            "pass_tc": self.bpf.load_func("pass_tc", BPF.SCHED_CLS),
+        }
+
+    def set_templates(self, frames: list[bytes]) -> None:
+        frames = frames[:MAX_TEMPLATES]
+        t = self.bpf["templates"]
+        for i, f in enumerate(frames):
+            t[ct.c_int(i)] = t.Leaf.from_buffer_copy(f)
+        self.bpf["ntemplates"][ct.c_int(0)] = ct.c_uint(len(frames))
+
+    def measure(self, hook: str, target_fd: int, repeat: int, rounds: int) -> list[float]:
+        """Mean ns per packet of harness + target, one value per round."""
+        self.bpf["under_test"][ct.c_int(0)] = ct.c_int(target_fd)
+        xdp = hook == "xdp"
+        results = []
+        for _ in range(rounds):
+            r = run(self.fn[hook].fd, bytes(FRAME), repeat=repeat, xdp=xdp)
+            results.append(float(r.duration_ns))
+        return results
+
+
+def summarize(samples: list[float]) -> dict:
+    return {"median_ns": statistics.median(samples), "min_ns": min(samples), "max_ns": max(samples),
+            "samples": samples}
+
+
+def install(table: FlowTable, flows) -> None:
+    batch = []
+    for key, action, _ in flows:
+        batch.append((key, action))
+        if len(batch) == 65536:
+            table.insert(batch)
+            batch = []
+    if batch:
+        table.insert(batch)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and no 1M point (smoke run)")
+    ap.add_argument("--out", default="bench-results/datapath.json")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_datapath: needs root (BPF)", file=sys.stderr)
+        return 1
+    repeat = 200_000 if args.quick else 2_000_000
+    rounds = 3 if args.quick else 7
+    scale_points = [1_000, 10_000, 100_000] if args.quick else [1_000, 10_000, 100_000, 1_000_000]
+
+    from bcc import BPF
+
+    dp = compile_datapath(defines={"PYFLOW_MAX_FLOWS": max(scale_points) * 2})
+    prog = {"xdp": dp.load_func(XDP_FUNC, BPF.XDP).fd, "tc": dp.load_func(TC_FUNC, BPF.SCHED_CLS).fd}
+    dp["pyflow_txports"][ct.c_int(0)] = ct.c_int(TEST_IFINDEX)
+    table = FlowTable(dp["pyflow_flows"].map_fd)
+    h = Harness()
+
+    results: dict = {"repeat": repeat, "rounds": rounds, "frame_bytes": FRAME, "rows": {}, "scale": {}}
+    v4 = [v4_flow(i) for i in range(1000)]
+    v6 = [v6_flow(i) for i in range(1000)]
+    install(table, v4 + v6)
+    miss_frames = [v4_flow(100_000 + i)[2] for i in range(1000)]
+    cases = {
+        "hit_ipv4_tcp_nat": [f for _, _, f in v4],
+        "hit_ipv6_tcp": [f for _, _, f in v6],
+        "miss": miss_frames,
+    }
+    for hook in ("xdp", "tc"):
+        h.set_templates(cases["hit_ipv4_tcp_nat"])
+        base = summarize(h.measure(hook, h.fn[f"pass_{hook}"].fd, repeat, rounds))
+        floor = summarize(h.measure(hook, h.fn[f"floor_{hook}"].fd, repeat, rounds))
+        results["rows"][f"{hook}/harness"] = base
+        results["rows"][f"{hook}/floor_redirect"] = floor
+        for name, frames in cases.items():
+            h.set_templates(frames)
+            results["rows"][f"{hook}/{name}"] = summarize(h.measure(hook, prog[hook], repeat, rounds))
+
+    # Scale: the IPv4 NAT hit with N flows in the map, packets spread over many of them.
+    table.clear()
+    installed = 0
+    for n in scale_points:
+        flows = [v4_flow(i) for i in range(installed, n)]
+        install(table, flows)
+        installed = n
+        step = max(1, n // MAX_TEMPLATES)
+        h.set_templates([v4_flow(i)[2] for i in range(0, n, step)])
+        for hook in ("xdp", "tc"):
+            results["scale"][f"{hook}/{n}"] = summarize(h.measure(hook, prog[hook], repeat, rounds))
+
+    report(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+def report(results: dict) -> None:
+    rows = results["rows"]
+    print(f"datapath micro-benchmark: BPF_PROG_TEST_RUN, {FRAME}-byte frames, repeat {results['repeat']}, "
+          f"median of {results['rounds']} rounds; 'net' subtracts the harness row")
+    print(f"{'case':28} {'median ns':>10} {'net ns':>8} {'spread':>14}")
+    for hook in ("xdp", "tc"):
+        base = rows[f"{hook}/harness"]["median_ns"]
+        for name in ("harness", "floor_redirect", "hit_ipv4_tcp_nat", "hit_ipv6_tcp", "miss"):
+            r = rows[f"{hook}/{name}"]
+            print(f"{hook + '/' + name:28} {r['median_ns']:10.1f} {r['median_ns'] - base:8.1f} "
+                  f"{r['min_ns']:6.0f}..{r['max_ns']:<6.0f}")
+        floor = rows[f"{hook}/floor_redirect"]["median_ns"]
+        hit = rows[f"{hook}/hit_ipv4_tcp_nat"]["median_ns"]
+        print(f"  {hook}: hit/floor = {hit / floor:.2f}x with harness, "
+              f"{(hit - base) / max(floor - base, 0.1):.2f}x net (target <= 1.5x)")
+    print("\nscale (IPv4 NAT hit, templates spread over the installed flows):")
+    for hook in ("xdp", "tc"):
+        pts = {int(k.split("/")[1]): v["median_ns"] for k, v in results["scale"].items() if k.startswith(hook)}
+        line = "  ".join(f"{n:>9,}: {ns:6.1f} ns" for n, ns in sorted(pts.items()))
+        lo, hi = pts[min(pts)], pts[max(pts)]
+        print(f"  {hook}: {line}   growth {hi / lo:.2f}x (target <= 1.3x)")
+
+
+if __name__ == "__main__":
+    t0 = time.monotonic()
+    rc = main()
+    print(f"bench_datapath took {time.monotonic() - t0:.0f} s")
+    sys.exit(rc)

@@ -117,7 +117,7 @@ def v6_flow(i: int) -> tuple[abi.FlowKey, abi.FlowAction, bytes]:
 
 
 def pad(pkt) -> bytes:
-    """The packet with a zero payload that makes the frame exactly FRAME bytes (scapy fills lengths/checksums)."""
+    """The packet padded with zeros to exactly FRAME bytes; scapy fills lengths and checksums."""
     out = bytes(pkt / Raw(bytes(FRAME - len(pkt))))
     assert len(out) == FRAME, len(out)
     return out
@@ -249,7 +249,8 @@ def report(results: dict) -> None:
               f"{(hit - base) / max(floor - base, 0.1):.2f}x net (target <= 1.5x)")
     print("\nscale (IPv4 NAT hit, templates spread over the installed flows):")
     for hook in ("xdp", "tc"):
-        pts = {int(k.split("/")[1]): v["median_ns"] for k, v in results["scale"].items() if k.startswith(hook)}
+        pts = {int(k.split("/")[1]): v["median_ns"]
+               for k, v in results["scale"].items() if k.startswith(hook)}
         line = "  ".join(f"{n:>9,}: {ns:6.1f} ns" for n, ns in sorted(pts.items()))
         lo, hi = pts[min(pts)], pts[max(pts)]
         print(f"  {hook}: {line}   growth {hi / lo:.2f}x (target <= 1.3x)")

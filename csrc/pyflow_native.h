@@ -46,4 +46,57 @@ int pyflow_obj_get(const char *path);
 int pyflow_obj_pin(int fd, const char *path);
 int pyflow_close(int fd);
 
+/* ==== flow table: batched map operations (csrc/flowtable.c) ================
+ * Generic over key and value size; the ABI-specific part (where the counters sit
+ * in struct pyflow_flow) is only in pyflow_ft_read_counters. Batch commands are
+ * not atomic: the kernel applies elements in order and stops at the first one
+ * that fails, so after a failure elements [0, res->done) are applied, element
+ * res->index failed and nothing after it was attempted.
+ * Where the kernel refuses a batch command as a whole (EINVAL/ENOTSUPP before
+ * touching any element: old kernels, map types without batch ops, and, on every
+ * kernel up to at least 6.18, BPF_NOEXIST/BPF_EXIST in BPF_MAP_UPDATE_BATCH's
+ * elem_flags), the same work is done with per-element syscalls and
+ * res->fallback is set, so the caller can go straight there next time. */
+#define PYFLOW_FT_NO_BATCH 1 /* flags: use per-element syscalls only */
+#define PYFLOW_FT_KEY_MAX 512 /* largest key size handled (hash maps allow 512) */
+
+struct pyflow_ft {
+	int fd;
+	uint32_t key_size;
+	uint32_t value_size;
+};
+
+struct pyflow_ft_result {
+	uint32_t done;     /* applied (update/delete), found (lookup), returned (dump/count) */
+	uint32_t index;    /* element that failed, when err != 0 names one; else n */
+	int32_t err;       /* negative errno of the failure, 0 if none (= the return value) */
+	uint32_t syscalls; /* bpf() calls made, for tests and benchmarks */
+	uint32_t fallback; /* 1: the kernel refused the batch command, per-element calls did the work */
+	uint32_t missing;  /* delete with a missing[] array: keys that were not in the map */
+	uint32_t chunk;    /* dump/count/read_counters: batch size in use at the end (grown after ENOSPC) */
+};
+
+int pyflow_map_create(uint32_t type, uint32_t key_size, uint32_t value_size, uint32_t max_entries,
+		      const char *name);
+/* elem_flags: BPF_ANY (0), BPF_NOEXIST (1) or BPF_EXIST (2). */
+int pyflow_ft_update(const struct pyflow_ft *ft, const void *keys, const void *values, uint32_t n,
+		     uint64_t elem_flags, uint32_t flags, struct pyflow_ft_result *res);
+/* missing == NULL: stop at the first absent key (-ENOENT). Otherwise absent keys
+ * are skipped and marked missing[i] = 1 (others 0), and the call goes on. */
+int pyflow_ft_delete(const struct pyflow_ft *ft, const void *keys, uint32_t n, uint8_t *missing,
+		     uint32_t flags, struct pyflow_ft_result *res);
+/* found[i] = 1 and values[i] filled when keys[i] is in the map; 0 and untouched otherwise. */
+int pyflow_ft_lookup(const struct pyflow_ft *ft, const void *keys, void *values, uint32_t n,
+		     uint8_t *found, uint32_t flags, struct pyflow_ft_result *res);
+/* Whole table into keys/values (room for cap entries), chunk entries per syscall.
+ * -ENOSPC with res->done == cap: the table held more than cap entries. */
+int pyflow_ft_dump(const struct pyflow_ft *ft, void *keys, void *values, uint32_t cap, uint32_t chunk,
+		   uint32_t flags, struct pyflow_ft_result *res);
+/* As dump, but only struct pyflow_flow_counters of each value is kept (counters[i]). */
+int pyflow_ft_read_counters(const struct pyflow_ft *ft, void *keys, void *counters, uint32_t cap,
+			    uint32_t chunk, uint32_t flags, struct pyflow_ft_result *res);
+/* Number of entries (a full walk: the kernel keeps no cheap count for hash maps). */
+int pyflow_ft_count(const struct pyflow_ft *ft, uint32_t chunk, uint32_t flags, struct pyflow_ft_result *res);
+/* ==== end of flow table section ============================================= */
+
 #endif /* PYFLOW_NATIVE_H */

@@ -1,0 +1,114 @@
+"""Facts about a network device that decide how the datapath attaches to it.
+
+Everything is read through rtnetlink on the caller's socket, so it is correct
+in whatever network namespace that socket lives in (/sys/class/net is not: it
+shows the namespace that mounted sysfs). The one sysfs read, the driver name,
+goes through /sys/bus/<bus>/devices/<parent>/driver, which names the bus
+device and so does not depend on the namespace.
+
+The ``auto`` attach rule, kept deliberately simple:
+
+* a device with a link kind (veth, bridge, bond, vlan, macvlan, ifb, tun ...)
+  is virtual: its packets arrive as skbs, so XDP must copy each one into an
+  XDP buffer, which measured slower than the kernel path on veth while a TC
+  ingress redirect matched it (DESIGN.md) -> ``tc``;
+* a device with a parent bus device (PCI, virtio, platform ...) is a NIC whose
+  driver fills DMA buffers that native XDP reads in place -> ``native``, and if
+  the driver turns out to have no native XDP the loader falls back to ``tc``
+  and says so;
+* anything else (loopback, odd software devices) -> ``tc``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import DeviceError
+
+MODES = ("native", "generic", "tc")
+ALL_MODES = (*MODES, "auto")
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    ifname: str
+    ifindex: int
+    kind: str | None          # IFLA_INFO_KIND: set for virtual devices
+    parent_bus: str | None    # IFLA_PARENT_DEV_BUS_NAME: "pci", "virtio" ... for NICs
+    parent_dev: str | None    # IFLA_PARENT_DEV_NAME: "0000:03:00.0", "virtio2" ...
+    driver: str | None
+    mac: str | None
+    mtu: int
+    xdp_mode: str | None      # None, "xdp" (native), "xdpgeneric", "xdpoffload", "xdpmulti"
+    xdp_prog_id: int          # 0 = none
+
+
+def _driver(bus: str | None, dev: str | None) -> str | None:
+    if not bus or not dev:
+        return None
+    link = f"/sys/bus/{bus}/devices/{dev}/driver"
+    try:
+        return os.path.basename(os.readlink(link))
+    except OSError:
+        return None
+
+
+def _xdp_state(msg) -> tuple[str | None, int]:
+    xdp = msg.get_attr("IFLA_XDP")
+    if xdp is None:
+        return None, 0
+    mode = xdp.get_attr("IFLA_XDP_ATTACHED")
+    prog_id = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
+    return mode, prog_id
+
+
+def facts_from_msg(msg) -> DeviceFacts:
+    linkinfo = msg.get_attr("IFLA_LINKINFO")
+    kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
+    bus = msg.get_attr("IFLA_PARENT_DEV_BUS_NAME")
+    dev = msg.get_attr("IFLA_PARENT_DEV_NAME")
+    mode, prog_id = _xdp_state(msg)
+    return DeviceFacts(
+        ifname=msg.get_attr("IFLA_IFNAME"),
+        ifindex=msg["index"],
+        kind=kind,
+        parent_bus=bus,
+        parent_dev=dev,
+        driver=_driver(bus, dev) or (kind if kind else None),
+        mac=msg.get_attr("IFLA_ADDRESS"),
+        mtu=msg.get_attr("IFLA_MTU") or 0,
+        xdp_mode=mode,
+        xdp_prog_id=prog_id,
+    )
+
+
+def read_facts(ipr, ifname: str | None = None, *, ifindex: int | None = None) -> DeviceFacts:
+    """Facts of one device by name or index; DeviceError("no such device: X") if absent."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    what = ifname if ifname is not None else f"ifindex {ifindex}"
+    try:
+        if ifname is not None:
+            msgs = ipr.link("get", ifname=ifname)
+        else:
+            msgs = ipr.link("get", index=ifindex)
+    except NetlinkError as exc:
+        if exc.code == 19:  # ENODEV
+            raise DeviceError(f"no such device: {what}") from None
+        raise DeviceError(f"cannot read device {what}: {exc.args[-1]}") from None
+    if not msgs:
+        raise DeviceError(f"no such device: {what}")
+    return facts_from_msg(msgs[0])
+
+
+def choose_mode(facts: DeviceFacts) -> tuple[str, str]:
+    """The ``auto`` rule (module docstring): (mode, one-line reason)."""
+    if facts.kind:
+        return "tc", (f"{facts.kind} is a virtual device: packets arrive as skbs that XDP "
+                      f"would copy, TC ingress forwards them without the copy")
+    if facts.parent_bus:
+        drv = facts.driver or "unknown driver"
+        return "native", (f"NIC on {facts.parent_bus} bus ({drv}): native XDP reads the "
+                          f"driver's DMA buffers before any skb is built")
+    return "tc", "software device without a bus device behind it: TC ingress"

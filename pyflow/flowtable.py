@@ -58,7 +58,7 @@ def _errname(err: int) -> str:
     return f"{name} ({os.strerror(err)})" if err != 524 else f"{name} (operation not supported)"
 
 
-def _struct_format(ctype: str) -> str:
+def struct_format(ctype: str) -> str:
     """A ``struct`` module format for an ABI struct of unsigned integers, derived from cffi's
     layout (offsets and widths), so that no layout is written down twice. Fields named ``pad``
     are skipped."""
@@ -76,7 +76,7 @@ def _struct_format(ctype: str) -> str:
     return fmt
 
 
-_COUNTERS = struct.Struct(_struct_format(COUNTERS_TYPE))
+_COUNTERS = struct.Struct(struct_format(COUNTERS_TYPE))
 
 
 class BatchError(MapError):

@@ -53,9 +53,10 @@ int pyflow_close(int fd);
  * that fails, so after a failure elements [0, res->done) are applied, element
  * res->index failed and nothing after it was attempted.
  * Where the kernel refuses a batch command as a whole (EINVAL/ENOTSUPP before
- * touching any element: old kernels, map types without batch ops, and, on every
- * kernel up to at least 6.18, BPF_NOEXIST/BPF_EXIST in BPF_MAP_UPDATE_BATCH's
- * elem_flags), the same work is done with per-element syscalls and
+ * touching any element: old kernels, map types without batch ops, and
+ * BPF_NOEXIST/BPF_EXIST in BPF_MAP_UPDATE_BATCH's elem_flags, which the kernel
+ * refuses (seen on 6.18: it accepts only BPF_F_LOCK there), the same work is
+ * done with per-element syscalls and
  * res->fallback is set, so the caller can go straight there next time. */
 #define PYFLOW_FT_NO_BATCH 1 /* flags: use per-element syscalls only */
 #define PYFLOW_FT_KEY_MAX 512 /* largest key size handled (hash maps allow 512) */

@@ -18,8 +18,8 @@ Consistency, as the kernel gives it and as callers must expect it:
   datapath makes on the old element while it is being replaced is lost.
 - ``dump``/``read_counters`` walk the table bucket by bucket while the datapath
   keeps running: each entry is read whole, but the walk is not a snapshot.
-- The kernel (up to 6.18 at least) refuses BPF_NOEXIST/BPF_EXIST in batch
-  updates; ``mode="new"``/``"existing"`` therefore run as per-element syscalls in
+- The kernel refuses BPF_NOEXIST/BPF_EXIST in batch updates (seen on 6.18:
+  only BPF_F_LOCK is accepted there); ``mode="new"``/``"existing"`` therefore run as per-element syscalls in
   C (still one call from Python). That is the general fallback: whenever the
   kernel refuses a batch command as a whole, the C side does the same work one
   element at a time, and this object remembers to go there directly next time.
@@ -272,6 +272,7 @@ class FlowTable:
 
     The map's key and value sizes are checked against the ABI on open. ``per_element=True``
     forces the per-element syscall path everywhere (the fallback; tests compare the two).
+    One object is for one thread: it reuses one native result struct (``last``) across calls.
     """
 
     def __init__(self, fd: int, *, name: str | None = None, owns_fd: bool = False, per_element: bool = False):

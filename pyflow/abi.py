@@ -44,6 +44,17 @@ REASONS: list[str] = _reasons()
 
 
 def _addr_words(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, bytes]:
+    """(family, 16 bytes) for an address. inet_pton first: it is several times faster than
+    ipaddress, and the control plane packs two keys and two actions per connection."""
+    if isinstance(addr, str):
+        try:
+            return FAMILY_IPV4, socket.inet_pton(socket.AF_INET, addr) + bytes(12)
+        except OSError:
+            pass
+        try:
+            return FAMILY_IPV6, socket.inet_pton(socket.AF_INET6, addr)
+        except OSError:
+            raise ValueError(f"not an IP address: {addr!r}") from None
     ip = ipaddress.ip_address(addr)
     if ip.version == 4:
         return FAMILY_IPV4, ip.packed + bytes(12)

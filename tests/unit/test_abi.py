@@ -84,3 +84,14 @@ def test_reason_names_cover_enum():
     assert abi.REASONS[lib.PYFLOW_R_FORWARDED] == "forwarded"
     assert abi.REASONS[lib.PYFLOW_R_MISS] == "miss"
     assert len(set(abi.REASONS)) == len(abi.REASONS)
+
+
+def test_bad_address_refused():
+    with pytest.raises(ValueError, match="not an IP address"):
+        abi.key_bytes(abi.FlowKey(1, 6, "198.18.0.300", "198.18.0.1", 1, 2))
+
+
+def test_address_objects_accepted():
+    k1 = abi.FlowKey(1, 6, ipaddress.ip_address("2001:2::1"), "2001:2::2", 1, 2)
+    k2 = abi.FlowKey(1, 6, "2001:2::1", "2001:2::2", 1, 2)
+    assert abi.key_bytes(k1) == abi.key_bytes(k2)

@@ -1,0 +1,59 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The datapath's maps. This and the three accessor bodies in pyflow_xdp.c
+ * are the only bcc-specific code: bcc turns the BPF_TABLE declarations into
+ * maps and rewrites the accessors' .lookup / .redirect_map calls into helper
+ * calls on the maps' file descriptors.
+ *
+ * The C identifiers are the map names of pyflow_abi.h (PYFLOW_MAP_*): bcc uses
+ * the identifier as the kernel's map name, and userspace finds maps (and their
+ * pins) by that name.
+ *
+ * With PYFLOW_PIN_DIR defined (a string such as "/sys/fs/bpf/pyflow") each map
+ * is pinned at PYFLOW_PIN_DIR "/<name>": bcc creates the pin or, if it exists,
+ * adopts the pinned map, which is how a restarted daemon keeps the flows.
+ */
+#ifndef PYFLOW_LIB_MAPS_H
+#define PYFLOW_LIB_MAPS_H
+
+#include "pyflow_abi.h"
+
+#ifdef PYFLOW_PIN_DIR
+#define PYFLOW_TABLE(type, key, leaf, name, max) \
+	BPF_TABLE_PINNED(type, key, leaf, name, max, PYFLOW_PIN_DIR "/" #name)
+#define PYFLOW_DEVMAP_SECTION(name) "maps/devmap:" PYFLOW_PIN_DIR "/" #name
+#else
+#define PYFLOW_TABLE(type, key, leaf, name, max) BPF_TABLE(type, key, leaf, name, max)
+#define PYFLOW_DEVMAP_SECTION(name) "maps/devmap"
+#endif
+
+PYFLOW_TABLE("hash", struct pyflow_flow_key, struct pyflow_flow, pyflow_flows, PYFLOW_MAX_FLOWS);
+PYFLOW_TABLE("percpu_array", __u32, struct pyflow_stat, pyflow_stats, PYFLOW_R__COUNT);
+
+/*
+ * The XDP egress ports. bcc 0.26 knows no devmap_hash, and its
+ * BPF_TABLE_PINNED("devmap", ...) yields a struct without the redirect_map
+ * method, so this spells out what bcc's BPF_DEVMAP expands to, with the pin
+ * path appended to the section name the same way BPF_TABLE_PINNED does it.
+ */
+struct pyflow_txports_table_t {
+	__u32 key;
+	int leaf;
+	u64 (*redirect_map)(int, int);
+	__u32 max_entries;
+};
+__attribute__((section(PYFLOW_DEVMAP_SECTION(pyflow_txports))))
+struct pyflow_txports_table_t pyflow_txports = { .max_entries = PYFLOW_MAX_TX_PORTS };
+
+/*
+ * Accessors. bcc rewrites table method calls (.lookup, .redirect_map) into
+ * helper calls on the map's fd only in the main source file, so their bodies
+ * live in pyflow_xdp.c; the rest of lib/ uses these declarations.
+ */
+static __always_inline struct pyflow_flow *flows_lookup(struct pyflow_flow_key *key);
+static __always_inline struct pyflow_stat *stats_lookup(__u32 reason);
+/* XDP: redirect to the devmap slot; returns XDP_REDIRECT, or XDP_PASS for an
+ * empty slot (the XDP_PASS in the flags' low bits), never XDP_ABORTED. */
+static __always_inline int txports_redirect(__u32 slot);
+
+#endif /* PYFLOW_LIB_MAPS_H */

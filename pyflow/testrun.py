@@ -40,7 +40,11 @@ def run(prog_fd: int, packet: bytes, *, repeat: int = 1, xdp: bool = True,
     args.repeat = repeat
     keep = None
     if xdp:
-        md = (0).to_bytes(12, "little") + TEST_IFINDEX.to_bytes(4, "little") + bytes(8)
+        # struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        # egress_ifindex. data_end is the linear length: recent kernels put whatever lies
+        # beyond it into frags, so 0 would hand the program an empty linear buffer.
+        md = (0).to_bytes(4, "little") + len(packet).to_bytes(4, "little") + bytes(4) \
+            + TEST_IFINDEX.to_bytes(4, "little") + bytes(8)
         keep = ffi.from_buffer(md)
     elif skb_ctx is not None:
         keep = ffi.from_buffer(skb_ctx)

@@ -1,0 +1,81 @@
+"""Fixtures for the datapath tests: the compiled datapath, loaded once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from pyflow import abi
+from pyflow._native import ffi
+from pyflow.bpfsource import TC_FUNC, XDP_FUNC, compile_datapath
+from pyflow.testrun import TEST_IFINDEX, RunResult, run
+
+# Small maps: the packet tests need a handful of entries, not 256k preallocated ones.
+TEST_DEFINES = {"PYFLOW_MAX_FLOWS": 1024}
+
+
+@dataclass
+class Datapath:
+    """The datapath loaded for both hooks, with the map operations the packet tests need.
+
+    Flows go in through bcc's table API: the tests must not depend on the
+    control plane's batched map layer."""
+
+    bpf: Any
+    xdp_fd: int
+    tc_fd: int
+
+    @property
+    def flows(self):
+        return self.bpf[abi.MAP_FLOWS]
+
+    def install(self, flows: Iterable[tuple[abi.FlowKey, abi.FlowAction]]) -> None:
+        t = self.flows
+        for key, action in flows:
+            t[t.Key.from_buffer_copy(abi.key_bytes(key))] = t.Leaf.from_buffer_copy(
+                abi.value_bytes(action, key))
+
+    def clear_flows(self) -> None:
+        self.flows.clear()
+
+    def flow(self, key: abi.FlowKey):
+        """The flow value (struct pyflow_flow, a cffi copy) stored under key."""
+        t = self.flows
+        leaf = t[t.Key.from_buffer_copy(abi.key_bytes(key))]
+        buf = ffi.new(abi.FLOW_TYPE + " *")
+        ffi.memmove(buf, bytes(leaf), abi.FLOW_SIZE)
+        return buf
+
+    def stats(self) -> list[tuple[int, int]]:
+        """(packets, bytes) per reason, summed over the CPUs."""
+        t = self.bpf[abi.MAP_STATS]
+        out = []
+        for i in range(len(abi.REASONS)):
+            per_cpu = t[t.Key(i)]
+            out.append((sum(v.packets for v in per_cpu), sum(v.bytes for v in per_cpu)))
+        return out
+
+    def run(self, hook: str, packet: bytes, *, skb_ctx: bytes | None = None, repeat: int = 1) -> RunResult:
+        if hook == "xdp":
+            return run(self.xdp_fd, packet, xdp=True, repeat=repeat)
+        return run(self.tc_fd, packet, xdp=False, skb_ctx=skb_ctx, repeat=repeat)
+
+
+@pytest.fixture(scope="session")
+def datapath() -> Iterator[Datapath]:
+    from bcc import BPF
+    from packets import TX_SLOT
+
+    b = compile_datapath(defines=TEST_DEFINES)
+    xdp = b.load_func(XDP_FUNC, BPF.XDP)
+    tc = b.load_func(TC_FUNC, BPF.SCHED_CLS)
+    # The XDP redirect needs a device in the devmap slot; the test run never transmits.
+    tx = b[abi.MAP_TX_PORTS]
+    tx[tx.Key(TX_SLOT)] = tx.Leaf(TEST_IFINDEX)
+    try:
+        yield Datapath(b, xdp.fd, tc.fd)
+    finally:
+        b.cleanup()

@@ -232,8 +232,20 @@ class Datapath:
         self._closed = False
         self._bpf = None
         self._ipr = None
-        self._prepare_pin_dir()
-        self._bpf = bpfsource.compile_datapath(pin_dir=self.pin_dir, defines=defines)
+        made_dir = self._prepare_pin_dir()
+        before = set(os.listdir(self.pin_dir))
+        try:
+            self._bpf = bpfsource.compile_datapath(pin_dir=self.pin_dir, defines=defines)
+        except DatapathError:
+            # bcc pins each map as it creates it: a failure half way must not leave
+            # new pins behind for the next start to adopt (old pins stay untouched)
+            for entry in set(os.listdir(self.pin_dir)) - before:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._pin_path(entry))
+            if made_dir:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.pin_dir)
+            raise
         try:
             from bcc import BPF
 
@@ -258,16 +270,21 @@ class Datapath:
 
     # -- setup -----------------------------------------------------------------
 
-    def _prepare_pin_dir(self) -> None:
+    def _prepare_pin_dir(self) -> bool:
+        """Mount bpffs if needed and create the pin dir; True if the dir is new."""
         if self.pin_dir == BPFFS_ROOT or self.pin_dir.startswith(BPFFS_ROOT + "/"):
             ensure_bpffs(BPFFS_ROOT)
+        made = not os.path.isdir(self.pin_dir)
         try:
             os.makedirs(self.pin_dir, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise DatapathError(f"cannot create pin dir {self.pin_dir}: {exc.strerror}") from None
         mnt, fstype = _mount_of(self.pin_dir)
         if fstype != BPF_FS_TYPE:
+            if made:
+                os.rmdir(self.pin_dir)
             raise DatapathError(f"pin dir {self.pin_dir} is not on a bpf filesystem ({mnt} is {fstype})")
+        return made
 
     def _load(self, bpf_cls, func: str, prog_type: int):
         captured = io.StringIO()
@@ -601,11 +618,21 @@ class Datapath:
                 st.devices[facts.ifindex] = Attachment(facts.ifname, facts.ifindex, live[0], live[1],
                                                        "adopted: found running on the device")
                 log.info("%s: adopted a running %s attachment", facts.ifname, live[0])
+        entries = [(slot, self._devmap_get(slot)) for slot in range(self.max_tx_ports)]
+        on_map: dict[int, int] = {}  # ifindex -> slot, as the pinned devmap holds them
+        for slot, have in entries:
+            if have is not None:
+                on_map.setdefault(have, slot)
         for ifindex, att in st.devices.items():
+            # without a state entry (lost file) keep the slot the devmap still has:
+            # flows installed before the restart point at it
+            slot = on_map.get(ifindex)
+            if ifindex not in st.slots and slot is not None and slot not in st.slots.values():
+                st.slots[ifindex] = slot
+                st.names[ifindex] = att.ifname
             self._take_slot(ifindex, att.ifname)
         wanted = {s: i for i, s in st.slots.items()}
-        for slot in range(self.max_tx_ports):
-            have = self._devmap_get(slot)
+        for slot, have in entries:
             if have is not None and wanted.get(slot) != have:
                 self._devmap_clear(slot)
         self._write_state()

@@ -124,3 +124,36 @@ def test_hook_specific_rows_say_why():
     for c in CASES + GSO_CASES:
         if c.xdp is not None and c.tc is not None and c.xdp.reason != c.tc.reason:
             assert c.tc.why or c.xdp.why, f"{c.name}: hooks differ without a reason"
+
+
+def test_maps_pin_and_are_adopted():
+    """With a pin directory every map is pinned, and a second compile adopts the pins
+    (the flows survive): how a restarted daemon keeps forwarding."""
+    import os
+    import shutil
+
+    from bcc import BPF
+    from packets import CASES
+
+    from pyflow.bpfsource import XDP_FUNC, compile_datapath
+
+    pin_dir = f"/sys/fs/bpf/pft-packets-{os.getpid()}"
+    os.makedirs(pin_dir)
+    loaded = []
+    try:
+        key, action = CASES[0].flow
+        first = compile_datapath(pin_dir=pin_dir, defines={"PYFLOW_MAX_FLOWS": 64})
+        loaded.append(first)
+        assert sorted(os.listdir(pin_dir)) == sorted([abi.MAP_FLOWS, abi.MAP_STATS, abi.MAP_TX_PORTS])
+        t = first[abi.MAP_FLOWS]
+        t[t.Key.from_buffer_copy(abi.key_bytes(key))] = t.Leaf.from_buffer_copy(abi.value_bytes(action, key))
+        first.load_func(XDP_FUNC, BPF.XDP)
+
+        second = compile_datapath(pin_dir=pin_dir, defines={"PYFLOW_MAX_FLOWS": 64})
+        loaded.append(second)
+        t2 = second[abi.MAP_FLOWS]
+        assert bytes(t2[t2.Key.from_buffer_copy(abi.key_bytes(key))]) == abi.value_bytes(action, key)
+    finally:
+        for b in loaded:
+            b.cleanup()
+        shutil.rmtree(pin_dir, ignore_errors=True)  # bpffs: unlinking the pins frees the maps

@@ -230,8 +230,8 @@ class Datapath:
         self._lock = threading.RLock()
         self._netns = _netns_inode()
         self._closed = False
-        self._bpf = None
-        self._ipr = None
+        self._bpf: Any = None
+        self._ipr: Any = None
         made_dir = self._prepare_pin_dir()
         before = set(os.listdir(self.pin_dir))
         try:
@@ -253,9 +253,10 @@ class Datapath:
             self._tc = self._load(BPF, bpfsource.TC_FUNC, BPF.SCHED_CLS)
             self.xdp_prog_id = fd_prog_id(self._xdp.fd)
             self.tc_prog_id = fd_prog_id(self._tc.fd)
-            self.flows = self._bpf[MAP_FLOWS]
-            self.stats = self._bpf[MAP_STATS]
-            self.tx_ports = self._bpf[MAP_TX_PORTS]
+            # bcc wants bytes names (str works but warns)
+            self.flows = self._bpf[MAP_FLOWS.encode()]
+            self.stats = self._bpf[MAP_STATS.encode()]
+            self.tx_ports = self._bpf[MAP_TX_PORTS.encode()]
             self.max_tx_ports = self._map_info(self.tx_ports).max_entries
             from pyroute2 import IPRoute
 
@@ -290,7 +291,7 @@ class Datapath:
         captured = io.StringIO()
         try:
             with bpfsource._capture_stderr(captured):
-                return self._bpf.load_func(func, prog_type)
+                return self._bpf.load_func(func.encode(), prog_type)
         except Exception as exc:
             detail = _load_summary(captured.getvalue()) or str(exc)
             raise DatapathError(f"datapath load of {func} failed: {detail}") from exc
@@ -626,9 +627,9 @@ class Datapath:
         for ifindex, att in st.devices.items():
             # without a state entry (lost file) keep the slot the devmap still has:
             # flows installed before the restart point at it
-            slot = on_map.get(ifindex)
-            if ifindex not in st.slots and slot is not None and slot not in st.slots.values():
-                st.slots[ifindex] = slot
+            kept = on_map.get(ifindex)
+            if ifindex not in st.slots and kept is not None and kept not in st.slots.values():
+                st.slots[ifindex] = kept
                 st.names[ifindex] = att.ifname
             self._take_slot(ifindex, att.ifname)
         wanted = {s: i for i, s in st.slots.items()}

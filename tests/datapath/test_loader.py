@@ -693,3 +693,34 @@ def test_udp_through_the_fast_path(routed, mode):
     assert flow.counters.packets == N_PACKETS
     assert flow.counters.bytes == sum(20 + 8 + len(p) for p in payloads)
     assert reasons["forwarded"] == N_PACKETS, "stats: reason 'forwarded' counts every packet"
+
+
+# ---- bpffs and clean removal ---------------------------------------------------------------
+
+def test_bpffs_is_mounted_when_missing():
+    """In a private mount namespace (the host's mount stays), unmount bpffs and let
+    the loader find it missing in /proc/mounts and mount it again."""
+    code = ("from pyflow.loader import bpffs_mounted, ensure_bpffs\n"
+            "assert not bpffs_mounted(), 'still mounted'\n"
+            "ensure_bpffs()\n"
+            "assert bpffs_mounted()\n"
+            "print('remounted')\n")
+    script = ("while grep -q ' /sys/fs/bpf bpf ' /proc/mounts; do umount /sys/fs/bpf || exit 3; done; "
+              f"exec {sys.executable} -c \"$0\"")
+    res = netns.run(None, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, code],
+                    check=False)
+    assert res.returncode == 0 and res.stdout.strip() == "remounted", res.stderr
+    assert open("/proc/mounts").read().count(" /sys/fs/bpf bpf ") >= 1
+
+
+def test_destroy_removes_hooks_pins_and_state(make_dp, ns):
+    dp = make_dp()
+    dp.attach("pft-a", "native")
+    dp.attach("pft-b", "tc")
+    dp.destroy()
+    assert link_xdp(ns, "pft-a") == (0, 0) and ingress_filters(ns, "pft-b") == []
+    assert "clsact" not in qdisc_kinds(ns, "pft-b")
+    assert not os.path.exists(dp.pin_dir)
+    assert not os.path.exists(make_dp.state_file)
+    with pytest.raises(DatapathError, match="is closed"):
+        dp.attach("pft-a", "tc")

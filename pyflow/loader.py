@@ -25,7 +25,8 @@ without being attached (:meth:`Datapath.reserve_tx_port`).
 
 A Datapath works in the network namespace of the thread that created it (its
 netlink socket lives there and devmap ifindexes are resolved there); calls
-from a thread in another namespace are refused.
+from a thread in another namespace are refused. bpffs is not per namespace:
+datapaths in different namespaces need different pin dirs and state files.
 """
 
 from __future__ import annotations
@@ -249,8 +250,8 @@ class Datapath:
         try:
             from bcc import BPF
 
-            self._xdp = self._load(BPF, bpfsource.XDP_FUNC, BPF.XDP)
-            self._tc = self._load(BPF, bpfsource.TC_FUNC, BPF.SCHED_CLS)
+            self._xdp = self._load(bpfsource.XDP_FUNC, BPF.XDP)
+            self._tc = self._load(bpfsource.TC_FUNC, BPF.SCHED_CLS)
             self.xdp_prog_id = fd_prog_id(self._xdp.fd)
             self.tc_prog_id = fd_prog_id(self._tc.fd)
             # bcc wants bytes names (str works but warns)
@@ -287,7 +288,7 @@ class Datapath:
             raise DatapathError(f"pin dir {self.pin_dir} is not on a bpf filesystem ({mnt} is {fstype})")
         return made
 
-    def _load(self, bpf_cls, func: str, prog_type: int):
+    def _load(self, func: str, prog_type: int):
         captured = io.StringIO()
         try:
             with bpfsource._capture_stderr(captured):

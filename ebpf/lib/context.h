@@ -17,9 +17,10 @@
 #include "maps.h"
 #include "parse.h"
 
-/* Linear bytes TC wants before parsing: the longest header chain we read
- * (2 VLAN tags + PPPoE 30, IPv6 40, TCP 20) with room to spare. */
-#define PYFLOW_TC_PULL_LEN 128
+/* Bound on every header offset the datapath reads or writes: the longest
+ * chain (2 VLAN tags + PPPoE 30, IPv6 40, TCP 20) with room to spare. Also
+ * the linear length TC wants before parsing. */
+#define PYFLOW_HDRS_MAX 128
 
 /* Results of ctx_resize_l2 */
 #define PYFLOW_RESIZE_OK 0
@@ -82,7 +83,7 @@ static __always_inline void ctx_prepare(void *ctx, const int is_tc)
 {
 	if (is_tc) {
 		struct __sk_buff *skb = ctx_skb(ctx);
-		__u32 want = skb->len < PYFLOW_TC_PULL_LEN ? skb->len : PYFLOW_TC_PULL_LEN;
+		__u32 want = skb->len < PYFLOW_HDRS_MAX ? skb->len : PYFLOW_HDRS_MAX;
 
 		if (ctx_data_end(ctx, 1) - ctx_data(ctx, 1) < want)
 			bpf_skb_pull_data(skb, want);
@@ -225,7 +226,7 @@ static __always_inline int ctx_l4_csum(void *ctx, const int is_tc, __u32 check_o
 	__u64 mangled = is_udp ? BPF_F_MARK_MANGLED_0 : 0;
 	__u16 before;
 
-	if (check_off > PYFLOW_TC_PULL_LEN || (void *)(check + 1) > data_end)
+	if (check_off > PYFLOW_HDRS_MAX || (void *)(check + 1) > data_end)
 		return -1;
 	if (!is_tc) {
 		*check = is_udp ? csum_replace_udp(*check, pseudo + ports)

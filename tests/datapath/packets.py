@@ -190,12 +190,13 @@ def both(reason: str, output: bytes | None = None) -> dict[str, Expect]:
 
 
 def fwd_case(name: str, l2_in: Packet, l3: Packet, act: FlowAction, *, key: FlowKey | None = None,
-             keep_udp_zero: bool = False, tc: Expect | None = None, tags=()) -> Case:
-    """A row whose packet hits its flow and is forwarded (by both hooks unless tc says otherwise)."""
+             keep_udp_zero: bool = False, tc: Expect | None = None, trailer: bytes = b"", tags=()) -> Case:
+    """A row whose packet hits its flow and is forwarded (by both hooks unless tc says otherwise).
+    trailer: bytes after the IP packet (Ethernet padding), which travel along unchanged."""
     k = key if key is not None else key_of(l3)
-    out = forwarded(l3, act, keep_udp_zero=keep_udp_zero)
-    return Case(name, bytes(l2_in / l3), xdp=Expect("forwarded", out), tc=tc or Expect("forwarded", out),
-                flows=((k, act),), tags=frozenset(tags))
+    out = forwarded(l3, act, keep_udp_zero=keep_udp_zero) + trailer
+    return Case(name, bytes(l2_in / l3) + trailer, xdp=Expect("forwarded", out),
+                tc=tc or Expect("forwarded", out), flows=((k, act),), tags=frozenset(tags))
 
 
 def pass_case(name: str, frame: Packet | bytes, reason: str, flows=(), tags=()) -> Case:
@@ -240,6 +241,8 @@ def build_cases() -> list[Case]:
     udp0 = IP(src=CLIENT4, dst=SERVER4, ttl=64) / UDP(sport=CPORT, dport=SPORT, chksum=0) / payload(40)
     c.append(fwd_case("ipv4 udp checksum 0 stays 0", eth(), udp0, action(**SNAT4, **DNAT4),
                       keep_udp_zero=True))
+    c.append(fwd_case("ipv4 udp in a padded minimum frame", eth(), udp4(n=2), action(**SNAT4, pppoe_sid=9),
+                      trailer=bytes(60 - 14 - 30)))
     c.append(fwd_case("ipv4 ttl 2 leaves with 1", eth(), tcp4(ttl=2), action(**SNAT4)))
     c.append(fwd_case("ipv6 tcp snat+dnat", eth(), tcp6(dst=PUBLIC6, dport=PUB_PORT),
                       action(**SNAT6, **DNAT6)))

@@ -14,6 +14,7 @@ from pyflow.bpfsource import TC_FUNC, XDP_FUNC, compile_datapath
 from pyflow.testrun import TEST_IFINDEX, RunResult, run
 
 # Small maps: the packet tests need a handful of entries, not 256k preallocated ones.
+# (bcc wants function and map names as bytes.)
 TEST_DEFINES = {"PYFLOW_MAX_FLOWS": 1024}
 
 
@@ -30,7 +31,7 @@ class Datapath:
 
     @property
     def flows(self):
-        return self.bpf[abi.MAP_FLOWS]
+        return self.bpf[abi.MAP_FLOWS.encode()]
 
     def install(self, flows: Iterable[tuple[abi.FlowKey, abi.FlowAction]]) -> None:
         t = self.flows
@@ -51,7 +52,7 @@ class Datapath:
 
     def stats(self) -> list[tuple[int, int]]:
         """(packets, bytes) per reason, summed over the CPUs."""
-        t = self.bpf[abi.MAP_STATS]
+        t = self.bpf[abi.MAP_STATS.encode()]
         out = []
         for i in range(len(abi.REASONS)):
             per_cpu = t[t.Key(i)]
@@ -70,10 +71,10 @@ def datapath() -> Iterator[Datapath]:
     from packets import TX_SLOT
 
     b = compile_datapath(defines=TEST_DEFINES)
-    xdp = b.load_func(XDP_FUNC, BPF.XDP)
-    tc = b.load_func(TC_FUNC, BPF.SCHED_CLS)
+    xdp = b.load_func(XDP_FUNC.encode(), BPF.XDP)
+    tc = b.load_func(TC_FUNC.encode(), BPF.SCHED_CLS)
     # The XDP redirect needs a device in the devmap slot; the test run never transmits.
-    tx = b[abi.MAP_TX_PORTS]
+    tx = b[abi.MAP_TX_PORTS.encode()]
     tx[tx.Key(TX_SLOT)] = tx.Leaf(TEST_IFINDEX)
     try:
         yield Datapath(b, xdp.fd, tc.fd)

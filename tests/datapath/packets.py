@@ -112,7 +112,7 @@ def udp6(src=CLIENT6, dst=SERVER6, sport=CPORT, dport=SPORT, hlim=64, n=40, **ip
 
 def vlan(tci: int, tpid: int = ETH_P_8021Q) -> Packet:
     cls = Dot1AD if tpid == ETH_P_8021AD else Dot1Q
-    return cls(prio=tci >> 13, id=(tci >> 12) & 1, vlan=tci & 0xFFF)
+    return cls(prio=tci >> 13, dei=(tci >> 12) & 1, vlan=tci & 0xFFF)
 
 
 def pppoe(sid: int, l3: Packet) -> Packet:

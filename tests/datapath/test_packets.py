@@ -145,13 +145,13 @@ def test_maps_pin_and_are_adopted():
         first = compile_datapath(pin_dir=pin_dir, defines={"PYFLOW_MAX_FLOWS": 64})
         loaded.append(first)
         assert sorted(os.listdir(pin_dir)) == sorted([abi.MAP_FLOWS, abi.MAP_STATS, abi.MAP_TX_PORTS])
-        t = first[abi.MAP_FLOWS]
+        t = first[abi.MAP_FLOWS.encode()]
         t[t.Key.from_buffer_copy(abi.key_bytes(key))] = t.Leaf.from_buffer_copy(abi.value_bytes(action, key))
-        first.load_func(XDP_FUNC, BPF.XDP)
+        first.load_func(XDP_FUNC.encode(), BPF.XDP)
 
         second = compile_datapath(pin_dir=pin_dir, defines={"PYFLOW_MAX_FLOWS": 64})
         loaded.append(second)
-        t2 = second[abi.MAP_FLOWS]
+        t2 = second[abi.MAP_FLOWS.encode()]
         assert bytes(t2[t2.Key.from_buffer_copy(abi.key_bytes(key))]) == abi.value_bytes(action, key)
     finally:
         for b in loaded:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
@@ -132,9 +133,9 @@ def key_of(l3: Packet, *, vlan_outer: int = 0, vlan_inner: int = 0, pppoe_sid: i
                    vlan_inner=vlan_inner, pppoe_sid=pppoe_sid)
 
 
-def action(**kw) -> FlowAction:
-    base = dict(out_ifindex=OUT_IFINDEX, tx_port=TX_SLOT, mtu=MTU, in_mac=IN_MAC, dmac=NEXTHOP_MAC,
-                smac=OUT_MAC)
+def action(**kw: Any) -> FlowAction:
+    base: dict[str, Any] = dict(out_ifindex=OUT_IFINDEX, tx_port=TX_SLOT, mtu=MTU, in_mac=IN_MAC,
+                                dmac=NEXTHOP_MAC, smac=OUT_MAC)
     base.update(kw)
     return FlowAction(**base)
 
@@ -184,11 +185,6 @@ def forwarded(l3: Packet, act: FlowAction, *, keep_udp_zero: bool = False) -> by
 # ---- the table -----------------------------------------------------------------------------
 
 
-def both(reason: str, output: bytes | None = None) -> dict[str, Expect]:
-    e = Expect(reason, output)
-    return {"xdp": e, "tc": e}
-
-
 def fwd_case(name: str, l2_in: Packet, l3: Packet, act: FlowAction, *, key: FlowKey | None = None,
              keep_udp_zero: bool = False, tc: Expect | None = None, trailer: bytes = b"", tags=()) -> Case:
     """A row whose packet hits its flow and is forwarded (by both hooks unless tc says otherwise).
@@ -201,7 +197,8 @@ def fwd_case(name: str, l2_in: Packet, l3: Packet, act: FlowAction, *, key: Flow
 
 def pass_case(name: str, frame: Packet | bytes, reason: str, flows=(), tags=()) -> Case:
     """A row the datapath must hand to the kernel unchanged, counting `reason` (both hooks)."""
-    return Case(name, bytes(frame), flows=tuple(flows), tags=frozenset(tags), **both(reason))
+    return Case(name, bytes(frame), xdp=Expect(reason), tc=Expect(reason), flows=tuple(flows),
+                tags=frozenset(tags))
 
 
 def hit_pass_case(name: str, l2_in: Packet, l3: Packet, reason: str, act: FlowAction | None = None,

@@ -87,6 +87,7 @@ static __always_inline int pyflow_process(void *ctx, const int is_tc)
 	/* 2. L3 and L4 */
 	pkt.l3off = cur.off;
 	l3proto = proto;
+	pkt.l3proto = l3proto;
 	if (l3proto == bpf_htons(ETH_P_IP))
 		proto = parse_ipv4(&cur, &pkt, &key);
 	else if (l3proto == bpf_htons(ETH_P_IPV6))
@@ -144,7 +145,7 @@ static __always_inline int pyflow_process(void *ctx, const int is_tc)
 		return pyflow_pass(is_tc, &pkt);
 	}
 	out_l2 = l2_out_len(act);
-	rc = ctx_resize_l2(ctx, is_tc, &pkt, out_l2, &cov);
+	rc = ctx_resize_l2(ctx, is_tc, &pkt, out_l2, act->flags & PYFLOW_ACT_PPPOE, &cov);
 	if (rc == PYFLOW_RESIZE_REFUSED) {
 		pkt.reason = PYFLOW_R_L2_REWRITE_FAILED;
 		return pyflow_pass(is_tc, &pkt);

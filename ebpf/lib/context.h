@@ -135,20 +135,76 @@ static __always_inline int tc_is_vlan_proto(__u32 proto)
 }
 
 /*
+ * TC: make a PPPoE header removable. TC can take only VLAN tags out of an skb
+ * (bpf_skb_adjust_room refuses every skb whose skb->protocol is not IPv4/IPv6,
+ * and a PPPoE skb's is ETH_P_PPP_SES), and bpf_skb_vlan_pop removes inline
+ * tags only while skb->protocol is a VLAN TPID. So: a push while a tag sits in
+ * skb metadata writes that tag into the data and sets skb->protocol to its
+ * TPID (the first push provides such a tag unless the stack's outer tag is
+ * there); then every L2 byte after the MACs (old tags, PPPoE header, PPP
+ * protocol, the inserted tag) is rewritten as 802.1Q tags followed by the IP
+ * ethertype, which the pop loop in tc_resize_l2 then removes.
+ */
+static __always_inline int tc_pppoe_to_tags(struct __sk_buff *skb, const struct pyflow_pkt *pkt,
+					    __u32 tail)
+{
+	void *data, *data_end;
+	__u32 cur, acc = 0;
+	int pushed = 0;
+	__u16 *w;
+
+	if (!skb->vlan_present) {
+		if (bpf_skb_vlan_push(skb, bpf_htons(PYFLOW_ETH_P_8021Q), 1))
+			return PYFLOW_RESIZE_REFUSED;
+		pushed = 1;
+	}
+	if (bpf_skb_vlan_push(skb, bpf_htons(PYFLOW_ETH_P_8021Q), 1)) {
+		/* only metadata changed so far: undo it */
+		if (pushed && bpf_skb_vlan_pop(skb))
+			return PYFLOW_RESIZE_BROKEN;
+		return PYFLOW_RESIZE_REFUSED;
+	}
+	cur = skb->len - tail; /* the old L2 header plus the tag just written */
+	data = ctx_data(skb, 1);
+	data_end = ctx_data_end(skb, 1);
+	if (cur > PYFLOW_L2_MAX + 4 || data + PYFLOW_L2_MAX + 4 > data_end)
+		return PYFLOW_RESIZE_BROKEN;
+	w = data;
+	/* words 6, 8, ...: TPID; 7, 9, ...: TCI (VLAN 1); the last one the IP ethertype */
+#pragma unroll
+	for (__u32 i = 6; i < (PYFLOW_L2_MAX + 4) / 2; i++) {
+		__u16 v;
+
+		if (i * 2 >= cur)
+			break;
+		if (i * 2 == cur - 2)
+			v = pkt->l3proto;
+		else
+			v = (i & 1) ? bpf_htons(1) : bpf_htons(PYFLOW_ETH_P_8021Q);
+		/* bytes from ETH_HLEN on are in CHECKSUM_COMPLETE's sum, and each
+		 * pop subtracts the bytes it removes: the sum must know them first */
+		if (i * 2 >= ETH_HLEN)
+			acc = csum_diff16(acc, w[i], v);
+		w[i] = v;
+	}
+	if (acc)
+		bpf_csum_update(skb, csum_fold32(acc));
+	return PYFLOW_RESIZE_OK;
+}
+
+/*
  * TC: make the data's L2 header out_l2 bytes long and clear an accelerated tag.
  *
  * What TC can do: grow at the head (bpf_skb_change_head) and remove VLAN tags
  * (bpf_skb_vlan_pop: it clears an accelerated tag if there is one, else pops
  * the first inline tag, and then moves a following inline tag into the
- * metadata, so repeating it until no tag is left empties both). It cannot
- * remove a PPPoE header: bpf_skb_adjust_room refuses every skb whose
- * skb->protocol is not IPv4/IPv6, and a PPPoE skb's protocol is ETH_P_PPP_SES.
- * So PPPoE in, no PPPoE out is refused here (L2_REWRITE_FAILED, the kernel
- * forwards it); XDP does it.
+ * metadata, so repeating it until no tag is left empties both). A PPPoE header
+ * that must go is first turned into tags (tc_pppoe_to_tags).
  *
- * A GSO skb keeps its data L2 length: one L2 header is copied onto every
- * segment, and a PPPoE length cannot be right for each of them. Clearing an
- * accelerated tag alone does not change the data, so that is allowed.
+ * A GSO skb must keep its data L2 length and must not leave with PPPoE: one L2
+ * header is copied onto every segment, and neither a changed offset nor a
+ * PPPoE length can be right for each of them. Clearing an accelerated tag
+ * alone does not change the data, so that is allowed.
  *
  * *cov gets the offset from which CHECKSUM_COMPLETE's skb->csum covers the
  * data: eth_type_trans pulled the Ethernet header before the sum was taken, a
@@ -156,20 +212,28 @@ static __always_inline int tc_is_vlan_proto(__u32 proto)
  * the head moves the covered bytes further in.
  */
 static __always_inline int tc_resize_l2(struct __sk_buff *skb, const struct pyflow_pkt *pkt,
-					__u32 out_l2, __u32 *cov)
+					__u32 out_l2, int out_pppoe, __u32 *cov)
 {
 	__u32 in_l2 = pkt->l3off;
 	__u32 tail = skb->len - in_l2; /* L3 onwards: no L2 change touches it */
 	__u32 cur = in_l2;
-	int changed = 0;
+	int changed = 0, rc;
 
 	*cov = ETH_HLEN;
-	if (skb->gso_size && (in_l2 != out_l2 || (skb->vlan_present && pkt->inline_tags)))
+	if (skb->gso_size &&
+	    (in_l2 != out_l2 || out_pppoe || (skb->vlan_present && pkt->inline_tags)))
 		return PYFLOW_RESIZE_REFUSED;
-	if (in_l2 - 4 * pkt->inline_tags > out_l2) /* would have to remove PPPoE */
-		return PYFLOW_RESIZE_REFUSED;
+	/* more bytes to remove than the inline VLAN tags hold: the PPPoE header goes too */
+	if (in_l2 - 4 * pkt->inline_tags > out_l2) {
+		rc = tc_pppoe_to_tags(skb, pkt, tail);
+		if (rc != PYFLOW_RESIZE_OK)
+			return rc;
+		changed = 1;
+		cur = skb->len - tail;
+	}
+	/* at most 5 inline tags (2 + PPPoE turned into 3) and 1 in metadata, ~1 per pop */
 #pragma unroll
-	for (int i = 0; i < 3; i++) {
+	for (int i = 0; i < 7; i++) {
 		if (!skb->vlan_present && cur <= out_l2)
 			break;
 		if (!skb->vlan_present && !tc_is_vlan_proto(skb->protocol))
@@ -195,10 +259,10 @@ static __always_inline int tc_resize_l2(struct __sk_buff *skb, const struct pyfl
  * frame as it was. *cov is TC's checksum coverage start (see tc_resize_l2).
  */
 static __always_inline int ctx_resize_l2(void *ctx, const int is_tc, const struct pyflow_pkt *pkt,
-					 __u32 out_l2, __u32 *cov)
+					 __u32 out_l2, int out_pppoe, __u32 *cov)
 {
 	if (is_tc)
-		return tc_resize_l2(ctx_skb(ctx), pkt, out_l2, cov);
+		return tc_resize_l2(ctx_skb(ctx), pkt, out_l2, out_pppoe, cov);
 	*cov = 0;
 	if (pkt->l3off != out_l2 && bpf_xdp_adjust_head(ctx, (int)pkt->l3off - (int)out_l2))
 		return PYFLOW_RESIZE_REFUSED;

@@ -13,8 +13,6 @@
 #include "csum.h"
 #include "parse.h"
 
-#define PYFLOW_L2_MAX (ETH_HLEN + 4 + 4 + 8)
-
 static __always_inline __u32 l2_out_len(const struct pyflow_flow_action *act)
 {
 	__u32 len = ETH_HLEN;

@@ -31,6 +31,10 @@
 #define PYFLOW_IP_MF 0x2000
 #define PYFLOW_IP_OFFSET 0x1fff
 
+/* Longest L2 header the datapath reads or writes: MACs, two VLAN tags, PPPoE
+ * session header with the PPP protocol field. */
+#define PYFLOW_L2_MAX (ETH_HLEN + 4 + 4 + 8)
+
 #define PYFLOW_TCP_FIN 0x01
 #define PYFLOW_TCP_RST 0x04
 

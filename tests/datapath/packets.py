@@ -213,11 +213,6 @@ DNAT4 = dict(nat_daddr=SERVER4, nat_dport=SPORT)
 SNAT6 = dict(nat_saddr=ROUTER6, nat_sport=NAT_PORT)
 DNAT6 = dict(nat_daddr=SERVER6, nat_dport=SPORT)
 
-TC_NO_PPPOE_REMOVAL = (
-    "TC cannot remove a PPPoE header: bpf_skb_adjust_room refuses skbs whose protocol is not "
-    "IPv4/IPv6, and only VLAN tags can be popped; the kernel forwards it"
-)
-
 
 def build_cases() -> list[Case]:
     c: list[Case] = []
@@ -275,13 +270,21 @@ def build_cases() -> list[Case]:
     c.append(fwd_case("vlan+pppoe in, pppoe out", eth() / vlan(10) / pppoe(0x1234, l3), l3,
                       action(pppoe_sid=0x1234), key=key_of(l3, vlan_outer=10, pppoe_sid=0x1234)))
     c.append(fwd_case("pppoe in, untagged out (ipv4)", eth() / pppoe(0x1234, l3), l3, reply,
-                      key=key_of(l3, pppoe_sid=0x1234),
-                      tc=Expect("l2_rewrite_failed", why=TC_NO_PPPOE_REMOVAL)))
+                      key=key_of(l3, pppoe_sid=0x1234)))
+    # TC removes PPPoE by turning it into VLAN tags and popping those (context.h)
+    c.append(fwd_case("vlan+pppoe in, untagged out", eth() / vlan(10) / pppoe(0x1234, l3), l3, reply,
+                      key=key_of(l3, vlan_outer=10, pppoe_sid=0x1234)))
+    c.append(fwd_case("802.1ad+802.1q+pppoe in, vlan out",
+                      eth() / vlan(100, ETH_P_8021AD) / vlan(10) / pppoe(0x1234, l3), l3,
+                      action(nat_daddr=CLIENT4, nat_dport=CPORT, vlan_outer_tci=30),
+                      key=key_of(l3, vlan_outer=100, vlan_inner=10, pppoe_sid=0x1234)))
+    c.append(fwd_case("pppoe in, 802.1q+802.1q out (same length)", eth() / pppoe(0x1234, l3), l3,
+                      action(nat_daddr=CLIENT4, nat_dport=CPORT, vlan_outer_tci=30, vlan_inner_tci=31),
+                      key=key_of(l3, pppoe_sid=0x1234)))
     l3 = tcp6(src=SERVER6, dst=ROUTER6, sport=SPORT, dport=NAT_PORT)
     c.append(fwd_case("pppoe in, vlan out (ipv6)", eth() / pppoe(0x1234, l3), l3,
                       action(nat_daddr=CLIENT6, nat_dport=CPORT, vlan_outer_tci=10),
-                      key=key_of(l3, pppoe_sid=0x1234),
-                      tc=Expect("l2_rewrite_failed", why=TC_NO_PPPOE_REMOVAL)))
+                      key=key_of(l3, pppoe_sid=0x1234)))
 
     # ---- passed: the flow is there but the packet is the kernel's ----
     l3 = tcp4()
@@ -406,6 +409,12 @@ def build_gso_cases() -> list[Case]:
                     xdp=None,
                     tc=Expect("l2_rewrite_failed", why="one L2 header is copied to every segment; a "
                               "changed length (PPPoE's length field) cannot be right for each"),
+                    skb_ctx=skb_ctx(3, 1000)))
+    l3q = tcp4(n=3000)
+    out.append(Case("gso: pppoe out at the same length", bytes(eth() / vlan(100) / vlan(10) / l3q),
+                    flows=((key_of(l3q, vlan_outer=100, vlan_inner=10), action(**SNAT4, pppoe_sid=3)),),
+                    xdp=None,
+                    tc=Expect("l2_rewrite_failed", why="a PPPoE length cannot be right for each segment"),
                     skb_ctx=skb_ctx(3, 1000)))
     l3v = tcp4(n=3000)
     out.append(Case("gso: vlan in, vlan out keeps the length", bytes(eth() / vlan(10) / l3v),

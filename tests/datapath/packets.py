@@ -8,7 +8,13 @@ deleted so that scapy computes them afresh: nothing of pyflow's own code takes
 part in computing what the datapath must produce. A packet that is not
 forwarded must leave exactly as it came.
 
-The micro-benchmark can run the same rows with ``repeat``.
+The rows can feed a micro-benchmark, through a harness that restores the frame
+before every repetition (BPF_PROG_TEST_RUN replays one buffer, which a forward
+rewrites), as tests/bench/bench_datapath.py does.
+
+Hook differences: TC can only grow the L2 header at the head and pop VLAN tags
+(a PPPoE header is turned into tags first), and a GSO skb must keep its L2
+length and not leave with PPPoE; the rows that meet those limits say so.
 """
 
 from __future__ import annotations
@@ -407,8 +413,8 @@ def build_gso_cases() -> list[Case]:
     act = action(**SNAT4, mtu=1500, vlan_outer_tci=20)
     out.append(Case("gso: l2 length change", bytes(eth() / l3), flows=((key_of(l3), act),),
                     xdp=None,
-                    tc=Expect("l2_rewrite_failed", why="one L2 header is copied to every segment; a "
-                              "changed length (PPPoE's length field) cannot be right for each"),
+                    tc=Expect("l2_rewrite_failed", why="one L2 header is copied to every segment: a GSO "
+                              "skb keeps its L2 length"),
                     skb_ctx=skb_ctx(3, 1000)))
     l3q = tcp4(n=3000)
     out.append(Case("gso: pppoe out at the same length", bytes(eth() / vlan(100) / vlan(10) / l3q),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 
 from ._native import ffi, lib
@@ -185,3 +186,11 @@ def key_bytes(key: FlowKey) -> bytes:
 
 def value_bytes(action: FlowAction, key: FlowKey) -> bytes:
     return bytes(ffi.buffer(flow_value(action, key)))
+
+
+CLOCK_MONOTONIC_COARSE = 6  # <linux/time.h>; Python's time module does not name it
+
+
+def datapath_clock_ns() -> int:
+    """Now, on the clock of ``counters.last_seen_ns`` (bpf_ktime_get_coarse_ns)."""
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)

@@ -98,7 +98,8 @@ struct pyflow_flow_action {
 struct pyflow_flow_counters {
 	__u64 packets;
 	__u64 bytes;        /* L3 bytes (IP header and payload) as received */
-	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the latest hit: CLOCK_MONOTONIC */
+	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns() of the latest hit:
+			     * CLOCK_MONOTONIC_COARSE, jiffy resolution */
 	__u32 closing;      /* set to 1 by the datapath on TCP FIN or RST */
 	__u32 pad;
 };

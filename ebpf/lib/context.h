@@ -51,9 +51,12 @@ static __always_inline void *ctx_data_end(void *ctx, const int is_tc)
 	return (void *)(long)ctx_xdp(ctx)->data_end;
 }
 
+/* TC: TC_ACT_UNSPEC, not TC_ACT_OK: in direct-action mode OK ends
+ * classification, so an operator's own ingress filters after ours (shaping
+ * through ifb, policing) would never see the packets we pass. */
 static __always_inline int ctx_pass(const int is_tc)
 {
-	return is_tc ? TC_ACT_OK : XDP_PASS;
+	return is_tc ? TC_ACT_UNSPEC : XDP_PASS;
 }
 
 static __always_inline int ctx_redirected(const int is_tc)

@@ -10,8 +10,6 @@ otherwise).
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from packets import CASES, GSO_CASES, Case, Expect
 from scapy.layers.inet import IP

@@ -90,7 +90,9 @@ int pyflow_ft_delete(const struct pyflow_ft *ft, const void *keys, uint32_t n, u
 int pyflow_ft_lookup(const struct pyflow_ft *ft, const void *keys, void *values, uint32_t n,
 		     uint8_t *found, uint32_t flags, struct pyflow_ft_result *res);
 /* Whole table into keys/values (room for cap entries), chunk entries per syscall.
- * -ENOSPC with res->done == cap: the table held more than cap entries. */
+ * -ENOSPC: the table held more than cap entries; res->done <= cap were copied (a batch
+ * walk copies whole hash buckets, so it can stop short of cap when the next bucket
+ * does not fit in the room left). */
 int pyflow_ft_dump(const struct pyflow_ft *ft, void *keys, void *values, uint32_t cap, uint32_t chunk,
 		   uint32_t flags, struct pyflow_ft_result *res);
 /* As dump, but only struct pyflow_flow_counters of each value is kept (counters[i]). */

@@ -250,11 +250,21 @@ def test_native_dump_reports_too_small_buffer(flags):
     with FlowTable.create(64) as t:
         t.insert(items(0, 20))
         res = ffi.new("struct pyflow_ft_result *")
+        inserted = expected(items(0, 20))
         for cap, want_ret, want_done in ((10, -errno.ENOSPC, 10), (20, 0, 20), (21, 0, 20)):
             keys = ffi.new(f"{KEY_TYPE}[]", cap)
             values = ffi.new(f"{FLOW_TYPE}[]", cap)
             ret = lib.pyflow_ft_dump(t._ft, keys, values, cap, 0, flags, res)
-            assert (ret, res.done) == (want_ret, want_done), cap
+            assert ret == want_ret, cap
+            if ret == -errno.ENOSPC and not flags:
+                # the batch walk copies whole buckets: with a random hash seed the bucket
+                # that would cross the end of the room is left out, so done may fall short
+                assert 0 < res.done <= want_done, cap
+            else:
+                assert res.done == want_done, cap
+            for i in range(res.done):
+                kb = bytes(ffi.buffer(keys + i, KEY_SIZE))
+                assert inserted[kb] == bytes(ffi.buffer(values + i, FLOW_SIZE))
 
 
 # ---- counters -------------------------------------------------------------------------------

@@ -1,0 +1,341 @@
+"""The offload engine: what the fast path carries, decided from conntrack.
+
+Kernel conntrack is the single source of truth. The engine
+
+- offloads a connection when it qualifies (see ``refusal``), installing both
+  directions together or neither, with NAT copied from the conntrack tuple pair;
+- keeps conntrack alive while the fast path carries the connection (conntrack
+  never sees those packets) and marks it offloaded there;
+- takes a connection off the fast path when conntrack destroys it, when the
+  datapath saw FIN/RST, when it has been idle for ``idle_timeout_s``, or when its
+  path can no longer be resolved; a changed path is written in place.
+
+Adapters come in as parameters (model.Conntrack, model.PathResolver, a flow map
+with FlowTable's insert/delete/read_counters, and a device registry), so every
+decision here is testable with fakes and without root. The engine is not
+thread-safe: one loop drives it (events, path changes, ticks).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..abi import FlowAction, FlowKey, datapath_clock_ns, key_bytes
+from ..errors import MapError
+from .model import (
+    IPS_DYING,
+    IPS_SEEN_REPLY,
+    TCP_CONNTRACK_ESTABLISHED,
+    Conn,
+    Conntrack,
+    CtEvent,
+    Egress,
+    EventType,
+    NoPath,
+    NotYet,
+    PathResolver,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    idle_timeout_s: float = 30.0  # as the kernel flowtable: idle flows go back to the slow path
+    conntrack_timeout_s: int = 120  # timeout written to conntrack while the fast path carries a flow
+    exclude_mark_mask: int = 0  # conntrack mark bits that opt a connection out (SQM, shaping, DSCP)
+
+
+@dataclass(frozen=True)
+class ManagedDevice:
+    ifindex: int
+    tx_port: int  # slot in the XDP devmap
+    mac: bytes
+
+
+class Devices(Protocol):
+    def get(self, ifindex: int) -> ManagedDevice | None: ...
+
+
+class FlowMap(Protocol):
+    def insert(self, items: Any, *, mode: str = "any") -> int: ...
+
+    def delete(self, keys: Any, *, missing_ok: bool = True) -> list[int]: ...
+
+    def read_counters(self) -> Any: ...
+
+
+@dataclass
+class Offloaded:
+    conn: Conn
+    keys: tuple[FlowKey, FlowKey]  # original direction, reply direction
+    actions: tuple[FlowAction, FlowAction]
+    since_ns: int
+    packets: int = 0  # both directions, at the last tick
+    last_seen_ns: int = 0
+
+    @property
+    def key_bytes(self) -> tuple[bytes, bytes]:
+        return key_bytes(self.keys[0]), key_bytes(self.keys[1])
+
+
+@dataclass
+class EngineStats:
+    offloaded: int = 0  # connections put on the fast path
+    removed: dict[str, int] = field(default_factory=dict)  # by cause
+    refused: dict[str, int] = field(default_factory=dict)  # by refusal reason
+    pending: int = 0  # waiting for a neighbour
+    resyncs: int = 0
+    refreshes: int = 0
+    install_errors: int = 0
+    rewritten: int = 0  # offloaded connections whose path changed and was written in place
+
+    def count(self, table: dict[str, int], key: str) -> None:
+        table[key] = table.get(key, 0) + 1
+
+
+class Engine:
+    def __init__(self, conntrack: Conntrack, paths: PathResolver, flows: FlowMap, devices: Devices,
+                 config: EngineConfig | None = None, *, clock: Callable[[], int] = datapath_clock_ns):
+        self.ct = conntrack
+        self.paths = paths
+        self.flows = flows
+        self.devices = devices
+        self.config = config or EngineConfig()
+        self.clock = clock  # must be the datapath's clock: last_seen_ns is compared with it
+        self.offloaded: dict[tuple, Offloaded] = {}
+        self.pending: dict[tuple, Conn] = {}
+        self.stats = EngineStats()
+
+    # ---- policy -----------------------------------------------------------------------
+
+    def refusal(self, conn: Conn) -> str | None:
+        """Why conn may not be offloaded, or None. Device checks happen at resolution."""
+        if conn.proto not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+            return "protocol"
+        if conn.status & IPS_DYING:
+            return "dying"
+        if not conn.status & IPS_SEEN_REPLY:
+            return "no_reply_yet"
+        if conn.proto == socket.IPPROTO_TCP and conn.tcp_state != TCP_CONNTRACK_ESTABLISHED:
+            return "tcp_not_established"
+        if conn.helper:
+            return "helper"  # ftp, sip ...: the helper must see every packet
+        if conn.mark & self.config.exclude_mark_mask:
+            return "excluded_by_mark"
+        return None
+
+    # ---- events -----------------------------------------------------------------------
+
+    def handle(self, events: Iterable[CtEvent | None]) -> None:
+        """Apply conntrack events; a None marker (lost events) triggers a full resync."""
+        resync = False
+        for ev in events:
+            if ev is None:
+                resync = True
+                continue
+            if ev.type is EventType.DESTROY:
+                self.pending.pop(ev.conn.ident, None)
+                self._remove(ev.conn.ident, "destroyed", tell_conntrack=False)
+            else:
+                self.consider(ev.conn)
+        if resync:
+            self.resync()
+
+    def consider(self, conn: Conn) -> bool:
+        """Offload conn if it qualifies; take it off if it stopped qualifying. True if offloaded now."""
+        ident = conn.ident
+        why = self.refusal(conn)
+        if ident in self.offloaded:
+            if why is not None:
+                self._remove(ident, why, tell_conntrack=True)
+                return False
+            self.offloaded[ident].conn = conn
+            return True
+        if why is not None:
+            self.pending.pop(ident, None)
+            self.stats.count(self.stats.refused, why)
+            return False
+        return self._offload(conn)
+
+    def resync(self) -> None:
+        """Reconcile with a full dump: offload what qualifies, drop what conntrack no longer has."""
+        self.stats.resyncs += 1
+        live = {}
+        for conn in self.ct.dump():
+            live[conn.ident] = conn
+        for ident in list(self.offloaded):
+            if ident not in live:
+                self._remove(ident, "gone_at_resync", tell_conntrack=False)
+        for ident in list(self.pending):
+            if ident not in live:
+                del self.pending[ident]
+        for conn in live.values():
+            self.consider(conn)
+
+    # ---- install ----------------------------------------------------------------------
+
+    def _offload(self, conn: Conn) -> bool:
+        try:
+            keys, actions = self.plan(conn)
+        except NotYet:
+            self.pending[conn.ident] = conn
+            self.stats.pending = len(self.pending)
+            return False
+        except NoPath as exc:
+            self.pending.pop(conn.ident, None)
+            self.stats.count(self.stats.refused, str(exc) or "no_path")
+            return False
+        self.pending.pop(conn.ident, None)
+        if not self._install(keys, actions):
+            return False
+        now = self.clock()
+        self.offloaded[conn.ident] = Offloaded(conn, keys, actions, since_ns=now, last_seen_ns=now)
+        if not self.ct.mark_offloaded(conn, True):
+            # gone between the event and now: conntrack will not tell us again
+            self._remove(conn.ident, "destroyed", tell_conntrack=False)
+            return False
+        self.stats.offloaded += 1
+        return True
+
+    def _install(self, keys: tuple[FlowKey, FlowKey], actions: tuple[FlowAction, FlowAction],
+                 mode: str = "any") -> bool:
+        """Both directions in one batch, or neither."""
+        try:
+            self.flows.insert(list(zip(keys, actions, strict=True)), mode=mode)
+            return True
+        except MapError as exc:
+            self.stats.install_errors += 1
+            log.warning("flow install failed: %s", exc)
+            self.flows.delete(list(keys), missing_ok=True)
+            return False
+
+    def plan(self, conn: Conn) -> tuple[tuple[FlowKey, FlowKey], tuple[FlowAction, FlowAction]]:
+        """The two flow entries for conn. Raises NotYet (neighbour unresolved) or NoPath.
+
+        Original direction: arrives A:a -> B:b, leaves A':a' -> B':b' (reply tuple reversed).
+        Reply direction: arrives B':b' -> A':a', leaves B:b -> A:a.
+        The kernel routes a forwarded packet after DNAT and before SNAT, so the original
+        direction is routed to B' from A, the reply to A from B'.
+        """
+        o, r = conn.orig, conn.reply
+        mark = conn.mark
+        in_o = self._managed(self.paths.device_of(conn.family, o.src, mark=mark), "ingress")
+        in_r = self._managed(self.paths.device_of(conn.family, r.src, mark=mark), "ingress")
+        eg_o = self.paths.egress(conn.family, o.src, r.src, iif=in_o.ifindex, mark=mark)
+        eg_r = self.paths.egress(conn.family, r.src, o.src, iif=in_r.ifindex, mark=mark)
+        out_o = self._managed(eg_o.ifindex, "egress")
+        out_r = self._managed(eg_r.ifindex, "egress")
+        key_o = FlowKey(in_o.ifindex, conn.proto, o.src, o.dst, o.sport, o.dport)
+        key_r = FlowKey(in_r.ifindex, conn.proto, r.src, r.dst, r.sport, r.dport)
+        act_o = _action(in_o, out_o, eg_o, snat=_rewrite((o.src, o.sport), (r.dst, r.dport)),
+                        dnat=_rewrite((o.dst, o.dport), (r.src, r.sport)))
+        act_r = _action(in_r, out_r, eg_r, snat=_rewrite((r.src, r.sport), (o.dst, o.dport)),
+                        dnat=_rewrite((r.dst, r.dport), (o.src, o.sport)))
+        return (key_o, key_r), (act_o, act_r)
+
+    def _managed(self, ifindex: int, role: str) -> ManagedDevice:
+        dev = self.devices.get(ifindex)
+        if dev is None:
+            raise NoPath(f"{role}_not_managed")
+        return dev
+
+    # ---- removal ----------------------------------------------------------------------
+
+    def _remove(self, ident: tuple, cause: str, *, tell_conntrack: bool) -> None:
+        off = self.offloaded.pop(ident, None)
+        if off is None:
+            return
+        self.flows.delete(list(off.keys), missing_ok=True)
+        if tell_conntrack:
+            self.ct.mark_offloaded(off.conn, False)
+        self.stats.count(self.stats.removed, cause)
+
+    def flush(self) -> None:
+        """Hand every connection back to the kernel path."""
+        for ident in list(self.offloaded):
+            self._remove(ident, "flushed", tell_conntrack=True)
+        self.pending.clear()
+
+    # ---- keep-alive, expiry, FIN/RST --------------------------------------------------
+
+    def tick(self) -> None:
+        """One keep-alive round: one batched counter read for the whole table."""
+        now = self.clock()
+        counters = self.flows.read_counters().as_dict()
+        idle_ns = int(self.config.idle_timeout_s * 1e9)
+        for ident, off in list(self.offloaded.items()):
+            ko, kr = off.key_bytes
+            co, cr = counters.get(ko), counters.get(kr)
+            if co is None or cr is None:
+                # an entry vanished from under us (flushed by hand): do not leave half a flow
+                self._remove(ident, "entry_missing", tell_conntrack=True)
+                continue
+            if co[3] or cr[3]:
+                self._remove(ident, "fin_rst", tell_conntrack=True)
+                continue
+            packets = co[0] + cr[0]
+            if packets != off.packets:
+                off.packets = packets
+                off.last_seen_ns = max(off.last_seen_ns, co[2], cr[2])
+                self.stats.refreshes += 1
+                if not self.ct.refresh(off.conn, self.config.conntrack_timeout_s):
+                    self._remove(ident, "destroyed", tell_conntrack=False)
+                continue
+            if now - off.last_seen_ns > idle_ns:
+                self._remove(ident, "idle", tell_conntrack=True)
+        if self.pending:
+            self.retry_pending()
+
+    # ---- path changes -----------------------------------------------------------------
+
+    def retry_pending(self) -> None:
+        for conn in list(self.pending.values()):
+            self._offload(conn)
+        self.stats.pending = len(self.pending)
+
+    def paths_changed(self) -> None:
+        """Re-resolve every offloaded connection: rewrite changed paths, remove dead ones.
+
+        Called on any route, neighbour or link change; the counters restart at zero
+        for a rewritten entry, so keep-alive treats it as new.
+        """
+        for ident, off in list(self.offloaded.items()):
+            try:
+                keys, actions = self.plan(off.conn)
+            except (NotYet, NoPath) as exc:
+                self._remove(ident, "path_lost", tell_conntrack=True)
+                if isinstance(exc, NotYet):
+                    self.pending[ident] = off.conn
+                continue
+            if keys == off.keys and actions == off.actions:
+                continue
+            if keys != off.keys:
+                self.flows.delete(list(off.keys), missing_ok=True)
+            if not self._install(keys, actions):
+                self._remove(ident, "path_lost", tell_conntrack=True)
+                continue
+            off.keys, off.actions, off.packets = keys, actions, 0
+            self.stats.rewritten += 1
+        self.retry_pending()
+
+
+def _rewrite(seen: tuple[str, int], wanted: tuple[str, int]) -> tuple[str, int] | None:
+    """The NAT target when the packet must leave with other address/port than it came."""
+    return wanted if wanted != seen else None
+
+
+def _action(ingress: ManagedDevice, egress_dev: ManagedDevice, eg: Egress, *,
+            snat: tuple[str, int] | None, dnat: tuple[str, int] | None) -> FlowAction:
+    return FlowAction(
+        out_ifindex=eg.ifindex, tx_port=egress_dev.tx_port, mtu=eg.mtu,
+        in_mac=ingress.mac, dmac=eg.dmac, smac=eg.smac,
+        nat_saddr=snat[0] if snat else None, nat_sport=snat[1] if snat else None,
+        nat_daddr=dnat[0] if dnat else None, nat_dport=dnat[1] if dnat else None,
+        vlan_outer_tci=eg.vlan_outer_tci, vlan_outer_tpid=eg.vlan_outer_tpid,
+        vlan_inner_tci=eg.vlan_inner_tci, pppoe_sid=eg.pppoe_sid,
+    )

@@ -1,0 +1,337 @@
+"""Offload policy, install, keep-alive, expiry and teardown, with fake adapters (no root).
+
+The topology the fakes describe: a client LAN on ifindex 2 (198.18.0.0/24), an uplink
+on ifindex 3 (198.19.0.0/24, router address 198.19.0.1) and an unmanaged device 9.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from pyflow.abi import FlowAction, FlowKey, key_bytes, mac_bytes
+from pyflow.control.engine import Engine, EngineConfig, ManagedDevice
+from pyflow.control.model import (
+    IPS_ASSURED,
+    IPS_DYING,
+    IPS_SEEN_REPLY,
+    TCP_CONNTRACK_ESTABLISHED,
+    Conn,
+    CtEvent,
+    Egress,
+    EventType,
+    NoPath,
+    NotYet,
+    Tuple,
+)
+from pyflow.errors import MapError
+
+LAN, WAN, OTHER = 2, 3, 9
+MAC = {LAN: mac_bytes("02:00:00:00:02:00"), WAN: mac_bytes("02:00:00:00:03:00")}
+CLIENT_MAC, GW_MAC, GW2_MAC = (mac_bytes(m) for m in ("02:00:00:00:00:0c", "02:00:00:00:00:99",
+                                                      "02:00:00:00:00:98"))
+SEC = 1_000_000_000
+TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+
+
+def masq_conn(proto=TCP, sport=40000, *, state=TCP_CONNTRACK_ESTABLISHED, status=IPS_SEEN_REPLY | IPS_ASSURED,
+              mark=0, helper=None) -> Conn:
+    """Client 198.18.0.10:sport -> 198.19.0.50:443, masqueraded to 198.19.0.1:61000."""
+    return Conn(socket.AF_INET, proto, Tuple("198.18.0.10", "198.19.0.50", sport, 443),
+                Tuple("198.19.0.50", "198.19.0.1", 443, 61000 + sport % 1000), status=status,
+                tcp_state=state if proto == TCP else None, mark=mark, helper=helper)
+
+
+class FakeConntrack:
+    def __init__(self):
+        self.lost_events = 0
+        self.table: dict[tuple, Conn] = {}
+        self.marked: set[tuple] = set()
+        self.refreshed: list[tuple[tuple, int]] = []
+
+    def dump(self):
+        return list(self.table.values())
+
+    def poll(self, timeout):
+        return []
+
+    def refresh(self, conn, timeout_s):
+        if conn.ident not in self.table:
+            return False
+        self.refreshed.append((conn.ident, timeout_s))
+        return True
+
+    def mark_offloaded(self, conn, offloaded):
+        if conn.ident not in self.table:
+            return False
+        (self.marked.add if offloaded else self.marked.discard)(conn.ident)
+        return True
+
+
+class FakePaths:
+    """198.18.0.0/24 on LAN (on-link), everything else via the gateway on WAN."""
+
+    def __init__(self):
+        self.gw_mac: bytes | None = GW_MAC
+        self.client_mac: bytes | None = CLIENT_MAC
+        self.wan_dev = WAN
+        self.calls = 0
+
+    def device_of(self, family, addr, *, mark):
+        return LAN if ipaddress.ip_address(addr) in ipaddress.ip_network("198.18.0.0/24") else self.wan_dev
+
+    def egress(self, family, src, dst, *, iif, mark):
+        self.calls += 1
+        dev = self.device_of(family, dst, mark=mark)
+        if dev == OTHER:
+            raise NoPath("no_route")
+        mac = self.client_mac if dev == LAN else self.gw_mac
+        if mac is None:
+            raise NotYet()
+        return Egress(ifindex=dev, ifname=f"if{dev}", smac=MAC[dev], dmac=mac, mtu=1500)
+
+    def mac_of(self, ifindex):
+        return MAC[ifindex]
+
+
+@dataclass
+class FakeFlows:
+    entries: dict[bytes, tuple[FlowKey, FlowAction]] = field(default_factory=dict)
+    counters: dict[bytes, tuple[int, int, int, int]] = field(default_factory=dict)
+    fail_inserts: int = 0
+
+    def insert(self, items, *, mode="any"):
+        items = list(items)
+        if self.fail_inserts:
+            self.fail_inserts -= 1
+            k, a = items[0]  # the first lands, then the map is "full"
+            self.entries[key_bytes(k)] = (k, a)
+            self.counters[key_bytes(k)] = (0, 0, 0, 0)
+            raise MapError("pyflow_flows: insert stopped at element 1 of 2 (E2BIG)")
+        for k, a in items:
+            self.entries[key_bytes(k)] = (k, a)
+            self.counters[key_bytes(k)] = (0, 0, 0, 0)
+        return len(items)
+
+    def delete(self, keys, *, missing_ok=True):
+        for k in keys:
+            kb = key_bytes(k)
+            self.entries.pop(kb, None)
+            self.counters.pop(kb, None)
+        return []
+
+    def read_counters(self):
+        flows = self
+
+        class _C:
+            def as_dict(self):
+                return dict(flows.counters)
+        return _C()
+
+    def hit(self, key: FlowKey, packets: int, now: int, closing: int = 0):
+        kb = key_bytes(key)
+        p, b, _, c = self.counters[kb]
+        self.counters[kb] = (p + packets, b + 100 * packets, now, c | closing)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000 * SEC
+
+    def __call__(self):
+        return self.now
+
+
+class Devices:
+    def __init__(self, managed=(LAN, WAN)):
+        self.managed = {i: ManagedDevice(i, tx_port=i * 10, mac=MAC[i]) for i in managed}
+
+    def get(self, ifindex):
+        return self.managed.get(ifindex)
+
+
+@pytest.fixture
+def rig():
+    ct, paths, flows, clock = FakeConntrack(), FakePaths(), FakeFlows(), Clock()
+    eng = Engine(ct, paths, flows, Devices(), EngineConfig(idle_timeout_s=30, conntrack_timeout_s=120,
+                                                           exclude_mark_mask=0x10), clock=clock)
+    return eng, ct, paths, flows, clock
+
+
+def offer(eng, ct, conn, kind=EventType.UPDATE):
+    ct.table[conn.ident] = conn
+    eng.handle([CtEvent(kind, conn)])
+
+
+def test_masqueraded_tcp_gets_both_directions_with_nat_from_the_tuple_pair(rig):
+    eng, ct, paths, flows, _ = rig
+    conn = masq_conn()
+    offer(eng, ct, conn)
+    assert conn.ident in eng.offloaded and conn.ident in ct.marked
+    (ko, kr), (ao, ar) = eng.offloaded[conn.ident].keys, eng.offloaded[conn.ident].actions
+    assert ko == FlowKey(LAN, TCP, "198.18.0.10", "198.19.0.50", 40000, 443)
+    assert kr == FlowKey(WAN, TCP, "198.19.0.50", "198.19.0.1", 443, 61000)
+    # original direction leaves masqueraded to the gateway, no DNAT
+    assert (ao.nat_saddr, ao.nat_sport, ao.nat_daddr, ao.nat_dport) == ("198.19.0.1", 61000, None, None)
+    assert (ao.out_ifindex, ao.tx_port, ao.dmac, ao.smac, ao.in_mac) == (WAN, 30, GW_MAC, MAC[WAN], MAC[LAN])
+    # reply leaves de-masqueraded to the client
+    assert (ar.nat_saddr, ar.nat_sport, ar.nat_daddr, ar.nat_dport) == (None, None, "198.18.0.10", 40000)
+    assert (ar.out_ifindex, ar.tx_port, ar.dmac, ar.smac, ar.in_mac) == (LAN, 20, CLIENT_MAC, MAC[LAN], MAC[WAN])
+    assert set(flows.entries) == {key_bytes(ko), key_bytes(kr)}
+    assert eng.stats.offloaded == 1
+
+
+def test_dnat_is_copied_and_unnated_flows_get_no_rewrite(rig):
+    eng, ct, _, _, _ = rig
+    # port forward: outside 198.19.0.77:5000 -> router 198.19.0.1:8080, DNAT to 198.18.0.20:80
+    dnat = Conn(socket.AF_INET, TCP, Tuple("198.19.0.77", "198.19.0.1", 5000, 8080),
+                Tuple("198.18.0.20", "198.19.0.77", 80, 5000), status=IPS_SEEN_REPLY,
+                tcp_state=TCP_CONNTRACK_ESTABLISHED)
+    offer(eng, ct, dnat)
+    ao, ar = eng.offloaded[dnat.ident].actions
+    assert (ao.nat_saddr, ao.nat_daddr, ao.nat_dport) == (None, "198.18.0.20", 80)
+    assert (ar.nat_saddr, ar.nat_sport, ar.nat_daddr) == ("198.19.0.1", 8080, None)
+    plain = Conn(socket.AF_INET, UDP, Tuple("198.18.0.10", "198.19.0.50", 5353, 53),
+                 Tuple("198.19.0.50", "198.18.0.10", 53, 5353), status=IPS_SEEN_REPLY)
+    offer(eng, ct, plain)
+    for a in eng.offloaded[plain.ident].actions:
+        assert a.flags() == 0
+
+
+@pytest.mark.parametrize("conn, reason", [
+    (masq_conn(state=2), "tcp_not_established"),
+    (masq_conn(status=0), "no_reply_yet"),
+    (masq_conn(proto=UDP, status=0), "no_reply_yet"),
+    (masq_conn(status=IPS_SEEN_REPLY | IPS_DYING), "dying"),
+    (masq_conn(helper="ftp"), "helper"),
+    (masq_conn(mark=0x11), "excluded_by_mark"),
+    (replace(masq_conn(), proto=socket.IPPROTO_SCTP), "protocol"),
+])
+def test_policy_refusals(rig, conn, reason):
+    eng, ct, _, flows, _ = rig
+    offer(eng, ct, conn)
+    assert not eng.offloaded and not flows.entries
+    assert eng.stats.refused == {reason: 1}
+
+
+def test_mark_outside_the_mask_does_not_exclude(rig):
+    eng, ct, _, _, _ = rig
+    offer(eng, ct, masq_conn(mark=0x01))
+    assert len(eng.offloaded) == 1
+
+
+def test_unmanaged_device_is_refused(rig):
+    eng, ct, paths, flows, _ = rig
+    eng.devices = Devices(managed=(LAN,))
+    offer(eng, ct, masq_conn())
+    assert not flows.entries and eng.stats.refused == {"ingress_not_managed": 1}
+
+
+def test_unresolved_neighbour_waits_then_offloads(rig):
+    eng, ct, paths, flows, _ = rig
+    paths.gw_mac = None
+    conn = masq_conn()
+    offer(eng, ct, conn)
+    assert not flows.entries and conn.ident in eng.pending
+    paths.gw_mac = GW_MAC
+    eng.paths_changed()
+    assert conn.ident in eng.offloaded and not eng.pending
+
+
+def test_both_directions_or_neither(rig):
+    eng, ct, _, flows, _ = rig
+    flows.fail_inserts = 1
+    offer(eng, ct, masq_conn())
+    assert not flows.entries, "a half-installed connection must be removed"
+    assert not eng.offloaded and eng.stats.install_errors == 1 and not ct.marked
+
+
+def test_destroy_removes_both_directions(rig):
+    eng, ct, _, flows, _ = rig
+    conn = masq_conn()
+    offer(eng, ct, conn)
+    eng.handle([CtEvent(EventType.DESTROY, conn)])
+    assert not flows.entries and not eng.offloaded and eng.stats.removed == {"destroyed": 1}
+
+
+def test_update_that_stops_qualifying_hands_back(rig):
+    eng, ct, _, flows, _ = rig
+    offer(eng, ct, masq_conn())
+    offer(eng, ct, masq_conn(state=4))  # FIN_WAIT: the kernel saw a FIN on the slow path
+    assert not flows.entries and not ct.marked
+    assert eng.stats.removed == {"tcp_not_established": 1}
+
+
+def test_keepalive_refreshes_moving_flows_and_expires_idle_ones(rig):
+    eng, ct, _, flows, clock = rig
+    busy, idle = masq_conn(sport=40001), masq_conn(sport=40002)
+    offer(eng, ct, busy)
+    offer(eng, ct, idle)
+    for second in range(1, 41):
+        clock.now += SEC
+        flows.hit(eng.offloaded[busy.ident].keys[0], 10, clock.now)
+        eng.tick()
+        if second == 30:
+            assert idle.ident in eng.offloaded, "30 s is not yet idle"
+    assert busy.ident in eng.offloaded and idle.ident not in eng.offloaded
+    assert eng.stats.removed == {"idle": 1}
+    assert ct.refreshed.count((busy.ident, 120)) == 40
+    assert idle.ident not in ct.marked and busy.ident in ct.marked
+
+
+def test_closing_flag_tears_down(rig):
+    eng, ct, _, flows, clock = rig
+    conn = masq_conn()
+    offer(eng, ct, conn)
+    clock.now += SEC
+    flows.hit(eng.offloaded[conn.ident].keys[1], 1, clock.now, closing=1)
+    eng.tick()
+    assert not flows.entries and eng.stats.removed == {"fin_rst": 1} and not ct.marked
+
+
+def test_refresh_of_a_vanished_entry_removes_the_flow(rig):
+    eng, ct, _, flows, clock = rig
+    conn = masq_conn()
+    offer(eng, ct, conn)
+    del ct.table[conn.ident]  # DESTROY event lost
+    clock.now += SEC
+    flows.hit(eng.offloaded[conn.ident].keys[0], 3, clock.now)
+    eng.tick()
+    assert not flows.entries and eng.stats.removed == {"destroyed": 1}
+
+
+def test_resync_adds_missing_and_drops_stale(rig):
+    eng, ct, _, flows, _ = rig
+    stale, fresh = masq_conn(sport=40001), masq_conn(sport=40002)
+    offer(eng, ct, stale)
+    del ct.table[stale.ident]  # its DESTROY was among the lost events
+    ct.table[fresh.ident] = fresh  # its NEW/UPDATE too
+    eng.handle([None])
+    assert set(eng.offloaded) == {fresh.ident}
+    assert len(flows.entries) == 2 and eng.stats.resyncs == 1
+    assert eng.stats.removed == {"gone_at_resync": 1}
+
+
+def test_route_change_rewrites_in_place_and_dead_path_removes(rig):
+    eng, ct, paths, flows, _ = rig
+    conn = masq_conn()
+    offer(eng, ct, conn)
+    paths.gw_mac = GW2_MAC  # neighbour changed its MAC (or the route moved to another gateway)
+    eng.paths_changed()
+    ao, _ = eng.offloaded[conn.ident].actions
+    assert ao.dmac == GW2_MAC and eng.stats.rewritten == 1
+    assert flows.entries[key_bytes(eng.offloaded[conn.ident].keys[0])][1].dmac == GW2_MAC
+    paths.wan_dev = OTHER  # route now leaves through a device pyflow does not manage
+    eng.paths_changed()
+    assert not eng.offloaded and not flows.entries and eng.stats.removed == {"path_lost": 1}
+
+
+def test_flush_hands_everything_back(rig):
+    eng, ct, _, flows, _ = rig
+    for p in range(5):
+        offer(eng, ct, masq_conn(sport=41000 + p))
+    eng.flush()
+    assert not flows.entries and not ct.marked and eng.stats.removed == {"flushed": 5}

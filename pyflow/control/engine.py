@@ -176,6 +176,17 @@ class Engine:
                 del self.pending[ident]
         for conn in live.values():
             self.consider(conn)
+        self.prune()
+
+    def prune(self) -> int:
+        """Delete map entries no offloaded connection owns (left by a crashed or older
+        process, or written by hand); returns how many."""
+        owned = {kb for off in self.offloaded.values() for kb in off.key_bytes}
+        stray = [kb for kb in self.flows.read_counters().as_dict() if kb not in owned]
+        if stray:
+            self.flows.delete(stray, missing_ok=True)
+            self.stats.removed["stray_entry"] = self.stats.removed.get("stray_entry", 0) + len(stray)
+        return len(stray)
 
     # ---- install ----------------------------------------------------------------------
 

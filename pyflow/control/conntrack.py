@@ -116,7 +116,7 @@ CTA_HELP_NAME = 1  # enum ctattr_help; pyroute2 0.9.7 wrongly declares CTA_HELP 
 
 _TRACKED = {socket.IPPROTO_TCP, socket.IPPROTO_UDP}
 # family -> (source attribute, destination attribute, address length)
-_ADDR = {
+_ADDR: dict[int, tuple[int, int, int]] = {
     socket.AF_INET: (_IP["CTA_IP_V4_SRC"], _IP["CTA_IP_V4_DST"], 4),
     socket.AF_INET6: (_IP["CTA_IP_V6_SRC"], _IP["CTA_IP_V6_DST"], 16),
 }

@@ -113,6 +113,7 @@ CTA_PROTOINFO_TCP_STATE = _TCP["CTA_PROTOINFO_TCP_STATE"]
 CTA_PROTOINFO_TCP_FLAGS_ORIGINAL = _TCP["CTA_PROTOINFO_TCP_FLAGS_ORIGINAL"]
 CTA_PROTOINFO_TCP_FLAGS_REPLY = _TCP["CTA_PROTOINFO_TCP_FLAGS_REPLY"]
 CTA_HELP_NAME = 1  # enum ctattr_help; pyroute2 0.9.7 wrongly declares CTA_HELP a plain string
+CTA_TUPLE_ZONE = 3  # enum ctattr_tuple; pyroute2 0.9.7 lacks it
 
 _TRACKED = {socket.IPPROTO_TCP, socket.IPPROTO_UDP}
 # family -> (source attribute, destination attribute, address length)
@@ -503,6 +504,13 @@ def _parse(buf: bytearray, off: int, length: int) -> Conn | None:
     reply = _tuple_of(buf, family, top.get(CTA_TUPLE_REPLY))
     if orig is None or reply is None or orig[0] != reply[0]:
         return None
+    # CTA_ZONE is there when the zone covers both directions; a zone of the
+    # original direction only (nft "ct original zone set") sits inside that
+    # tuple. Either way it is the zone a lookup by the original tuple needs.
+    zone = _int(buf, top.get(CTA_ZONE), _U16)
+    if zone is None:
+        orig_span = top[CTA_TUPLE_ORIG]
+        zone = _int(buf, _attrs(buf, orig_span).get(CTA_TUPLE_ZONE), _U16)
     tcp_state = None
     protoinfo = top.get(CTA_PROTOINFO)
     if protoinfo is not None:
@@ -517,7 +525,7 @@ def _parse(buf: bytearray, off: int, length: int) -> Conn | None:
         status=_int(buf, top.get(CTA_STATUS), _U32) or 0,
         tcp_state=tcp_state,
         mark=_int(buf, top.get(CTA_MARK), _U32) or 0,
-        zone=_int(buf, top.get(CTA_ZONE), _U16) or 0,
+        zone=zone or 0,
         helper=_helper(buf, top.get(CTA_HELP)),
         timeout=_int(buf, top.get(CTA_TIMEOUT), _U32),
         ct_id=_int(buf, top.get(CTA_ID), _U32),

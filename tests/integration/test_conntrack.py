@@ -56,6 +56,7 @@ MARKED_PORT = 5002  # new TCP connections to it get ct mark 0x1100 (bits the ada
 PRESET_MARK = 0x1100
 ZONE_PORT = 7000  # UDP to and from it is tracked in zone 7
 ZONE = 7
+ORIG_ZONE_PORT, ORIG_ZONE = 7001, 9  # UDP to it is tracked in zone 9 in the original direction only
 
 # nft -f wants a newline before every closing brace
 RULES = f"""
@@ -64,6 +65,7 @@ table inet pft {{
         type filter hook prerouting priority raw; policy accept;
         iifname "pft-rc" udp dport {ZONE_PORT} ct zone set {ZONE}
         iifname "pft-rs" udp sport {ZONE_PORT} ct zone set {ZONE}
+        iifname "pft-rc" udp dport {ORIG_ZONE_PORT} ct original zone set {ORIG_ZONE}
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
@@ -385,6 +387,12 @@ def test_refresh_sets_the_timeout_the_kernel_reports(lab: Lab, family: int) -> N
             assert find(ct.dump(), family, 17, zport, ZONE_PORT).timeout in (53, 54, 55)
             assert int(cli_line(lab, z).split()[2]) in (53, 54, 55)
             assert not ct.refresh(Conn(z.family, z.proto, z.orig, z.reply, zone=0), 55)
+            # a zone of the original direction only (reported inside the tuple)
+            oport = udp_exchange(lab, family, ORIG_ZONE_PORT)
+            o = find(ct.dump(), family, 17, oport, ORIG_ZONE_PORT)
+            assert o.zone == ORIG_ZONE
+            assert ct.refresh(o, 44)
+            assert find(ct.dump(), family, 17, oport, ORIG_ZONE_PORT).timeout in (42, 43, 44)
 
             # gone entries: False, not an error
             ghost = Conn(family, 6, Tuple(ADDR[family]["client"], ADDR[family]["server"], 1, 2), c.reply)

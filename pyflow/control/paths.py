@@ -70,7 +70,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import DeviceError
 from .model import Egress, NoPath, NotYet
@@ -115,7 +115,7 @@ _NUD_NAMES = {0: "NONE", NUD_INCOMPLETE: "INCOMPLETE", NUD_REACHABLE: "REACHABLE
               NUD_PERMANENT: "PERMANENT"}
 NTF_USE = 0x01
 
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_LINKINFO = 1, 3, 4, 5, 18
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 4, 5, 10, 18
 IFLA_INFO_KIND = 1
 IFF_UP, IFF_RUNNING = 0x1, 0x40
 ARPHRD_ETHER, ARPHRD_PPP = 1, 512
@@ -174,9 +174,11 @@ def _ntop(family: int, packed: bytes) -> str:
 # Pure decoding: netlink messages -> values
 
 
-@dataclass(frozen=True)
-class RouteReply:
-    """The parts of an RTM_NEWROUTE answer to RTM_GETROUTE that decide a path."""
+class RouteReply(NamedTuple):
+    """The parts of an RTM_NEWROUTE answer to RTM_GETROUTE that decide a path.
+
+    (A NamedTuple, not a frozen dataclass: it is made once per route lookup and
+    a frozen dataclass's __init__ costs microseconds.)"""
 
     family: int
     type: int
@@ -511,17 +513,24 @@ class _Rtnl:
         self.sock.close()
 
 
+# attribute headers of the per-call request, packed once (this is the hot path)
+_HDR_DST = {f: _NLA.pack(4 + n, RTA_DST) for f, n in _ALEN.items()}
+_HDR_SRC = {f: _NLA.pack(4 + n, RTA_SRC) for f, n in _ALEN.items()}
+_HDR_IIF = _NLA.pack(8, RTA_IIF)
+_HDR_MARK = _NLA.pack(8, RTA_MARK)
+
+
 def _route_request(family: int, src: bytes | None, dst: bytes, iif: int | None, mark: int,
                    proto: int | None, sport: int | None, dport: int | None) -> bytes:
     bits = _ALEN[family] * 8
     parts = [_RTMSG.pack(family, bits, bits if src is not None else 0, 0, 0, 0, 0, 0, 0),
-             _nla(RTA_DST, dst)]
+             _HDR_DST[family], dst]
     if src is not None:
-        parts.append(_nla(RTA_SRC, src))
+        parts += (_HDR_SRC[family], src)
     if iif:
-        parts.append(_nla(RTA_IIF, _U32.pack(iif)))
+        parts += (_HDR_IIF, _U32.pack(iif))
     if mark:
-        parts.append(_nla(RTA_MARK, _U32.pack(mark)))
+        parts += (_HDR_MARK, _U32.pack(mark))
     if proto is not None:
         parts.append(_nla(RTA_IP_PROTO, bytes((proto,))))
     if sport is not None:
@@ -529,6 +538,16 @@ def _route_request(family: int, src: bytes | None, dst: bytes, iif: int | None, 
     if dport is not None:
         parts.append(_nla(RTA_DPORT, struct.pack("!H", dport)))
     return b"".join(parts)
+
+
+# errnos that are the kernel's routing verdict (cached until something changes); any
+# other failure (timeout, ENOMEM ...) is answered with NoPath but not remembered
+_VERDICTS = frozenset((_errno.ENETUNREACH, _errno.EHOSTUNREACH, _errno.EACCES, _errno.EINVAL,
+                       _errno.EXDEV, _errno.ENODEV, _errno.EAGAIN))
+
+
+class _Transient(Exception):
+    """A lookup that failed for a reason other than the routing verdict: not cached."""
 
 
 def _refusal(err: int, where: str, iif: int | None) -> str:
@@ -563,8 +582,9 @@ Change = tuple[str, int, str | None]
   inside it).
 * neigh: ifindex and the neighbour's address; reported only when the entry's
   MAC or its usability (NotYet vs usable) changes, or it is first seen or deleted.
-* link: a device changed state, MTU, address, name, lower device or link info
-  (statistics-only updates are not reported). A VLAN device's change is also
+* link: a device changed up/carrier state, MTU, address, name, lower device,
+  master or link info, appeared or went away (statistics-only updates, XDP
+  attach and the like are not reported). A VLAN device's change is also
   reported under its lower device's ifindex, because Egress.ifindex names the
   device frames leave on.
 * rule: an ``ip rule`` was added or removed (ifindex 0).
@@ -683,7 +703,7 @@ class PathWatcher:
                 self._links.pop(index, None)
             else:
                 sig = (flags & (IFF_UP | IFF_RUNNING), a.get(IFLA_MTU), a.get(IFLA_ADDRESS),
-                       a.get(IFLA_IFNAME), a.get(IFLA_LINK), info)
+                       a.get(IFLA_IFNAME), a.get(IFLA_LINK), a.get(IFLA_MASTER), info)
                 if self._links.get(index) == sig:
                     return  # statistics, promiscuity, XDP attach ...: nothing a path depends on
                 self._links[index] = sig
@@ -722,6 +742,7 @@ class RtPaths:
         self._route_max = route_cache_size
         self._neigh_max = neigh_cache_size
         self._routes: OrderedDict[tuple, Plan | str | int] = OrderedDict()
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()  # by route answer; link facts inside
         self._neigh: OrderedDict[tuple[int, str], bytes] = OrderedDict()
         self._links: dict[int, LinkInfo | None] = {}
         self._asked: dict[tuple[int, str], float] = {}
@@ -752,6 +773,7 @@ class RtPaths:
             self._routes.clear()
             if kind in ("link", "resync"):
                 self._links.clear()
+                self._plans.clear()
             if kind in ("netconf", "resync"):
                 self._v6_forwarding = None
             if kind == "resync":
@@ -760,6 +782,7 @@ class RtPaths:
     def invalidate(self) -> None:
         """Forget every cached answer (the next calls ask the kernel)."""
         self._routes.clear()
+        self._plans.clear()
         self._neigh.clear()
         self._links.clear()
         self._v6_forwarding = None
@@ -835,13 +858,27 @@ class RtPaths:
             if iif and family == socket.AF_INET6 and route.type == RTN_UNICAST \
                     and not self._ipv6_forwarding():
                 return "IPv6 forwarding is disabled (net.ipv6.conf.all.forwarding = 0)"
-            return plan_egress(family, pdst, route, self._link)
+            # Every destination behind one gateway shares one plan (and its last Egress).
+            pkey = (route.type, route.oif, route.gateway, route.via, route.mtu, route.encap_type,
+                    None if route.gateway or route.via else pdst)
+            plan = self._plans.get(pkey)
+            if plan is None:
+                plan = plan_egress(family, pdst, route, self._link)
+                if self._cache:
+                    self._plans[pkey] = plan
+                    if len(self._plans) > self._route_max:
+                        self._plans.popitem(last=False)
+            return plan
         except NoPath as exc:
             return str(exc)
         except TimeoutError as exc:
-            return str(exc)
+            raise _Transient(str(exc)) from None
+        except DeviceError as exc:
+            raise _Transient(str(exc)) from None
         except OSError as exc:
-            return _refusal(exc.errno or 0, dst, iif)
+            if exc.errno in _VERDICTS:
+                return _refusal(exc.errno or 0, dst, iif)
+            raise _Transient(_refusal(exc.errno or 0, dst, iif)) from None
 
     def _einval_reason(self, family: int, src: str, dst: str, pdst: bytes, iif: int, mark: int) -> str:
         """EINVAL from an input lookup is a blackhole route or a refused source (martian,
@@ -914,7 +951,10 @@ class RtPaths:
         key = (family, src, dst, iif, mark, proto, sport, dport)
         plan = self._routes.get(key)
         if plan is None:
-            plan = self._plan(family, src, dst, iif, mark, proto, sport, dport)
+            try:
+                plan = self._plan(family, src, dst, iif, mark, proto, sport, dport)
+            except _Transient as exc:
+                raise NoPath(str(exc)) from None
             self._remember(key, plan)
         if plan.__class__ is str:
             raise NoPath(plan)
@@ -935,7 +975,10 @@ class RtPaths:
         key = ("device_of", family, addr, mark)
         hit = self._routes.get(key)
         if hit is None:
-            hit = self._device(family, addr, mark)
+            try:
+                hit = self._device(family, addr, mark)
+            except _Transient as exc:
+                raise NoPath(str(exc)) from None
             self._remember(key, hit)
         if isinstance(hit, str):
             raise NoPath(hit)
@@ -949,8 +992,12 @@ class RtPaths:
             return f"bad address {addr!r} for family {family}"
         try:
             route = self._lookup(family, None, packed, None, mark, None, None, None)
+        except TimeoutError as exc:
+            raise _Transient(str(exc)) from None
         except OSError as exc:
-            return _refusal(exc.errno or 0, addr, None)
+            if exc.errno in _VERDICTS:
+                return _refusal(exc.errno or 0, addr, None)
+            raise _Transient(_refusal(exc.errno or 0, addr, None)) from None
         if route.type == RTN_LOCAL:
             return f"{addr} is local to this host"
         if route.type != RTN_UNICAST or not route.oif:

@@ -18,15 +18,20 @@ query). Link details -- MAC, MTU, link kind, VLAN id/protocol/QoS map, lower
 device -- change rarely and are read with pyroute2's ``IPRoute`` (its ifinfmsg
 decoder knows the VLAN attributes) and cached per ifindex.
 
-Caching. Results are cached and invalidated by a private :class:`PathWatcher`
-socket that every call drains first (one poll() syscall when nothing
-changed). The kernel queues a change notification before the command that made
-the change returns, so a call made after ``ip route replace`` returned never
-answers from the old route. Route results are keyed by (family, src, dst, iif,
+Caching. Answers are cached and invalidated by a private :class:`PathWatcher`
+socket that every call drains first (one poll() syscall when nothing changed).
+The kernel queues a change notification before the command that made the
+change returns, so a call made after ``ip route replace`` returned never answers
+from the old route. Route answers are keyed by (family, src, dst, iif,
 mark[, proto, sport, dport]) and dropped on any route, rule, link or
-forwarding-config change; link details are dropped on any link change;
-neighbour MACs are dropped one by one when their entry changes MAC or
-usability. A lost notification (ENOBUFS) drops everything.
+forwarding-config change; the plan built from an answer (devices, VLAN tags,
+MTU, next hop) is shared by every destination behind the same next hop and
+dropped on link changes; link details are dropped on link changes; neighbour
+MACs are dropped one by one when their entry changes MAC or usability. A lost
+notification (ENOBUFS) drops everything. Measured here (tests/integration/
+test_paths.py, test_egress_latency): a cached call about 1.5 us, a route miss
+(new src/dst pair, next hop known) about 15-20 us, pyroute2's route("get") alone
+about 400 us.
 
 Decoding is pure: :func:`parse_route`, :func:`parse_neigh`, :func:`link_from_msg`,
 :func:`plan_egress` and :func:`build_egress` take netlink messages (bytes or
@@ -52,6 +57,11 @@ Choices a reader should know:
   succeeds only for a local src) is the output lookup used, because that is
   the route the kernel takes for packets this host sends. Every other refusal
   is the kernel's forwarding verdict and becomes NoPath.
+* A route device or VLAN lower device that is down or without carrier gives
+  NoPath (IPv4 keeps routes over a device that lost carrier). IPv6 input
+  lookups do not look at forwarding, so net.ipv6.conf.all.forwarding is asked
+  (RTM_GETNETCONF) and NoPath given when it is off; IPv4 input lookups refuse
+  by themselves.
 * Rules that select on TOS/DSCP, uid, or -- unless the caller passes
   proto/sport/dport -- on L4 protocol and ports, and L4-hash multipath, are not
   seen: the lookup carries only what the caller gives.
@@ -73,7 +83,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..errors import DeviceError
-from .model import Egress, NoPath, NotYet
+from .model import Egress, NoPath, NotYet, PathListener
 
 # ---------------------------------------------------------------------------
 # rtnetlink numbers (<linux/netlink.h>, <linux/rtnetlink.h>, <linux/neighbour.h>,
@@ -654,6 +664,13 @@ class PathWatcher:
                 continue
             self._decode(data, out)
         return list(dict.fromkeys(out))  # one report per distinct change, first-seen order
+
+    def notify(self, listener: PathListener, timeout: float) -> int:
+        """poll(timeout) and hand each change to a model.PathListener as (kind, ifindex)."""
+        changes = self.poll(timeout)
+        for kind, ifindex, _addr in changes:
+            listener(kind, ifindex)
+        return len(changes)
 
     def _decode(self, data: bytes, out: list[Change]) -> None:
         off = 0

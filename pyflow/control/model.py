@@ -83,7 +83,7 @@ class Conntrack(Protocol):
 
     def dump(self) -> list[Conn]: ...
 
-    def poll(self, timeout: float) -> list[CtEvent]:
+    def poll(self, timeout: float) -> list[CtEvent | None]:
         """Events received within timeout seconds. On an overrun (ENOBUFS) this
         increments lost_events and returns an event list ending with a RESYNC
         marker (`None`) so that the caller reconciles from dump()."""

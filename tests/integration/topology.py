@@ -1,12 +1,13 @@
 """The control-plane test topology, shaped like the kernel's own flowtable selftest.
 
     client ---- r1 (pyflow, nftables: conntrack, masquerade, DNAT) ==== r2 ---- server
-     cl           lan            up (MTU 1400)  /  up2 (MTU 1400)        MTU 1300
+     cl           lan            up (MTU 1400)  /  up2 (MTU 1400)        MTU 1600
 
 - cl <-> r1:  198.18.1.0/24, 2001:2:1::/64 (MTU 1500)
 - r1 <-> r2:  198.18.2.0/24, 2001:2:2::/64 on "up" and 198.18.4.0/24, 2001:2:4::/64 on
   "up2" (the second uplink, for failover), both MTU 1400: the smaller link
-- r2 <-> sv:  198.18.3.0/24, 2001:2:3::/64, MTU 1300 on the server side: the third MTU
+- r2 <-> sv:  198.18.3.0/24, 2001:2:3::/64, MTU 1600: the third MTU, larger than the
+  uplinks', so full-sized segments from either end must go through path MTU discovery
 
 r1 masquerades what leaves through its uplinks when ``nat`` is set, and forwards TCP
 port 8080 arriving on "up" to the client's port 80 (DNAT). Every veth has GRO on and
@@ -98,7 +99,7 @@ def topology(*, nat: bool = True) -> Iterator[Topology]:
         _veth(cl, "pft-cl-0", r1, LAN)
         _veth(r1, UP, r2, "pft-r2-up", 1400, 1400)
         _veth(r1, UP2, r2, "pft-r2-up2", 1400, 1400)
-        _veth(r2, "pft-r2-sv", sv, "pft-sv-0", 1500, 1300)
+        _veth(r2, "pft-r2-sv", sv, "pft-sv-0", 1600, 1600)
         for ns, ifname, key, plen in (
             (cl, "pft-cl-0", "cl", 24), (r1, LAN, "r1_lan", 24), (r1, UP, "r1_up", 24),
             (r2, "pft-r2-up", "r2_up", 24), (r1, UP2, "r1_up2", 24), (r2, "pft-r2-up2", "r2_up2", 24),

@@ -160,8 +160,56 @@ def _base(name: str, l2: list[Packet], l3: Packet | None, rest: Packet | bytes =
     return Base(name, frame, Layout(tags, pppoe_off, off, fam, l4, l4p))
 
 
+@dataclass(frozen=True)
+class Corpus:
+    bases: tuple[Base, ...]   # a few dozen frames, hits and the kernel's kind
+    matrix: tuple[Base, ...]  # hits for every ingress x egress encapsulation
+    flows: tuple[tuple[abi.FlowKey, abi.FlowAction], ...]  # installed for every family
+
+
+# Ingress encapsulations (VLAN / QinQ / PPPoE, as key fields) and egress ones (action fields)
+# for the encapsulation matrix: every pair gets its own flow, for IPv4/TCP and IPv6/UDP.
+MATRIX_IN: tuple[tuple[str, tuple[tuple[int, int], ...], int], ...] = (
+    ("untagged", (), 0),
+    ("q30", ((30, ETH_P_8021Q),), 0),
+    ("ad300+q31", ((300, ETH_P_8021AD), (31, ETH_P_8021Q)), 0),
+    ("q301+q32", ((301, ETH_P_8021Q), (32, ETH_P_8021Q)), 0),
+    ("pppoe", (), 0x2001),
+    ("q33+pppoe", ((33, ETH_P_8021Q),), 0x2002),
+    ("ad302+q34+pppoe", ((302, ETH_P_8021AD), (34, ETH_P_8021Q)), 0x2003),
+)
+MATRIX_OUT: tuple[tuple[str, dict], ...] = (
+    ("untagged", {}),
+    ("q40", dict(vlan_outer_tci=40)),
+    ("ad41+q42", dict(vlan_outer_tci=41, vlan_outer_tpid=ETH_P_8021AD, vlan_inner_tci=42)),
+    ("q43(prio 3)+q44", dict(vlan_outer_tci=(3 << 13) | 43, vlan_inner_tci=44)),
+    ("pppoe", dict(pppoe_sid=0x3001)),
+    ("q45+pppoe", dict(vlan_outer_tci=45, pppoe_sid=0x3002)),
+    ("ad46+q47+pppoe", dict(vlan_outer_tci=46, vlan_outer_tpid=ETH_P_8021AD, vlan_inner_tci=47,
+                            pppoe_sid=0x3003)),
+)
+
+
+def _matrix(flows: list[tuple[abi.FlowKey, abi.FlowAction]]) -> list[Base]:
+    out = []
+    port = 41000
+    for in_name, tags, sid in MATRIX_IN:
+        for out_name, encap in MATRIX_OUT:
+            for l3 in (tcp4(sport=port), udp6(sport=port, n=24)):
+                nat = (SNAT4 if IP in l3 else SNAT6) if port % 2 else {}
+                l2: list[Packet] = [eth()] + [vlan(vid, tpid) for vid, tpid in tags]
+                if sid:
+                    l2.append(pppoe(sid, l3))
+                key = key_of(l3, vlan_outer=tags[0][0] if tags else 0,
+                             vlan_inner=tags[1][0] if len(tags) > 1 else 0, pppoe_sid=sid)
+                flows.append((key, action(**nat, **encap)))
+                out.append(_base(f"{in_name} in, {out_name} out, {'tcp4' if IP in l3 else 'udp6'}", l2, l3))
+            port += 1
+    return out
+
+
 @cache
-def corpus() -> tuple[tuple[Base, ...], tuple[tuple[abi.FlowKey, abi.FlowAction], ...]]:
+def corpus() -> Corpus:
     """The base frames and the flows installed for every family."""
     bases: list[Base] = []
     flows: list[tuple[abi.FlowKey, abi.FlowAction]] = []
@@ -251,7 +299,8 @@ def corpus() -> tuple[tuple[Base, ...], tuple[tuple[abi.FlowKey, abi.FlowAction]
     other("gre", [eth(), vlan(10)], IP(src=CLIENT4, dst=SERVER4, proto=47) / payload(24))
     other("ipv4 bad header checksum", [eth()], IP(src=CLIENT4, dst=SERVER4, chksum=0x1234)
           / TCP(sport=CPORT, dport=SPORT, flags="A") / payload(8))
-    return tuple(bases), tuple(flows)
+    matrix = _matrix(flows)
+    return Corpus(tuple(bases), tuple(matrix), tuple(flows))
 
 
 # ---- byte-level mutations ------------------------------------------------------------------
@@ -578,7 +627,7 @@ def op_pppoe_wrap(b: bytearray, L: Layout, r: random.Random) -> str | None:
     at = L.l3 - 2
     sid = r.choice((0x1234, 0x1234, 1, r.randrange(1, 0x10000)))
     l3len = _l3len(b, L) if L.l3 + 6 <= len(b) else 0
-    hdr = struct.pack("!HBBHHH", 0x8864, 0x11, 0, sid, l3len + 2, 0x0021 if L.fam == 4 else 0x0057)
+    hdr = struct.pack("!HBBHHH", 0x8864, 0x11, 0, sid, (l3len + 2) & 0xFFFF, 0x0021 if L.fam == 4 else 0x0057)
     del b[at:at + 2]
     b[at:at] = hdr
     L.shift(at + 2, 8)
@@ -653,12 +702,12 @@ def _mutate(base: Base, ops: tuple[Op, ...], r: random.Random, count: int) -> tu
 Frames = list[tuple[str, bytes]]
 
 
-def fam_truncate(bases: tuple[Base, ...], r: random.Random) -> Frames:
+def fam_truncate(c: Corpus, r: random.Random) -> Frames:
     """Every base cut at every byte; and cut at every byte from L3 on with every length
     field rewritten to fit, so that the parser meets each header cut as the IP, UDP and
     PPPoE lengths describe it."""
     out: Frames = []
-    for base in bases:
+    for base in c.bases:
         for n in range(len(base.frame) + 1):
             out.append((f"{base.name}: cut {n}", base.frame[:n]))
         L = base.layout
@@ -680,10 +729,10 @@ def fam_truncate(bases: tuple[Base, ...], r: random.Random) -> Frames:
 
 
 def _family(ops: tuple[Op, ...], count: int, stack: tuple[int, int] = (1, 1),
-            want: Callable[[Base], bool] = lambda b: True):
-    def gen(bases: tuple[Base, ...], r: random.Random) -> Frames:
-        pool = [b for b in bases if want(b)]
-        out: Frames = []
+            want: Callable[[Base], bool] = lambda b: True, matrix: bool = False):
+    def gen(c: Corpus, r: random.Random) -> Frames:
+        pool = [b for b in (c.matrix if matrix else c.bases) if want(b)]
+        out: Frames = [(b.name, b.frame) for b in pool] if matrix else []
         while len(out) < count:
             m = _mutate(r.choice(pool), ops, r, r.randint(*stack))
             if m is not None:
@@ -692,21 +741,21 @@ def _family(ops: tuple[Op, ...], count: int, stack: tuple[int, int] = (1, 1),
     return gen
 
 
-def fam_hits(bases: tuple[Base, ...], r: random.Random) -> Frames:
+def fam_hits(c: Corpus, r: random.Random) -> Frames:
     """The bases as they are, padded, or with a changed destination MAC: mostly forwards."""
     out: Frames = []
     for _ in range(40):
-        for base in bases:
+        for base in c.bases:
             out.append((base.name, base.frame))
     while len(out) < 4000:
-        m = _mutate(r.choice(bases), (op_trailer, op_macs, op_ip_flow_fields, op_l4_checksum), r,
+        m = _mutate(r.choice(c.bases), (op_trailer, op_macs, op_ip_flow_fields, op_l4_checksum), r,
                     r.randint(1, 2))
         if m is not None:
             out.append(m)
     return out
 
 
-def fam_garbage(bases: tuple[Base, ...], r: random.Random) -> Frames:
+def fam_garbage(c: Corpus, r: random.Random) -> Frames:
     """Random frames: pure noise, or noise behind an ethertype and IP version the
     parser will follow, sometimes with a right IPv4 header checksum."""
     out: Frames = []
@@ -731,7 +780,7 @@ def fam_garbage(bases: tuple[Base, ...], r: random.Random) -> Frames:
     return out
 
 
-FAMILIES: dict[str, Callable[[tuple[Base, ...], random.Random], Frames]] = {
+FAMILIES: dict[str, Callable[[Corpus, random.Random], Frames]] = {
     "truncate": fam_truncate,
     "hits": fam_hits,
     "ipv4": _family(IPV4_OPS, 20000, want=lambda b: b.layout.fam == 4),
@@ -740,14 +789,16 @@ FAMILIES: dict[str, Callable[[tuple[Base, ...], random.Random], Frames]] = {
     "l2": _family(L2_OPS, 20000, stack=(1, 2)),
     "flips": _family((op_flip,), 14000),
     "garbage": fam_garbage,
+    "encap matrix": _family((op_trailer, op_ttl, op_l4_checksum, op_ip_flow_fields, op_tcp_flags,
+                             op_ip4_tot_len, op_ip6_plen, op_udp_len, op_pppoe_field, op_vlan_tci,
+                             op_macs, op_cut), 8000, stack=(0, 2), matrix=True),
     "stacked": _family(STRUCTURED_OPS + (op_cut, op_flip), 16000, stack=(2, 4)),
 }
 
 
 @cache
 def frames_of(family: str, seed: int = SEED) -> Frames:
-    bases, _ = corpus()
-    return FAMILIES[family](bases, random.Random(f"{seed}/{family}"))
+    return FAMILIES[family](corpus(), random.Random(f"{seed}/{family}"))
 
 
 def gso_ctx_of(r: random.Random) -> tuple[int, int]:
@@ -833,7 +884,7 @@ def run_family(dp, model: Model, family: str, frames: Frames) -> Tally:
 def diagnose_reasons(dp, model: Model, family: str, frames: Frames, limit: int = 5) -> list[str]:
     """Frame by frame, with the stats map read after every run: which frames were
     counted under another reason (or length) than the model's (slow; only after a failure)."""
-    _, flows = corpus()
+    flows = corpus().flows
     dp.clear_flows()
     dp.install(flows)
     found: list[str] = []
@@ -882,8 +933,7 @@ def test_model_reasons_are_the_abi_reasons():
 def test_volume():
     """At least MIN_FRAMES frames run through both hooks: the families' frames that the
     model says both test runs accept (each family test checks that they do)."""
-    _, flows = corpus()
-    model = new_model(flows)
+    model = new_model(corpus().flows)
     both = 0
     for family in FAMILIES:
         for _, frame in frames_of(family):
@@ -895,15 +945,24 @@ def test_volume():
 def test_bases_cover_every_reason():
     """The unmutated bases already reach every reason the test run can produce on some hook
     (l2_rewrite_failed only through the GSO runs), so the mutations start from each."""
-    bases, flows = corpus()
-    model = new_model(flows)
-    seen = {model.verdict(b.frame, h).reason for b in bases for h in ("xdp", "tc")}
+    c = corpus()
+    model = new_model(c.flows)
+    seen = {model.verdict(b.frame, h).reason for b in c.bases for h in ("xdp", "tc")}
     assert set(abi.REASONS) - seen == {"l2_rewrite_failed"}
+
+
+def test_matrix_bases_are_hits():
+    """Every ingress x egress encapsulation base is a well-formed hit the model forwards."""
+    c = corpus()
+    model = new_model(c.flows)
+    assert len(c.matrix) == 2 * len(MATRIX_IN) * len(MATRIX_OUT)
+    for b in c.matrix:
+        assert [model.verdict(b.frame, h).reason for h in ("xdp", "tc")] == ["forwarded"] * 2, b.name
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fuzz(datapath, family: str):
-    bases, flows = corpus()
+    flows = corpus().flows
     frames = frames_of(family)
     model = new_model(flows)
     datapath.clear_flows()

@@ -870,6 +870,8 @@ class RtPaths:
                 # host and the output lookup (which accepts only a local src) is its route.
                 try:
                     route = self._lookup(family, psrc, pdst, None, mark, proto, sport, dport)
+                except TimeoutError:
+                    raise
                 except OSError:
                     return self._einval_reason(family, src, dst, pdst, iif, mark)
             if iif and family == socket.AF_INET6 and route.type == RTN_UNICAST \
@@ -902,6 +904,8 @@ class RtPaths:
         reverse-path filter): the output lookup of dst alone tells the two apart."""
         try:
             self._lookup(family, None, pdst, None, mark, None, None, None)
+        except TimeoutError:
+            raise
         except OSError as exc:
             if exc.errno == _errno.EINVAL:
                 return f"blackhole route to {dst}"

@@ -46,7 +46,7 @@ from typing import Any
 
 from . import bpfsource, netdev
 from ._native import ffi, lib
-from .abi import MAP_FLOWS, MAP_STATS, MAP_TX_PORTS
+from .abi import MAP_FLOWS, MAP_STATS, MAP_TX_PORTS, REASONS
 from .errors import DatapathError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -846,6 +846,14 @@ class Datapath:
                 live = self._live_attachment(ifindex)
                 prog_id = live[1] if live is not None and live[0] == att.mode else 0
                 out.append(DeviceStatus(att.ifname, ifindex, att.mode, prog_id, slot, att.reason))
+        return out
+
+    def reason_counts(self) -> dict[str, tuple[int, int]]:
+        """(packets, bytes) per verdict reason, summed over CPUs (names: pyflow.abi.REASONS)."""
+        out = {}
+        for i, name in enumerate(REASONS):
+            per_cpu = self.stats[self.stats.Key(i)]
+            out[name] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
         return out
 
     def map_fd(self, name: str) -> int:

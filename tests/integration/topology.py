@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import netns
+from tests import netns
 
 V4 = {"cl": "198.18.1.2", "r1_lan": "198.18.1.1", "r1_up": "198.18.2.1", "r2_up": "198.18.2.2",
       "r1_up2": "198.18.4.1", "r2_up2": "198.18.4.2", "r2_sv": "198.18.3.1", "sv": "198.18.3.2"}
@@ -149,22 +149,24 @@ class Transfer:
 
 def tcp_transfer(server_ns: str, listen_addr: str, port: int, client_ns: str, connect_addr: str,
                  connect_port: int, data: bytes, *, upload: bool = True, pace: float = 0.0,
-                 timeout: float = 60.0, on_connected=None, gate=None) -> Transfer:
+                 timeout: float = 60.0, on_connected=None, gate=None, gate_after: int = 65536) -> Transfer:
     """Move ``data`` over one TCP connection: client -> server when upload, else server -> client.
 
     ``pace`` sleeps between 64 KiB chunks (to stretch a transfer over time);
-    ``gate`` is called by the sender after the first chunk and before the rest (e.g. to
-    wait until the connection is offloaded); ``on_connected`` runs in a thread of its own
-    once the connection is up, while data flows.
+    ``gate`` is called by the sender once ``gate_after`` bytes are sent (0: before any
+    data) and before the rest, e.g. to wait until the connection is offloaded;
+    ``on_connected`` runs in a thread of its own once the connection is up, while data flows.
     """
     family = socket.AF_INET6 if ":" in listen_addr else socket.AF_INET
     ready = threading.Event()
     result: dict = {}
 
     def sender(sock):
+        if gate is not None and gate_after == 0:
+            gate()
         for off in range(0, len(data), 65536):
             sock.sendall(data[off:off + 65536])
-            if off == 0 and gate is not None:
+            if gate is not None and gate_after and off < gate_after <= off + 65536:
                 gate()
             if pace:
                 time.sleep(pace)

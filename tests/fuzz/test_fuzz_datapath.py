@@ -789,7 +789,7 @@ FAMILIES: dict[str, Callable[[Corpus, random.Random], Frames]] = {
     "l2": _family(L2_OPS, 20000, stack=(1, 2)),
     "flips": _family((op_flip,), 14000),
     "garbage": fam_garbage,
-    "encap matrix": _family((op_trailer, op_ttl, op_l4_checksum, op_ip_flow_fields, op_tcp_flags,
+    "encap_matrix": _family((op_trailer, op_ttl, op_l4_checksum, op_ip_flow_fields, op_tcp_flags,
                              op_ip4_tot_len, op_ip6_plen, op_udp_len, op_pppoe_field, op_vlan_tci,
                              op_macs, op_cut), 8000, stack=(0, 2), matrix=True),
     "stacked": _family(STRUCTURED_OPS + (op_cut, op_flip), 16000, stack=(2, 4)),

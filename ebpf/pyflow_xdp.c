@@ -120,8 +120,12 @@ static __always_inline int pyflow_process(void *ctx, const int is_tc)
 		pkt.reason = PYFLOW_R_NOT_FOR_US;
 		return pyflow_pass(is_tc, &pkt);
 	}
-	if (key.proto == IPPROTO_TCP && (pkt.tcp_flags & (PYFLOW_TCP_FIN | PYFLOW_TCP_RST))) {
-		/* the control plane tears the flow down; the kernel sees the close */
+	if (key.proto == IPPROTO_TCP &&
+	    (flow->counters.closing || (pkt.tcp_flags & (PYFLOW_TCP_FIN | PYFLOW_TCP_RST)))) {
+		/* The control plane tears the flow down at its next tick. Until then every
+		 * packet of a closing flow goes to the kernel too, so that conntrack sees
+		 * the whole close (the last ACK as well) and leaves its entry in the
+		 * state the endpoints reached, as the kernel flowtable does on teardown. */
 		flow->counters.closing = 1;
 		pkt.reason = PYFLOW_R_TCP_FIN_RST;
 		return pyflow_pass(is_tc, &pkt);

@@ -100,7 +100,8 @@ struct pyflow_flow_counters {
 	__u64 bytes;        /* L3 bytes (IP header and payload) as received */
 	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns() of the latest hit:
 			     * CLOCK_MONOTONIC_COARSE, jiffy resolution */
-	__u32 closing;      /* set to 1 by the datapath on TCP FIN or RST */
+	__u32 closing;      /* set to 1 by the datapath on TCP FIN or RST; from then on
+			     * the flow's packets go to the kernel until it is removed */
 	__u32 pad;
 };
 
@@ -128,7 +129,7 @@ enum pyflow_reason {
 	PYFLOW_R_NOT_TCP_UDP,        /* other L4 protocol (ICMP, GRE, ESP ...) */
 	PYFLOW_R_MISS,               /* no flow entry */
 	PYFLOW_R_NOT_FOR_US,         /* destination MAC is not the ingress device's */
-	PYFLOW_R_TCP_FIN_RST,        /* TCP FIN or RST: flow marked closing */
+	PYFLOW_R_TCP_FIN_RST,        /* TCP FIN or RST, or any packet of a flow marked closing */
 	PYFLOW_R_TTL_EXPIRED,        /* TTL / hop limit <= 1: the kernel sends time-exceeded */
 	PYFLOW_R_OVER_MTU,           /* L3 length over egress MTU: the kernel fragments or sends too-big */
 	PYFLOW_R_L2_REWRITE_FAILED,  /* the hook refused to grow/shrink the L2 header */

@@ -11,7 +11,7 @@ otherwise).
 from __future__ import annotations
 
 import pytest
-from packets import CASES, GSO_CASES, Case, Expect
+from packets import CASES, GSO_CASES, Case, Expect, action, eth, key_of, tcp4
 from scapy.layers.inet import IP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
@@ -155,3 +155,21 @@ def test_maps_pin_and_are_adopted():
         for b in loaded:
             b.cleanup()
         shutil.rmtree(pin_dir, ignore_errors=True)  # bpffs: unlinking the pins frees the maps
+
+
+@pytest.mark.parametrize("hook", ["xdp", "tc"])
+def test_closing_flow_sends_every_packet_to_the_kernel(dp, hook):
+    """After a FIN the flow stays closing: a plain ACK of the same flow must reach the
+    kernel too (conntrack has to see the whole close), unchanged, until the flow is removed."""
+    fin, ack = eth() / tcp4(flags="FA"), eth() / tcp4(flags="A")
+    dp.install([(key_of(tcp4()), action())])
+    pass_code, _ = VERDICTS[hook]
+    for pkt in (fin, ack, ack):
+        before = dp.stats()
+        res = dp.run(hook, bytes(pkt))
+        after = dp.stats()
+        assert res.retval == pass_code and res.data == bytes(pkt)
+        fin_rst = REASON_INDEX["tcp_fin_rst"]
+        assert after[fin_rst][0] - before[fin_rst][0] == 1
+    flow = dp.flow(key_of(tcp4()))
+    assert flow.counters.closing == 1 and flow.counters.packets == 0

@@ -230,6 +230,7 @@ class Model:
         self.ifindex = ifindex
         self.tx_slots = frozenset(tx_slots)
         self.flows: dict[tuple, ModelFlow] = {}
+        self.closing: set[tuple] = set()  # flows whose closing flag the datapath has set (see note)
         for k, a in flows:
             f = model_flow(k, a)
             self.flows[f.key] = f
@@ -375,7 +376,8 @@ class Model:
             return Verdict(MISS)
         if frame[:6] != flow.in_mac:
             return Verdict(NOT_FOR_US, flow=flow.key)
-        if p.proto == PROTO_TCP and p.tcp_flags & (TCP_FIN | TCP_RST):
+        if p.proto == PROTO_TCP and (flow.key in self.closing or p.tcp_flags & (TCP_FIN | TCP_RST)):
+            # a flow that saw FIN/RST stays closing: all its packets go to the kernel
             return Verdict(TCP_FIN_RST, flow=flow.key, closing=True)
         if p.ttl <= 1:
             return Verdict(TTL_EXPIRED, flow=flow.key)

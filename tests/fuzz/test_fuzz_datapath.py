@@ -877,6 +877,8 @@ def run_family(dp, model: Model, family: str, frames: Frames) -> Tally:
                 fl[0] += want.packets
                 fl[1] += want.l3len
                 fl[2] |= want.closing
+                if want.closing:
+                    model.closing.add(want.flow)  # the flag persists in the map across frames
         t.ran_both += ran == 2
     return t
 

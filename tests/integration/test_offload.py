@@ -294,11 +294,25 @@ def test_event_storm_overflows_a_small_buffer_and_reconciles():
     with topology() as topo:
         r = Router(topo, cfg)
         try:
+            # hold the loop inside a keep-alive tick while the storm arrives, so that
+            # nothing reads the 4 KiB buffer and the overrun is certain, not a race
+            engine, tick = r.engine, r.engine.tick
+            held, release = threading.Event(), threading.Event()
+
+            def held_tick():
+                held.set()
+                release.wait(10)
+                engine.tick = tick
+                tick()
+
+            engine.tick = held_tick
+            assert held.wait(5)
             with netns.inside(topo.cl):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             with s:
                 for port in range(20000, 23000):
                     s.sendto(b"x", (V4["sv"], port))
+            release.set()
             assert wait_for(lambda: r.cp.ct.lost_events > 0 and r.engine.stats.resyncs >= 2, 10.0), \
                 (r.cp.ct.lost_events, r.engine.stats.resyncs)
             # none of these saw a reply: nothing may be offloaded, nothing stale in the map

@@ -97,26 +97,38 @@ int pass_tc(struct __sk_buff *skb) { return TC_ACT_OK; }
 """
 
 
-def v4_flow(i: int) -> tuple[abi.FlowKey, abi.FlowAction, bytes]:
+def v4_addr(i: int) -> tuple[str, int]:
+    return f"198.18.{(i >> 8) & 0xFF}.{i & 0xFF}", 1024 + (i >> 16)
+
+
+def v4_flow(i: int) -> tuple[abi.FlowKey, abi.FlowAction]:
     """Flow i: client 198.18.x.y:port -> server 198.19.0.1:80, SNAT to 198.19.255.1 and DNAT."""
-    src = f"198.18.{(i >> 8) & 0xFF}.{i & 0xFF}"
-    sport = 1024 + (i >> 16)
+    src, sport = v4_addr(i)
     key = abi.FlowKey(TEST_IFINDEX, abi.PROTO_TCP, src, "198.19.0.1", sport, 80)
     action = abi.FlowAction(TEST_IFINDEX, 0, 1500, ROUTER_MAC, NEXTHOP_MAC, ROUTER_MAC,
                             nat_saddr="198.19.255.1", nat_sport=40000 + (i & 0x3FFF),
                             nat_daddr="198.19.1.1", nat_dport=8080)
-    pkt = (Ether(dst=ROUTER_MAC, src=CLIENT_MAC) / IP(src=src, dst="198.19.0.1", ttl=64)
-           / TCP(sport=sport, dport=80, flags="A"))
-    return key, action, pad(pkt)
+    return key, action
 
 
-def v6_flow(i: int) -> tuple[abi.FlowKey, abi.FlowAction, bytes]:
-    src = f"2001:2::{(i >> 16) & 0xFFFF:x}:{i & 0xFFFF:x}"
-    key = abi.FlowKey(TEST_IFINDEX, abi.PROTO_TCP, src, "2001:2:0:1::1", 1024, 443)
-    action = abi.FlowAction(TEST_IFINDEX, 0, 1500, ROUTER_MAC, NEXTHOP_MAC, ROUTER_MAC)
-    pkt = (Ether(dst=ROUTER_MAC, src=CLIENT_MAC) / IPv6(src=src, dst="2001:2:0:1::1", hlim=64)
-           / TCP(sport=1024, dport=443, flags="A"))
-    return key, action, pad(pkt)
+def v4_frame(i: int) -> bytes:
+    src, sport = v4_addr(i)
+    return pad(Ether(dst=ROUTER_MAC, src=CLIENT_MAC) / IP(src=src, dst="198.19.0.1", ttl=64)
+               / TCP(sport=sport, dport=80, flags="A"))
+
+
+def v6_addr(i: int) -> str:
+    return f"2001:2::{(i >> 16) & 0xFFFF:x}:{i & 0xFFFF:x}"
+
+
+def v6_flow(i: int) -> tuple[abi.FlowKey, abi.FlowAction]:
+    key = abi.FlowKey(TEST_IFINDEX, abi.PROTO_TCP, v6_addr(i), "2001:2:0:1::1", 1024, 443)
+    return key, abi.FlowAction(TEST_IFINDEX, 0, 1500, ROUTER_MAC, NEXTHOP_MAC, ROUTER_MAC)
+
+
+def v6_frame(i: int) -> bytes:
+    return pad(Ether(dst=ROUTER_MAC, src=CLIENT_MAC) / IPv6(src=v6_addr(i), dst="2001:2:0:1::1", hlim=64)
+               / TCP(sport=1024, dport=443, flags="A"))
 
 
 def pad(pkt) -> bytes:
@@ -166,14 +178,9 @@ def summarize(samples: list[float]) -> dict:
 
 
 def install(table: FlowTable, flows) -> None:
-    batch = []
-    for key, action, _ in flows:
-        batch.append((key, action))
-        if len(batch) == 65536:
-            table.insert(batch)
-            batch = []
-    if batch:
-        table.insert(batch)
+    flows = list(flows)
+    for start in range(0, len(flows), 65536):
+        table.insert(flows[start:start + 65536])
 
 
 def main() -> int:
@@ -197,14 +204,11 @@ def main() -> int:
     h = Harness()
 
     results: dict = {"repeat": repeat, "rounds": rounds, "frame_bytes": FRAME, "rows": {}, "scale": {}}
-    v4 = [v4_flow(i) for i in range(1000)]
-    v6 = [v6_flow(i) for i in range(1000)]
-    install(table, v4 + v6)
-    miss_frames = [v4_flow(100_000 + i)[2] for i in range(1000)]
+    install(table, [v4_flow(i) for i in range(1000)] + [v6_flow(i) for i in range(1000)])
     cases = {
-        "hit_ipv4_tcp_nat": [f for _, _, f in v4],
-        "hit_ipv6_tcp": [f for _, _, f in v6],
-        "miss": miss_frames,
+        "hit_ipv4_tcp_nat": [v4_frame(i) for i in range(1000)],
+        "hit_ipv6_tcp": [v6_frame(i) for i in range(1000)],
+        "miss": [v4_frame(100_000 + i) for i in range(1000)],
     }
     for hook in ("xdp", "tc"):
         h.set_templates(cases["hit_ipv4_tcp_nat"])
@@ -225,8 +229,8 @@ def main() -> int:
     for n in scale_points:
         install(table, [v4_flow(i) for i in range(installed, n)])
         installed = n
-        for series, frames in (("hot", [v4_flow(n // 2)[2]]),
-                               ("spread", [v4_flow(i * (n // SPREAD))[2] for i in range(SPREAD)])):
+        for series, frames in (("hot", [v4_frame(n // 2)]),
+                               ("spread", [v4_frame(i * (n // SPREAD)) for i in range(SPREAD)])):
             h.set_templates(frames)
             for hook in ("xdp", "tc"):
                 results["scale"][f"{series}/{hook}/{n}"] = summarize(

@@ -13,16 +13,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from pyflow import abi  # noqa: E402
-from pyflow._native import ffi, lib  # noqa: E402
-from pyflow.loader import Datapath  # noqa: E402
+from pyflow import abi
+from pyflow._native import ffi, lib
+from pyflow.loader import Datapath
 
 pytestmark = pytest.mark.root
 

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from pyflow import abi, bpfsource, netdev  # noqa: E402
-from pyflow.errors import DatapathError, DeviceError  # noqa: E402
-from pyflow.loader import (  # noqa: E402
+from pyflow import abi, bpfsource, netdev
+from pyflow.errors import DatapathError, DeviceError
+from pyflow.loader import (
     PIN_TC,
     PIN_XDP,
     TC_HANDLE,
@@ -31,7 +29,7 @@ from pyflow.loader import (  # noqa: E402
     TC_PRIO,
     Datapath,
 )
-from tests import netns  # noqa: E402
+from tests import netns
 
 pytestmark = pytest.mark.root
 

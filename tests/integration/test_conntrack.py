@@ -15,19 +15,15 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from pyflow.control import conntrack as ctmod  # noqa: E402
-from pyflow.control.conntrack import ConntrackError, CtNetlink  # noqa: E402
-from pyflow.control.model import (  # noqa: E402
+from pyflow.control import conntrack as ctmod
+from pyflow.control.conntrack import ConntrackError, CtNetlink
+from pyflow.control.model import (
     IPS_ASSURED,
     IPS_SEEN_REPLY,
     IPS_SRC_NAT,
@@ -37,8 +33,8 @@ from pyflow.control.model import (  # noqa: E402
     EventType,
     Tuple,
 )
-from pyflow.errors import PyflowError  # noqa: E402
-from tests import netns  # noqa: E402
+from pyflow.errors import PyflowError
+from tests import netns
 
 pytestmark = pytest.mark.root
 

@@ -22,20 +22,16 @@ import socket
 import statistics
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from pyflow.control import paths as P  # noqa: E402
-from pyflow.control.model import Egress, NoPath, NotYet  # noqa: E402
-from tests import netns  # noqa: E402
+from pyflow.control import paths as P
+from pyflow.control.model import Egress, NoPath, NotYet
+from tests import netns
 
 pytestmark = pytest.mark.root  # the decode tests at the end need no root; the rest do
 

@@ -402,6 +402,10 @@ def bench(args: argparse.Namespace) -> int:
                     dp.attach(dev, "auto")
                 map_view = FlowTable(dp.map_fd(MAP_FLOWS))
             idx = {name: netns.ifindex(topo.r1, name) for name in (LAN, UP, UP2)}
+            # Since Linux 5.19 the default (2) gives a conntrack entry event delivery only if a
+            # listener existed when it was created: the connections made before the loop starts
+            # would never report their DESTROY. A router running pyflow wants 1 (always).
+            netns.run(topo.r1, "sysctl -qw net.netfilter.nf_conntrack_events=1")
             sv = V4["sv"]
 
             # ---- 1. offload capacity -------------------------------------------------------

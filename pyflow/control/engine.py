@@ -18,9 +18,10 @@ thread-safe: one loop drives it (events, path changes, ticks).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,6 +42,15 @@ from .model import (
 )
 
 log = logging.getLogger(__name__)
+
+BATCH = 256
+"""Connections per map write in a pass (resync, a poll's events, retries, path changes): one
+bpf() call for many instead of one per connection, while the first of a burst waits for at
+most this many others to be planned (about a millisecond)."""
+
+_Path = tuple[Any, ...]  # (ingress orig, ingress reply, Egress orig, Egress reply, egress orig, egress reply)
+_Keys = tuple[FlowKey, FlowKey]
+_Actions = tuple[FlowAction, FlowAction]
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,8 @@ class Offloaded:
     since_ns: int
     packets: int = 0  # both directions, at the last tick
     last_seen_ns: int = 0
+    # what the entries were built from: a path change that leaves it equal changes nothing
+    path: _Path | None = field(default=None, repr=False, compare=False)
 
     @property
     def key_bytes(self) -> tuple[bytes, bytes]:
@@ -110,6 +122,10 @@ class Engine:
         self.offloaded: dict[tuple, Offloaded] = {}
         self.pending: dict[tuple, Conn] = {}
         self.stats = EngineStats()
+        # Within one pass: connections planned but not yet written (written together by _flush).
+        self._queue: list[tuple[Conn, _Keys, _Actions, _Path]] = []
+        self._queued: set[tuple] = set()
+        self._memo: dict[tuple, _Path | Exception] | None = None  # not None while a pass runs
 
     # ---- policy -----------------------------------------------------------------------
 
@@ -134,20 +150,27 @@ class Engine:
     def handle(self, events: Iterable[CtEvent | None]) -> None:
         """Apply conntrack events; a None marker (lost events) triggers a full resync."""
         resync = False
-        for ev in events:
-            if ev is None:
-                resync = True
-                continue
-            if ev.type is EventType.DESTROY:
-                self.pending.pop(ev.conn.ident, None)
-                self._remove(ev.conn.ident, "destroyed", tell_conntrack=False)
-            else:
-                self.consider(ev.conn)
-        if resync:
-            self.resync()
+        with self._pass():
+            for ev in events:
+                if ev is None:
+                    resync = True
+                    continue
+                if ev.conn.ident in self._queued:
+                    self._flush()  # a later event about a queued connection sees it installed
+                if ev.type is EventType.DESTROY:
+                    self.pending.pop(ev.conn.ident, None)
+                    self._remove(ev.conn.ident, "destroyed", tell_conntrack=False)
+                else:
+                    self._consider(ev.conn, queue=True)
+            self._flush()
+            if resync:
+                self.resync()
 
     def consider(self, conn: Conn) -> bool:
         """Offload conn if it qualifies; take it off if it stopped qualifying. True if offloaded now."""
+        return self._consider(conn, queue=False)
+
+    def _consider(self, conn: Conn, *, queue: bool) -> bool:
         ident = conn.ident
         why = self.refusal(conn)
         if ident in self.offloaded:
@@ -160,23 +183,29 @@ class Engine:
             self.pending.pop(ident, None)
             self.stats.count(self.stats.refused, why)
             return False
-        return self._offload(conn)
+        if not queue:
+            return self._offload(conn)
+        self._enqueue(conn)
+        return False
 
     def resync(self) -> None:
         """Reconcile with a full dump: offload what qualifies, drop what conntrack no longer has."""
-        self.stats.resyncs += 1
-        live = {}
-        for conn in self.ct.dump():
-            live[conn.ident] = conn
-        for ident in list(self.offloaded):
-            if ident not in live:
-                self._remove(ident, "gone_at_resync", tell_conntrack=False)
-        for ident in list(self.pending):
-            if ident not in live:
-                del self.pending[ident]
-        for conn in live.values():
-            self.consider(conn)
-        self.prune()
+        with self._pass():
+            self._flush()  # what the events before a resync marker planned goes in first
+            self.stats.resyncs += 1
+            live = {}
+            for conn in self.ct.dump():
+                live[conn.ident] = conn
+            for ident in list(self.offloaded):
+                if ident not in live:
+                    self._remove(ident, "gone_at_resync", tell_conntrack=False)
+            for ident in list(self.pending):
+                if ident not in live:
+                    del self.pending[ident]
+            for conn in live.values():
+                self._consider(conn, queue=True)
+            self._flush()
+            self.prune()
 
     def prune(self) -> int:
         """Delete map entries no offloaded connection owns (left by a crashed or older
@@ -191,21 +220,34 @@ class Engine:
     # ---- install ----------------------------------------------------------------------
 
     def _offload(self, conn: Conn) -> bool:
+        planned = self._planned(conn)
+        if planned is None:
+            return False
+        keys, actions, path = planned
+        if not self._install(keys, actions):
+            return False
+        return self._adopt(conn, keys, actions, path)
+
+    def _planned(self, conn: Conn) -> tuple[_Keys, _Actions, _Path] | None:
+        """conn's entries and the path they come from; None (and the reason kept) if it has none."""
         try:
-            keys, actions = self.plan(conn)
+            path = self._resolve(conn)
         except NotYet:
             self.pending[conn.ident] = conn
             self.stats.pending = len(self.pending)
-            return False
+            return None
         except NoPath as exc:
             self.pending.pop(conn.ident, None)
             self.stats.count(self.stats.refused, str(exc) or "no_path")
-            return False
+            return None
         self.pending.pop(conn.ident, None)
-        if not self._install(keys, actions):
-            return False
+        keys, actions = self._build(conn, path)
+        return keys, actions, path
+
+    def _adopt(self, conn: Conn, keys: _Keys, actions: _Actions, path: _Path | None) -> bool:
+        """Entries are in the map: record the connection and mark it in conntrack."""
         now = self.clock()
-        self.offloaded[conn.ident] = Offloaded(conn, keys, actions, since_ns=now, last_seen_ns=now)
+        self.offloaded[conn.ident] = Offloaded(conn, keys, actions, since_ns=now, last_seen_ns=now, path=path)
         if not self.ct.mark_offloaded(conn, True):
             # gone between the event and now: conntrack will not tell us again
             self._remove(conn.ident, "destroyed", tell_conntrack=False)
@@ -225,6 +267,62 @@ class Engine:
             self.flows.delete(list(keys), missing_ok=True)
             return False
 
+    # ---- passes: one map write for many connections -----------------------------------
+
+    @contextlib.contextmanager
+    def _pass(self) -> Iterator[None]:
+        """One round of work (a poll's events, a resync, a retry, a path change): queued
+        installs are written at its end."""
+        if self._memo is not None:
+            yield  # nested (a resync marker among events): the outer pass owns both
+            return
+        self._memo = {}
+        try:
+            yield
+            self._flush()
+        except BaseException:
+            # what was planned before the failure goes in, as it did one by one
+            with contextlib.suppress(Exception):
+                self._flush()
+            raise
+        finally:
+            self._memo = None
+            self._queue, self._queued = [], set()
+
+    def _enqueue(self, conn: Conn) -> None:
+        planned = self._planned(conn)
+        if planned is None:
+            return
+        self._queue.append((conn, *planned))
+        self._queued.add(conn.ident)
+        if len(self._queue) >= BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the queued connections' entries in one insert, then record and mark each.
+        A batch is not atomic and stops at its first failure: then every entry of the batch
+        is deleted and the connections go in one by one, each both directions or neither."""
+        batch = self._queue
+        if not batch:
+            return
+        self._queue, self._queued = [], set()
+        if len(batch) > 1:
+            try:
+                self.flows.insert([pair for _c, keys, actions, _p in batch
+                                   for pair in zip(keys, actions, strict=True)])
+            except MapError as exc:
+                log.debug("batched install of %d connections failed, one by one now: %s", len(batch), exc)
+                self.flows.delete([k for _c, keys, _a, _p in batch for k in keys], missing_ok=True)
+            else:
+                for conn, keys, actions, path in batch:
+                    self._adopt(conn, keys, actions, path)
+                return
+        for conn, keys, actions, path in batch:
+            if self._install(keys, actions):
+                self._adopt(conn, keys, actions, path)
+
+    # ---- planning ---------------------------------------------------------------------
+
     def plan(self, conn: Conn) -> tuple[tuple[FlowKey, FlowKey], tuple[FlowAction, FlowAction]]:
         """The two flow entries for conn. Raises NotYet (neighbour unresolved) or NoPath.
 
@@ -233,14 +331,25 @@ class Engine:
         The kernel routes a forwarded packet after DNAT and before SNAT, so the original
         direction is routed to B' from A, the reply to A from B'.
         """
-        o, r = conn.orig, conn.reply
-        mark = conn.mark
-        in_o = self._managed(self.paths.device_of(conn.family, o.src, mark=mark), "ingress")
-        in_r = self._managed(self.paths.device_of(conn.family, r.src, mark=mark), "ingress")
-        eg_o = self.paths.egress(conn.family, o.src, r.src, iif=in_o.ifindex, mark=mark)
-        eg_r = self.paths.egress(conn.family, r.src, o.src, iif=in_r.ifindex, mark=mark)
+        return self._build(conn, self._resolve(conn))
+
+    def _resolve(self, conn: Conn) -> _Path:
+        """Devices and egress of both directions: a function of (family, A, B', mark) only."""
+        return self._ask_paths(conn.family, conn.orig.src, conn.reply.src, conn.mark)
+
+    def _ask_paths(self, family: int, a: str, b: str, mark: int) -> _Path:
+        in_o = self._managed(self.paths.device_of(family, a, mark=mark), "ingress")
+        in_r = self._managed(self.paths.device_of(family, b, mark=mark), "ingress")
+        eg_o = self.paths.egress(family, a, b, iif=in_o.ifindex, mark=mark)
+        eg_r = self.paths.egress(family, b, a, iif=in_r.ifindex, mark=mark)
         out_o = self._managed(eg_o.ifindex, "egress")
         out_r = self._managed(eg_r.ifindex, "egress")
+        return in_o, in_r, eg_o, eg_r, out_o, out_r
+
+    @staticmethod
+    def _build(conn: Conn, path: _Path) -> tuple[_Keys, _Actions]:
+        in_o, in_r, eg_o, eg_r, out_o, out_r = path
+        o, r = conn.orig, conn.reply
         key_o = FlowKey(in_o.ifindex, conn.proto, o.src, o.dst, o.sport, o.dport)
         key_r = FlowKey(in_r.ifindex, conn.proto, r.src, r.dst, r.sport, r.dport)
         act_o = _action(in_o, out_o, eg_o, snat=_rewrite((o.src, o.sport), (r.dst, r.dport)),
@@ -305,34 +414,65 @@ class Engine:
     # ---- path changes -----------------------------------------------------------------
 
     def retry_pending(self) -> None:
-        for conn in list(self.pending.values()):
-            self._offload(conn)
+        with self._pass():
+            for conn in list(self.pending.values()):
+                self._enqueue(conn)
         self.stats.pending = len(self.pending)
 
     def paths_changed(self) -> None:
         """Re-resolve every offloaded connection: rewrite changed paths, remove dead ones.
 
         Called on any route, neighbour or link change; the counters restart at zero
-        for a rewritten entry, so keep-alive treats it as new.
+        for a rewritten entry, so keep-alive treats it as new. A connection whose path
+        resolves to what its entries were built from is left alone without rebuilding
+        them; the rewrites of one pass go to the map together.
         """
-        for ident, off in list(self.offloaded.items()):
+        with self._pass():
+            changed: list[tuple[tuple, Offloaded, _Keys, _Actions, _Path]] = []
+            for ident, off in list(self.offloaded.items()):
+                try:
+                    path = self._resolve(off.conn)
+                except (NotYet, NoPath) as exc:
+                    self._remove(ident, "path_lost", tell_conntrack=True)
+                    if isinstance(exc, NotYet):
+                        self.pending[ident] = off.conn
+                    continue
+                if path == off.path:
+                    continue
+                keys, actions = self._build(off.conn, path)
+                if keys == off.keys and actions == off.actions:
+                    off.path = path
+                    continue
+                changed.append((ident, off, keys, actions, path))
+                if len(changed) >= BATCH:
+                    self._rewrite(changed)
+                    changed = []
+            self._rewrite(changed)
+            self.retry_pending()
+
+    def _rewrite(self, changed: list[tuple[tuple, Offloaded, _Keys, _Actions, _Path]]) -> None:
+        """New entries for connections whose path changed: stale keys out, new entries in
+        one insert (one by one, both or neither each, if the batch fails)."""
+        if not changed:
+            return
+        stale = [k for _i, off, keys, _a, _p in changed if keys != off.keys for k in off.keys]
+        if stale:
+            self.flows.delete(stale, missing_ok=True)
+        written = False
+        if len(changed) > 1:
             try:
-                keys, actions = self.plan(off.conn)
-            except (NotYet, NoPath) as exc:
-                self._remove(ident, "path_lost", tell_conntrack=True)
-                if isinstance(exc, NotYet):
-                    self.pending[ident] = off.conn
-                continue
-            if keys == off.keys and actions == off.actions:
-                continue
-            if keys != off.keys:
-                self.flows.delete(list(off.keys), missing_ok=True)
-            if not self._install(keys, actions):
+                self.flows.insert([pair for _i, _o, keys, actions, _p in changed
+                                   for pair in zip(keys, actions, strict=True)])
+                written = True
+            except MapError as exc:
+                log.debug("batched rewrite of %d connections failed, one by one now: %s", len(changed), exc)
+                self.flows.delete([k for _i, _o, keys, _a, _p in changed for k in keys], missing_ok=True)
+        for ident, off, keys, actions, path in changed:
+            if not written and not self._install(keys, actions):
                 self._remove(ident, "path_lost", tell_conntrack=True)
                 continue
-            off.keys, off.actions, off.packets = keys, actions, 0
+            off.keys, off.actions, off.packets, off.path = keys, actions, 0, path
             self.stats.rewritten += 1
-        self.retry_pending()
 
 
 def _rewrite(seen: tuple[str, int], wanted: tuple[str, int]) -> tuple[str, int] | None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import io
 import json
 import os
@@ -221,6 +222,34 @@ def make_control_plane(dp: Any, cfg: Any) -> Any:
                 self.resyncs.append((t, time.perf_counter()))
 
             self.engine.resync = resync  # type: ignore[method-assign]
+            # loop turns longer than 1 ms, to explain latency outliers: (start, ms, what)
+            self.slow: list[tuple[float, float, str]] = []
+            for name in ("tick", "handle", "paths_changed"):
+                self._clock_slow(name)
+            self.path_events: list[tuple[float, Any]] = []  # what made the loop re-plan
+            poll, events = self.watcher.poll, self.path_events
+
+            def watched(timeout: float) -> Any:
+                changes = poll(timeout)
+                if changes:
+                    events.append((time.monotonic(), changes))
+                return changes
+
+            self.watcher.poll = watched  # type: ignore[method-assign]
+
+        def _clock_slow(self, name: str) -> None:
+            plain, slow = getattr(self.engine, name), self.slow
+
+            def timed(*a: Any, **kw: Any) -> Any:
+                t = time.monotonic()
+                try:
+                    return plain(*a, **kw)
+                finally:
+                    dt = time.monotonic() - t
+                    if dt > 1e-3:
+                        slow.append((t, dt * 1e3, name))
+
+            setattr(self.engine, name, timed)
 
     return BenchControlPlane(dp, cfg)
 
@@ -293,7 +322,8 @@ def instrumented_resync(ns: str, dp: Any, cfg: Any, profile: bool, workdir: Path
     t.wrap(ct, "dump", "dump + parse (ctnetlink)")
     t.wrap(paths, "egress", "paths: egress")
     t.wrap(paths, "device_of", "paths: device_of")
-    t.wrap(engine, "plan", "plan: FlowKey/FlowAction objects")
+    # the engine's planning: FlowKey/FlowAction objects (path lookups are timed on their own)
+    t.wrap(engine, "_build" if hasattr(engine, "_build") else "plan", "plan: FlowKey/FlowAction objects")
     for name in ("pack", "pack_keys"):
         if hasattr(flowtable_mod, name):
             t.wrap(flowtable_mod, name, "pack keys/actions (cffi)")
@@ -381,6 +411,16 @@ def bench(args: argparse.Namespace) -> int:
     for name in ("pack", "pack_keys"):
         if hasattr(flowtable_mod, name):
             _ORIGINALS[name] = getattr(flowtable_mod, name)
+    gc_pauses: list[tuple[float, float, int]] = []  # (start, ms, generation) of slow collections
+    gc_start: list[float] = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_start[0] = time.monotonic()
+        elif (dt := time.monotonic() - gc_start[0]) > 1e-3:
+            gc_pauses.append((gc_start[0], dt * 1e3, info["generation"]))
+
+    gc.callbacks.append(on_gc)
     n_conns = 2000 if args.quick else 5000
     rate = 1000.0
     lat_seconds = 1.0 if args.quick else 3.0
@@ -408,6 +448,7 @@ def bench(args: argparse.Namespace) -> int:
             netns.run(topo.r1, "sysctl -qw net.netfilter.nf_conntrack_events=1")
             sv = V4["sv"]
 
+            results["gc_objects_at_start"] = len(gc.get_objects())
             # ---- 1. offload capacity -------------------------------------------------------
             echoes.append(Echo(topo.sv, sv, PORT_CAPACITY, work))
             c1 = run_client(topo.cl, sv, PORT_CAPACITY, n_conns, work, first_id=0)
@@ -465,11 +506,15 @@ def bench(args: argparse.Namespace) -> int:
                     if ifindex == idx[LAN] and dport == PORT_LATENCY and sport in sports \
                             and sport not in installed:
                         installed[sport] = t
-            lats = []
+            lats, series = [], []
             for ident, sport, _t in c2["sent"]:
                 if ident in echo_t and sport in installed:
                     lats.append((installed[sport] - echo_t[ident]) * 1e3)
+                    series.append((round(echo_t[ident] - c2["sent"][0][2], 4), round(lats[-1], 3)))
             send_span = c2["sent"][-1][2] - c2["sent"][0][2] if c2["sent"] else 0.0
+            t_first = c2["sent"][0][2] if c2["sent"] else 0.0
+            slow = [(round(t - t_first, 4), round(ms, 2), what) for t, ms, what in cp.slow
+                    if t_first - 0.5 <= t <= t_first + lat_seconds + 1]
             results["latency"] = {
                 "sent": len(c2["sent"]), "echoed": c2["echoed"], "offloaded": len(installed),
                 "measured": len(lats), "achieved_rate": (len(c2["sent"]) - 1) / send_span if send_span else 0,
@@ -477,8 +522,15 @@ def bench(args: argparse.Namespace) -> int:
                 "p50_ms": pct(lats, 50), "p99_ms": pct(lats, 99), "max_ms": max(lats) if lats else None,
                 "mean_ms": statistics.fmean(lats) if lats else None,
                 "negative": sum(1 for x in lats if x < 0),
+                "series": series,  # (echo time from the first send, latency ms)
+                "slow_turns": slow,  # engine calls over 1 ms meanwhile: (start, ms, which)
+                "gc_pauses": [(round(t - t_first, 4), round(ms, 2), g) for t, ms, g in gc_pauses
+                              if t_first - 0.5 <= t <= t_first + lat_seconds + 1],
+                "path_events": [(round(t - t_first, 4), str(ch)) for t, ch in cp.path_events
+                                if t_first - 0.5 <= t <= t_first + lat_seconds + 1],
             }
 
+            results["gc_objects_after_latency"] = len(gc.get_objects())
             # ---- 3. path change reaction ---------------------------------------------------
             netns.run(topo.r1, "conntrack -F")
             wait_for(lambda: not cp.engine.offloaded, 10.0)

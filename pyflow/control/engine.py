@@ -122,10 +122,11 @@ class Engine:
         self.offloaded: dict[tuple, Offloaded] = {}
         self.pending: dict[tuple, Conn] = {}
         self.stats = EngineStats()
-        # Within one pass: connections planned but not yet written (written together by _flush).
+        # Within one pass: connections planned but not yet written (written together by
+        # _flush), and path results by (family, orig src, reply src, mark).
         self._queue: list[tuple[Conn, _Keys, _Actions, _Path]] = []
         self._queued: set[tuple] = set()
-        self._memo: dict[tuple, _Path | Exception] | None = None  # not None while a pass runs
+        self._memo: dict[tuple, _Path | Exception] | None = None
 
     # ---- policy -----------------------------------------------------------------------
 
@@ -271,8 +272,9 @@ class Engine:
 
     @contextlib.contextmanager
     def _pass(self) -> Iterator[None]:
-        """One round of work (a poll's events, a resync, a retry, a path change): queued
-        installs are written at its end."""
+        """One round of work (a poll's events, a resync, a retry, a path change). Path results
+        are shared within it (nothing the kernel says changes between two connections of the
+        same round: a change is another round) and queued installs are written at its end."""
         if self._memo is not None:
             yield  # nested (a resync marker among events): the outer pass owns both
             return
@@ -334,8 +336,22 @@ class Engine:
         return self._build(conn, self._resolve(conn))
 
     def _resolve(self, conn: Conn) -> _Path:
-        """Devices and egress of both directions: a function of (family, A, B', mark) only."""
-        return self._ask_paths(conn.family, conn.orig.src, conn.reply.src, conn.mark)
+        """Devices and egress of both directions: a function of (family, A, B', mark) only,
+        so within a pass every connection between the same two hosts shares one answer."""
+        memo = self._memo
+        if memo is None:
+            return self._ask_paths(conn.family, conn.orig.src, conn.reply.src, conn.mark)
+        mkey = (conn.family, conn.orig.src, conn.reply.src, conn.mark)
+        hit = memo.get(mkey)
+        if hit is None:
+            try:
+                hit = self._ask_paths(*mkey)
+            except (NotYet, NoPath) as exc:
+                hit = exc
+            memo[mkey] = hit
+        if isinstance(hit, Exception):
+            raise type(hit)(*hit.args)
+        return hit
 
     def _ask_paths(self, family: int, a: str, b: str, mark: int) -> _Path:
         in_o = self._managed(self.paths.device_of(family, a, mark=mark), "ingress")

@@ -127,6 +127,9 @@ class Engine:
         self._queue: list[tuple[Conn, _Keys, _Actions, _Path]] = []
         self._queued: set[tuple] = set()
         self._memo: dict[tuple, _Path | Exception] | None = None
+        # one object per distinct path, across passes, so that "same path as before" is
+        # mostly an identity check (Egress and ManagedDevice compare field by field in Python)
+        self._paths: dict[_Path, _Path] = {}
 
     # ---- policy -----------------------------------------------------------------------
 
@@ -345,13 +348,19 @@ class Engine:
         hit = memo.get(mkey)
         if hit is None:
             try:
-                hit = self._ask_paths(*mkey)
+                hit = self._intern(self._ask_paths(*mkey))
             except (NotYet, NoPath) as exc:
-                hit = exc
+                hit = exc.with_traceback(None)  # kept: no frame (which holds it) in a cycle with it
             memo[mkey] = hit
         if isinstance(hit, Exception):
             raise type(hit)(*hit.args)
         return hit
+
+    def _intern(self, path: _Path) -> _Path:
+        paths = self._paths
+        if len(paths) > 4096:
+            paths.clear()  # forgetting only costs a field-by-field compare later
+        return paths.setdefault(path, path)
 
     def _ask_paths(self, family: int, a: str, b: str, mark: int) -> _Path:
         in_o = self._managed(self.paths.device_of(family, a, mark=mark), "ingress")
@@ -445,14 +454,21 @@ class Engine:
         """
         with self._pass():
             changed: list[tuple[tuple, Offloaded, _Keys, _Actions, _Path]] = []
+            memo = self._memo
+            assert memo is not None
             for ident, off in list(self.offloaded.items()):
-                try:
-                    path = self._resolve(off.conn)
-                except (NotYet, NoPath) as exc:
-                    self._remove(ident, "path_lost", tell_conntrack=True)
-                    if isinstance(exc, NotYet):
-                        self.pending[ident] = off.conn
-                    continue
+                conn = off.conn
+                # the memo lookup inline: this loop runs over every offloaded connection
+                # on every neighbour change, and almost all of them end at `continue`
+                path = memo.get((conn.family, conn.orig.src, conn.reply.src, conn.mark))
+                if type(path) is not tuple:
+                    try:
+                        path = self._resolve(conn)
+                    except (NotYet, NoPath) as exc:
+                        self._remove(ident, "path_lost", tell_conntrack=True)
+                        if isinstance(exc, NotYet):
+                            self.pending[ident] = conn
+                        continue
                 if path == off.path:
                     continue
                 keys, actions = self._build(off.conn, path)

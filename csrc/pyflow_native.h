@@ -102,4 +102,32 @@ int pyflow_ft_read_counters(const struct pyflow_ft *ft, void *keys, void *counte
 int pyflow_ft_count(const struct pyflow_ft *ft, uint32_t chunk, uint32_t flags, struct pyflow_ft_result *res);
 /* ==== end of flow table section ============================================= */
 
+/* ==== keep-alive scan (csrc/keepalive.c) ======================================
+ * The per-connection work of the control plane's keep-alive tick. The caller keeps
+ * one slot per offloaded connection: two keys (original, reply direction) at
+ * conn_keys + 2 * i * key_size, and conns[i]. For every used slot the two keys are
+ * looked up in a counters dump (dump_keys[j] -> struct pyflow_flow_counters
+ * dump_counters[j], j < ndump) and the slot's verdict, if it needs one, is appended
+ * to out_index/out_what (room for n each; *nout = how many), in slot order:
+ * MISSING (an entry is not in the map), else CLOSING (FIN/RST seen), else MOVED
+ * (packets of both directions differ from conns[i].packets: packets and
+ * last_seen_ns are updated in the slot), else IDLE (now_ns - last_seen_ns >
+ * idle_ns). Allocates (and frees) an index of the dump: -ENOMEM if it cannot. */
+#define PYFLOW_KA_MISSING 1
+#define PYFLOW_KA_CLOSING 2
+#define PYFLOW_KA_MOVED 3
+#define PYFLOW_KA_IDLE 4
+
+struct pyflow_ka_conn {
+	uint64_t packets;     /* both directions, at the last tick */
+	int64_t last_seen_ns; /* datapath clock (counters.last_seen_ns) */
+	uint32_t used;        /* 0: a free slot, skipped */
+	uint32_t pad;
+};
+
+int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t n, uint32_t key_size,
+		   const void *dump_keys, const void *dump_counters, uint32_t ndump, int64_t now_ns,
+		   int64_t idle_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout);
+/* ==== end of keep-alive section ============================================= */
+
 #endif /* PYFLOW_NATIVE_H */

@@ -25,8 +25,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..abi import FlowAction, FlowKey, datapath_clock_ns, key_bytes
+from .._native import ffi, lib
+from ..abi import KEY_SIZE, FlowAction, FlowKey, datapath_clock_ns, key_bytes
 from ..errors import MapError
+from ..flowtable import Counters
 from .model import (
     IPS_DYING,
     IPS_SEEN_REPLY,
@@ -89,6 +91,7 @@ class Offloaded:
     last_seen_ns: int = 0
     # what the entries were built from: a path change that leaves it equal changes nothing
     path: _Path | None = field(default=None, repr=False, compare=False)
+    slot: int = field(default=-1, repr=False, compare=False)  # in the engine's keep-alive slots
 
     @property
     def key_bytes(self) -> tuple[bytes, bytes]:
@@ -108,6 +111,57 @@ class EngineStats:
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
+
+
+_Verdicts = list[tuple[tuple, Offloaded, int]]  # (ident, record, PYFLOW_KA_*) from a keep-alive scan
+
+
+class _Slots:
+    """Keep-alive state of every offloaded connection in C arrays, for csrc/keepalive.c:
+    its two keys, and the packet count and last-seen time of its Offloaded record (which
+    stays the engine's truth: every change to those is written here too)."""
+
+    def __init__(self, cap: int = 256):
+        self.cap = 0
+        self.top = 0  # slots [0, top) have been handed out at least once
+        self.free: list[int] = []
+        self.owner: list[tuple | None] = []
+        self._grow(cap)
+
+    def _grow(self, cap: int) -> None:
+        keys = ffi.new("uint8_t[]", cap * 2 * KEY_SIZE)
+        conns = ffi.new("struct pyflow_ka_conn[]", cap)
+        if self.cap:
+            ffi.memmove(keys, self.keys, self.cap * 2 * KEY_SIZE)
+            ffi.memmove(conns, self.conns, ffi.sizeof(self.conns))
+        self.keys, self.conns, self.cap = keys, conns, cap
+        self.out_index = ffi.new("uint32_t[]", cap)
+        self.out_what = ffi.new("uint8_t[]", cap)
+        self.owner.extend([None] * (cap - len(self.owner)))
+
+    def take(self, ident: tuple, off: Offloaded) -> int:
+        if self.free:
+            slot = self.free.pop()
+        else:
+            if self.top == self.cap:
+                self._grow(self.cap * 2)
+            slot = self.top
+            self.top += 1
+        self.owner[slot] = ident
+        self.conns[slot].used = 1
+        self.write(slot, off)
+        return slot
+
+    def write(self, slot: int, off: Offloaded) -> None:
+        ko, kr = off.key_bytes
+        ffi.memmove(self.keys + slot * 2 * KEY_SIZE, ko + kr, 2 * KEY_SIZE)
+        c = self.conns[slot]
+        c.packets, c.last_seen_ns = off.packets, off.last_seen_ns
+
+    def drop(self, slot: int) -> None:
+        self.conns[slot].used = 0
+        self.owner[slot] = None
+        self.free.append(slot)
 
 
 class Engine:
@@ -130,6 +184,7 @@ class Engine:
         # one object per distinct path, across passes, so that "same path as before" is
         # mostly an identity check (Egress and ManagedDevice compare field by field in Python)
         self._paths: dict[_Path, _Path] = {}
+        self._slots = _Slots()
 
     # ---- policy -----------------------------------------------------------------------
 
@@ -251,7 +306,10 @@ class Engine:
     def _adopt(self, conn: Conn, keys: _Keys, actions: _Actions, path: _Path | None) -> bool:
         """Entries are in the map: record the connection and mark it in conntrack."""
         now = self.clock()
-        self.offloaded[conn.ident] = Offloaded(conn, keys, actions, since_ns=now, last_seen_ns=now, path=path)
+        ident = conn.ident
+        off = Offloaded(conn, keys, actions, since_ns=now, last_seen_ns=now, path=path)
+        self.offloaded[ident] = off
+        off.slot = self._slots.take(ident, off)
         if not self.ct.mark_offloaded(conn, True):
             # gone between the event and now: conntrack will not tell us again
             self._remove(conn.ident, "destroyed", tell_conntrack=False)
@@ -395,6 +453,7 @@ class Engine:
         off = self.offloaded.pop(ident, None)
         if off is None:
             return
+        self._slots.drop(off.slot)
         self.flows.delete(list(off.keys), missing_ok=True)
         if tell_conntrack:
             self.ct.mark_offloaded(off.conn, False)
@@ -409,32 +468,69 @@ class Engine:
     # ---- keep-alive, expiry, FIN/RST --------------------------------------------------
 
     def tick(self) -> None:
-        """One keep-alive round: one batched counter read for the whole table."""
+        """One keep-alive round: one batched counter read for the whole table.
+
+        The flow table's counters come as arrays and are matched against every
+        connection in C (csrc/keepalive.c); anything else (a fake map) goes through the
+        same decisions in Python. Either way only the connections that need something
+        done come back: entry missing, FIN/RST, packets moved (refresh), idle."""
         now = self.clock()
-        counters = self.flows.read_counters().as_dict()
+        counters = self.flows.read_counters()
         idle_ns = int(self.config.idle_timeout_s * 1e9)
-        for ident, off in list(self.offloaded.items()):
-            ko, kr = off.key_bytes
-            co, cr = counters.get(ko), counters.get(kr)
-            if co is None or cr is None:
+        verdicts = self._scan_native(counters, now, idle_ns) if isinstance(counters, Counters) else None
+        if verdicts is None:
+            verdicts = self._scan(counters.as_dict(), now, idle_ns)
+        for ident, off, what in verdicts:
+            if what == lib.PYFLOW_KA_MISSING:
                 # an entry vanished from under us (flushed by hand): do not leave half a flow
                 self._remove(ident, "entry_missing", tell_conntrack=True)
-                continue
-            if co[3] or cr[3]:
+            elif what == lib.PYFLOW_KA_CLOSING:
                 self._remove(ident, "fin_rst", tell_conntrack=True)
-                continue
-            packets = co[0] + cr[0]
-            if packets != off.packets:
-                off.packets = packets
-                off.last_seen_ns = max(off.last_seen_ns, co[2], cr[2])
+            elif what == lib.PYFLOW_KA_MOVED:
                 self.stats.refreshes += 1
                 if not self.ct.refresh(off.conn, self.config.conntrack_timeout_s):
                     self._remove(ident, "destroyed", tell_conntrack=False)
-                continue
-            if now - off.last_seen_ns > idle_ns:
+            else:
                 self._remove(ident, "idle", tell_conntrack=True)
         if self.pending:
             self.retry_pending()
+
+    def _scan(self, counters: dict[bytes, tuple[int, ...]], now: int, idle_ns: int) -> _Verdicts:
+        """The keep-alive verdicts from a {key bytes: (packets, bytes, last_seen, closing)} dict."""
+        out: _Verdicts = []
+        for ident, off in self.offloaded.items():
+            ko, kr = off.key_bytes
+            co, cr = counters.get(ko), counters.get(kr)
+            if co is None or cr is None:
+                out.append((ident, off, lib.PYFLOW_KA_MISSING))
+            elif co[3] or cr[3]:
+                out.append((ident, off, lib.PYFLOW_KA_CLOSING))
+            elif (packets := co[0] + cr[0]) != off.packets:
+                off.packets = packets
+                off.last_seen_ns = max(off.last_seen_ns, co[2], cr[2])
+                self._slots.write(off.slot, off)
+                out.append((ident, off, lib.PYFLOW_KA_MOVED))
+            elif now - off.last_seen_ns > idle_ns:
+                out.append((ident, off, lib.PYFLOW_KA_IDLE))
+        return out
+
+    def _scan_native(self, counters: Counters, now: int, idle_ns: int) -> _Verdicts | None:
+        """_scan over the counter arrays in C; None if the C side could not (no memory)."""
+        s = self._slots
+        nout = ffi.new("uint32_t *")
+        if lib.pyflow_ka_scan(s.keys, s.conns, s.top, KEY_SIZE, counters.keys, counters.counters, counters.n,
+                              now, idle_ns, s.out_index, s.out_what, nout) < 0:
+            return None
+        out: _Verdicts = []
+        for k in range(nout[0]):
+            slot, what = s.out_index[k], s.out_what[k]
+            ident = s.owner[slot]
+            off = self.offloaded[ident]
+            if what == lib.PYFLOW_KA_MOVED:
+                c = s.conns[slot]
+                off.packets, off.last_seen_ns = c.packets, c.last_seen_ns
+            out.append((ident, off, what))
+        return out
 
     # ---- path changes -----------------------------------------------------------------
 
@@ -504,6 +600,7 @@ class Engine:
                 self._remove(ident, "path_lost", tell_conntrack=True)
                 continue
             off.keys, off.actions, off.packets, off.path = keys, actions, 0, path
+            self._slots.write(off.slot, off)
             self.stats.rewritten += 1
 
 

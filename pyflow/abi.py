@@ -278,7 +278,7 @@ def _pack_value(a: FlowAction, key: FlowKey) -> bytes:
 def key_bytes(key: FlowKey) -> bytes:
     """The key as the map holds it. Remembered on the (frozen) key: the control plane asks
     for the same key's bytes on every keep-alive tick."""
-    cached = key.__dict__.get("_bytes")
+    cached = getattr(key, "_bytes", None)
     if cached is not None:
         return cached
     raw = None
@@ -289,7 +289,10 @@ def key_bytes(key: FlowKey) -> bytes:
             raw = None  # the cffi path below raises the error it always raised
     if raw is None:
         raw = bytes(ffi.buffer(key.to_c()))
-    key.__dict__["_bytes"] = raw  # not a field: equality, hash and repr do not see it
+    # Not a field: equality, hash and repr do not see it. Set as an attribute, not through
+    # key.__dict__, which would give every key a dict of its own (CPython keeps attributes
+    # inline otherwise), one more object for the garbage collector to walk per key.
+    object.__setattr__(key, "_bytes", raw)
     return raw
 
 

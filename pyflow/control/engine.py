@@ -611,11 +611,10 @@ def _rewrite(seen: tuple[str, int], wanted: tuple[str, int]) -> tuple[str, int] 
 
 def _action(ingress: ManagedDevice, egress_dev: ManagedDevice, eg: Egress, *,
             snat: tuple[str, int] | None, dnat: tuple[str, int] | None) -> FlowAction:
+    # positional: a frozen dataclass built from keywords costs half as much again
     return FlowAction(
-        out_ifindex=eg.ifindex, tx_port=egress_dev.tx_port, mtu=eg.mtu,
-        in_mac=ingress.mac, dmac=eg.dmac, smac=eg.smac,
-        nat_saddr=snat[0] if snat else None, nat_sport=snat[1] if snat else None,
-        nat_daddr=dnat[0] if dnat else None, nat_dport=dnat[1] if dnat else None,
-        vlan_outer_tci=eg.vlan_outer_tci, vlan_outer_tpid=eg.vlan_outer_tpid,
-        vlan_inner_tci=eg.vlan_inner_tci, pppoe_sid=eg.pppoe_sid,
+        eg.ifindex, egress_dev.tx_port, eg.mtu, ingress.mac, eg.dmac, eg.smac,
+        snat[0] if snat else None, snat[1] if snat else None,
+        dnat[0] if dnat else None, dnat[1] if dnat else None,
+        eg.vlan_outer_tci, eg.vlan_outer_tpid, eg.vlan_inner_tci, eg.pppoe_sid,
     )

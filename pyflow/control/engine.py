@@ -178,7 +178,7 @@ class Engine:
         self.stats = EngineStats()
         # Within one pass: connections planned but not yet written (written together by
         # _flush), and path results by (family, orig src, reply src, mark).
-        self._queue: list[tuple[Conn, _Keys, _Actions, _Path]] = []
+        self._queue: list[tuple[tuple, Conn, _Keys, _Actions, _Path]] = []
         self._queued: set[tuple] = set()
         self._memo: dict[tuple, _Path | Exception] | None = None
         # one object per distinct path, across passes, so that "same path as before" is
@@ -214,23 +214,23 @@ class Engine:
                 if ev is None:
                     resync = True
                     continue
-                if ev.conn.ident in self._queued:
+                ident = ev.conn.ident
+                if ident in self._queued:
                     self._flush()  # a later event about a queued connection sees it installed
                 if ev.type is EventType.DESTROY:
-                    self.pending.pop(ev.conn.ident, None)
-                    self._remove(ev.conn.ident, "destroyed", tell_conntrack=False)
+                    self.pending.pop(ident, None)
+                    self._remove(ident, "destroyed", tell_conntrack=False)
                 else:
-                    self._consider(ev.conn, queue=True)
+                    self._consider(ev.conn, ident, queue=True)
             self._flush()
             if resync:
                 self.resync()
 
     def consider(self, conn: Conn) -> bool:
         """Offload conn if it qualifies; take it off if it stopped qualifying. True if offloaded now."""
-        return self._consider(conn, queue=False)
+        return self._consider(conn, conn.ident, queue=False)
 
-    def _consider(self, conn: Conn, *, queue: bool) -> bool:
-        ident = conn.ident
+    def _consider(self, conn: Conn, ident: tuple, *, queue: bool) -> bool:
         why = self.refusal(conn)
         if ident in self.offloaded:
             if why is not None:
@@ -243,8 +243,8 @@ class Engine:
             self.stats.count(self.stats.refused, why)
             return False
         if not queue:
-            return self._offload(conn)
-        self._enqueue(conn)
+            return self._offload(conn, ident)
+        self._enqueue(conn, ident)
         return False
 
     def resync(self) -> None:
@@ -261,8 +261,8 @@ class Engine:
             for ident in list(self.pending):
                 if ident not in live:
                     del self.pending[ident]
-            for conn in live.values():
-                self._consider(conn, queue=True)
+            for ident, conn in live.items():
+                self._consider(conn, ident, queue=True)
             self._flush()
             self.prune()
 
@@ -278,41 +278,41 @@ class Engine:
 
     # ---- install ----------------------------------------------------------------------
 
-    def _offload(self, conn: Conn) -> bool:
-        planned = self._planned(conn)
+    def _offload(self, conn: Conn, ident: tuple) -> bool:
+        planned = self._planned(conn, ident)
         if planned is None:
             return False
         keys, actions, path = planned
         if not self._install(keys, actions):
             return False
-        return self._adopt(conn, keys, actions, path)
+        return self._adopt(ident, conn, keys, actions, path)
 
-    def _planned(self, conn: Conn) -> tuple[_Keys, _Actions, _Path] | None:
+    def _planned(self, conn: Conn, ident: tuple) -> tuple[_Keys, _Actions, _Path] | None:
         """conn's entries and the path they come from; None (and the reason kept) if it has none."""
         try:
             path = self._resolve(conn)
         except NotYet:
-            self.pending[conn.ident] = conn
+            self.pending[ident] = conn
             self.stats.pending = len(self.pending)
             return None
         except NoPath as exc:
-            self.pending.pop(conn.ident, None)
+            self.pending.pop(ident, None)
             self.stats.count(self.stats.refused, str(exc) or "no_path")
             return None
-        self.pending.pop(conn.ident, None)
+        if self.pending:
+            self.pending.pop(ident, None)
         keys, actions = self._build(conn, path)
         return keys, actions, path
 
-    def _adopt(self, conn: Conn, keys: _Keys, actions: _Actions, path: _Path | None) -> bool:
+    def _adopt(self, ident: tuple, conn: Conn, keys: _Keys, actions: _Actions, path: _Path | None) -> bool:
         """Entries are in the map: record the connection and mark it in conntrack."""
         now = self.clock()
-        ident = conn.ident
         off = Offloaded(conn, keys, actions, since_ns=now, last_seen_ns=now, path=path)
         self.offloaded[ident] = off
         off.slot = self._slots.take(ident, off)
         if not self.ct.mark_offloaded(conn, True):
             # gone between the event and now: conntrack will not tell us again
-            self._remove(conn.ident, "destroyed", tell_conntrack=False)
+            self._remove(ident, "destroyed", tell_conntrack=False)
             return False
         self.stats.offloaded += 1
         return True
@@ -352,12 +352,12 @@ class Engine:
             self._memo = None
             self._queue, self._queued = [], set()
 
-    def _enqueue(self, conn: Conn) -> None:
-        planned = self._planned(conn)
+    def _enqueue(self, conn: Conn, ident: tuple) -> None:
+        planned = self._planned(conn, ident)
         if planned is None:
             return
-        self._queue.append((conn, *planned))
-        self._queued.add(conn.ident)
+        self._queue.append((ident, conn, *planned))
+        self._queued.add(ident)
         if len(self._queue) >= BATCH:
             self._flush()
 
@@ -371,18 +371,18 @@ class Engine:
         self._queue, self._queued = [], set()
         if len(batch) > 1:
             try:
-                self.flows.insert([pair for _c, keys, actions, _p in batch
+                self.flows.insert([pair for _i, _c, keys, actions, _p in batch
                                    for pair in zip(keys, actions, strict=True)])
             except MapError as exc:
                 log.debug("batched install of %d connections failed, one by one now: %s", len(batch), exc)
-                self.flows.delete([k for _c, keys, _a, _p in batch for k in keys], missing_ok=True)
+                self.flows.delete([k for _i, _c, keys, _a, _p in batch for k in keys], missing_ok=True)
             else:
-                for conn, keys, actions, path in batch:
-                    self._adopt(conn, keys, actions, path)
+                for ident, conn, keys, actions, path in batch:
+                    self._adopt(ident, conn, keys, actions, path)
                 return
-        for conn, keys, actions, path in batch:
+        for ident, conn, keys, actions, path in batch:
             if self._install(keys, actions):
-                self._adopt(conn, keys, actions, path)
+                self._adopt(ident, conn, keys, actions, path)
 
     # ---- planning ---------------------------------------------------------------------
 
@@ -536,8 +536,8 @@ class Engine:
 
     def retry_pending(self) -> None:
         with self._pass():
-            for conn in list(self.pending.values()):
-                self._enqueue(conn)
+            for ident, conn in list(self.pending.items()):
+                self._enqueue(conn, ident)
         self.stats.pending = len(self.pending)
 
     def paths_changed(self) -> None:

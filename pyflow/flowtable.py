@@ -268,6 +268,10 @@ class Counters:
     def __len__(self) -> int:
         return self.n
 
+    def key_bytes(self) -> list[bytes]:
+        """The keys alone (no counters decoded)."""
+        return _split(self.keys, self.n, KEY_SIZE)
+
     def rows(self) -> Iterator[tuple[bytes, tuple[int, ...]]]:
         """(key bytes, (packets, bytes, last_seen_ns, closing)) per entry, decoded in bulk."""
         tuples = _COUNTERS.iter_unpack(ffi.buffer(self.counters, self.n * COUNTERS_SIZE))

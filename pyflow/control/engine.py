@@ -270,7 +270,10 @@ class Engine:
         """Delete map entries no offloaded connection owns (left by a crashed or older
         process, or written by hand); returns how many."""
         owned = {kb for off in self.offloaded.values() for kb in off.key_bytes}
-        stray = [kb for kb in self.flows.read_counters().as_dict() if kb not in owned]
+        counters = self.flows.read_counters()
+        # the keys alone when the table gives arrays: no counters decoded, no dict built
+        present = counters.key_bytes() if isinstance(counters, Counters) else counters.as_dict()
+        stray = list(dict.fromkeys(kb for kb in present if kb not in owned))  # a walk may repeat a key
         if stray:
             self.flows.delete(stray, missing_ok=True)
             self.stats.removed["stray_entry"] = self.stats.removed.get("stray_entry", 0) + len(stray)

@@ -47,7 +47,23 @@ REASONS: list[str] = _reasons()
 
 def _addr_words(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, bytes]:
     """(family, 16 bytes) for an address. inet_pton first: it is several times faster than
-    ipaddress, and the control plane packs two keys and two actions per connection."""
+    ipaddress, and the control plane packs two keys and two actions per connection (eight
+    addresses, mostly the same few: remembered, up to a bound)."""
+    hit = _ADDRS.get(addr) if addr.__class__ is str else None
+    if hit is not None:
+        return hit
+    words = _addr_words_uncached(addr)
+    if addr.__class__ is str:
+        if len(_ADDRS) >= 65536:
+            _ADDRS.clear()
+        _ADDRS[addr] = words  # type: ignore[index]
+    return words
+
+
+_ADDRS: dict[str, tuple[int, bytes]] = {}
+
+
+def _addr_words_uncached(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, bytes]:
     if isinstance(addr, str):
         if ":" not in addr:  # an IPv4 address never has one; skipping the failed try is cheaper
             try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .._native import ffi, lib
-from ..abi import KEY_SIZE, FlowAction, FlowKey, datapath_clock_ns, key_bytes
+from ..abi import KEY_SIZE, FlowAction, FlowKey, datapath_clock_ns, entry_bytes, key_bytes
 from ..errors import MapError
 from ..flowtable import Counters
 from .model import (
@@ -81,21 +81,40 @@ class FlowMap(Protocol):
     def read_counters(self) -> Any: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class Offloaded:
+    """A connection on the fast path. Its two entries (original direction, reply direction)
+    are a function of the connection and its path (_fields). Bulk installs write them
+    as bytes without building FlowKey/FlowAction objects; ``keys`` and ``actions`` are then
+    built from the connection and path they were written from whenever asked for."""
+
     conn: Conn
-    keys: tuple[FlowKey, FlowKey]  # original direction, reply direction
-    actions: tuple[FlowAction, FlowAction]
+    path: _Path  # what the entries were built from: a path change that leaves it equal changes nothing
     since_ns: int
     packets: int = 0  # both directions, at the last tick
     last_seen_ns: int = 0
-    # what the entries were built from: a path change that leaves it equal changes nothing
-    path: _Path | None = field(default=None, repr=False, compare=False)
-    slot: int = field(default=-1, repr=False, compare=False)  # in the engine's keep-alive slots
+    key_bytes: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)  # as in the map
+    slot: int = field(default=-1, repr=False)  # in the engine's keep-alive slots
+    _source: Conn | None = field(default=None, repr=False)  # the conn the entries were built from
+    _entries: tuple[_Keys, _Actions] | None = field(default=None, repr=False)  # when built already
 
     @property
-    def key_bytes(self) -> tuple[bytes, bytes]:
-        return key_bytes(self.keys[0]), key_bytes(self.keys[1])
+    def keys(self) -> _Keys:
+        return self.entries()[0]
+
+    @property
+    def actions(self) -> _Actions:
+        return self.entries()[1]
+
+    def entries(self) -> tuple[_Keys, _Actions]:
+        """(keys, actions): the FlowKey/FlowAction objects of both entries."""
+        if self._entries is not None:
+            return self._entries
+        return _build(self._source if self._source is not None else self.conn, self.path)
+
+    def _written(self, source: Conn, path: _Path, kb: tuple[bytes, bytes],
+                 entries: tuple[_Keys, _Actions] | None) -> None:
+        self._source, self.path, self.key_bytes, self._entries = source, path, kb, entries
 
 
 @dataclass
@@ -178,13 +197,17 @@ class Engine:
         self.stats = EngineStats()
         # Within one pass: connections planned but not yet written (written together by
         # _flush), and path results by (family, orig src, reply src, mark).
-        self._queue: list[tuple[tuple, Conn, _Keys, _Actions, _Path]] = []
+        self._queue: list[tuple[tuple, Conn, _Path]] = []
         self._queued: set[tuple] = set()
         self._memo: dict[tuple, _Path | Exception] | None = None
         # one object per distinct path, across passes, so that "same path as before" is
         # mostly an identity check (Egress and ManagedDevice compare field by field in Python)
         self._paths: dict[_Path, _Path] = {}
         self._slots = _Slots()
+        # The real flow table takes whole structs as bytes: bulk installs pack straight from the
+        # connection and path (abi.entry_bytes), without FlowKey/FlowAction objects. A map that
+        # does not (the unit tests' fakes) gets the objects.
+        self._raw = getattr(flows, "RAW_INSERT", False) is True
 
     # ---- policy -----------------------------------------------------------------------
 
@@ -282,16 +305,16 @@ class Engine:
     # ---- install ----------------------------------------------------------------------
 
     def _offload(self, conn: Conn, ident: tuple) -> bool:
-        planned = self._planned(conn, ident)
-        if planned is None:
+        path = self._planned(conn, ident)
+        if path is None:
             return False
-        keys, actions, path = planned
+        keys, actions = _build(conn, path)
         if not self._install(keys, actions):
             return False
-        return self._adopt(ident, conn, keys, actions, path)
+        return self._adopt(ident, conn, path, (key_bytes(keys[0]), key_bytes(keys[1])), (keys, actions))
 
-    def _planned(self, conn: Conn, ident: tuple) -> tuple[_Keys, _Actions, _Path] | None:
-        """conn's entries and the path they come from; None (and the reason kept) if it has none."""
+    def _planned(self, conn: Conn, ident: tuple) -> _Path | None:
+        """conn's path; None (and the reason kept) if it has none."""
         try:
             path = self._resolve(conn)
         except NotYet:
@@ -304,13 +327,13 @@ class Engine:
             return None
         if self.pending:
             self.pending.pop(ident, None)
-        keys, actions = self._build(conn, path)
-        return keys, actions, path
+        return path
 
-    def _adopt(self, ident: tuple, conn: Conn, keys: _Keys, actions: _Actions, path: _Path | None) -> bool:
+    def _adopt(self, ident: tuple, conn: Conn, path: _Path, kb: tuple[bytes, bytes],
+               entries: tuple[_Keys, _Actions] | None) -> bool:
         """Entries are in the map: record the connection and mark it in conntrack."""
         now = self.clock()
-        off = Offloaded(conn, keys, actions, since_ns=now, last_seen_ns=now, path=path)
+        off = Offloaded(conn, path, now, last_seen_ns=now, key_bytes=kb, _source=conn, _entries=entries)
         self.offloaded[ident] = off
         off.slot = self._slots.take(ident, off)
         if not self.ct.mark_offloaded(conn, True):
@@ -356,10 +379,10 @@ class Engine:
             self._queue, self._queued = [], set()
 
     def _enqueue(self, conn: Conn, ident: tuple) -> None:
-        planned = self._planned(conn, ident)
-        if planned is None:
+        path = self._planned(conn, ident)
+        if path is None:
             return
-        self._queue.append((ident, conn, *planned))
+        self._queue.append((ident, conn, path))
         self._queued.add(ident)
         if len(self._queue) >= BATCH:
             self._flush()
@@ -373,19 +396,44 @@ class Engine:
             return
         self._queue, self._queued = [], set()
         if len(batch) > 1:
+            built: list[tuple[_Keys, _Actions]] | None = None
+            if self._raw:
+                keys, values, kbs = self._entry_bytes(batch)
+                items: Any = (b"".join(keys), b"".join(values))
+            else:
+                built = [_build(conn, path) for _i, conn, path in batch]
+                kbs = [(key_bytes(k[0]), key_bytes(k[1])) for k, _a in built]
+                items = [pair for k, a in built for pair in zip(k, a, strict=True)]
             try:
-                self.flows.insert([pair for _i, _c, keys, actions, _p in batch
-                                   for pair in zip(keys, actions, strict=True)])
+                self.flows.insert(items)
             except MapError as exc:
                 log.debug("batched install of %d connections failed, one by one now: %s", len(batch), exc)
-                self.flows.delete([k for _i, _c, keys, _a, _p in batch for k in keys], missing_ok=True)
+                self.flows.delete([kb for pair in kbs for kb in pair], missing_ok=True)
             else:
-                for ident, conn, keys, actions, path in batch:
-                    self._adopt(ident, conn, keys, actions, path)
+                for n, (ident, conn, path) in enumerate(batch):
+                    self._adopt(ident, conn, path, kbs[n], built[n] if built is not None else None)
                 return
-        for ident, conn, keys, actions, path in batch:
+        for ident, conn, path in batch:
+            keys, actions = _build(conn, path)
             if self._install(keys, actions):
-                self._adopt(ident, conn, keys, actions, path)
+                self._adopt(ident, conn, path, (key_bytes(keys[0]), key_bytes(keys[1])), (keys, actions))
+
+    @staticmethod
+    def _entry_bytes(batch: list[tuple[tuple, Conn, _Path]]) -> tuple[list[bytes], list[bytes],
+                                                                      list[tuple[bytes, bytes]]]:
+        """Keys and values of the queued connections, packed from their fields: (keys, values,
+        each connection's two keys)."""
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        kbs = []
+        for _i, conn, path in batch:
+            kf_o, kf_r, af_o, af_r = _fields(conn, path)
+            ko, vo = entry_bytes(kf_o, af_o)
+            kr, vr = entry_bytes(kf_r, af_r)
+            keys += (ko, kr)
+            values += (vo, vr)
+            kbs.append((ko, kr))
+        return keys, values, kbs
 
     # ---- planning ---------------------------------------------------------------------
 
@@ -397,7 +445,7 @@ class Engine:
         The kernel routes a forwarded packet after DNAT and before SNAT, so the original
         direction is routed to B' from A, the reply to A from B'.
         """
-        return self._build(conn, self._resolve(conn))
+        return _build(conn, self._resolve(conn))
 
     def _resolve(self, conn: Conn) -> _Path:
         """Devices and egress of both directions: a function of (family, A, B', mark) only,
@@ -432,18 +480,6 @@ class Engine:
         out_r = self._managed(eg_r.ifindex, "egress")
         return in_o, in_r, eg_o, eg_r, out_o, out_r
 
-    @staticmethod
-    def _build(conn: Conn, path: _Path) -> tuple[_Keys, _Actions]:
-        in_o, in_r, eg_o, eg_r, out_o, out_r = path
-        o, r = conn.orig, conn.reply
-        key_o = FlowKey(in_o.ifindex, conn.proto, o.src, o.dst, o.sport, o.dport)
-        key_r = FlowKey(in_r.ifindex, conn.proto, r.src, r.dst, r.sport, r.dport)
-        act_o = _action(in_o, out_o, eg_o, snat=_rewrite((o.src, o.sport), (r.dst, r.dport)),
-                        dnat=_rewrite((o.dst, o.dport), (r.src, r.sport)))
-        act_r = _action(in_r, out_r, eg_r, snat=_rewrite((r.src, r.sport), (o.dst, o.dport)),
-                        dnat=_rewrite((r.dst, r.dport), (o.src, o.sport)))
-        return (key_o, key_r), (act_o, act_r)
-
     def _managed(self, ifindex: int, role: str) -> ManagedDevice:
         dev = self.devices.get(ifindex)
         if dev is None:
@@ -457,7 +493,7 @@ class Engine:
         if off is None:
             return
         self._slots.drop(off.slot)
-        self.flows.delete(list(off.keys), missing_ok=True)
+        self.flows.delete(list(off.key_bytes), missing_ok=True)
         if tell_conntrack:
             self.ct.mark_offloaded(off.conn, False)
         self.stats.count(self.stats.removed, cause)
@@ -570,8 +606,8 @@ class Engine:
                         continue
                 if path == off.path:
                     continue
-                keys, actions = self._build(off.conn, path)
-                if keys == off.keys and actions == off.actions:
+                keys, actions = _build(conn, path)
+                if (keys, actions) == off.entries():
                     off.path = path
                     continue
                 changed.append((ident, off, keys, actions, path))
@@ -586,7 +622,7 @@ class Engine:
         one insert (one by one, both or neither each, if the batch fails)."""
         if not changed:
             return
-        stale = [k for _i, off, keys, _a, _p in changed if keys != off.keys for k in off.keys]
+        stale = [kb for _i, off, keys, _a, _p in changed if keys != off.keys for kb in off.key_bytes]
         if stale:
             self.flows.delete(stale, missing_ok=True)
         written = False
@@ -602,7 +638,8 @@ class Engine:
             if not written and not self._install(keys, actions):
                 self._remove(ident, "path_lost", tell_conntrack=True)
                 continue
-            off.keys, off.actions, off.packets, off.path = keys, actions, 0, path
+            off._written(off.conn, path, (key_bytes(keys[0]), key_bytes(keys[1])), (keys, actions))
+            off.packets = 0
             self._slots.write(off.slot, off)
             self.stats.rewritten += 1
 
@@ -612,12 +649,34 @@ def _rewrite(seen: tuple[str, int], wanted: tuple[str, int]) -> tuple[str, int] 
     return wanted if wanted != seen else None
 
 
+def _fields(conn: Conn, path: _Path) -> tuple[tuple, tuple, tuple, tuple]:
+    """The FlowKey and FlowAction constructor arguments of conn's two entries: (key orig,
+    key reply, action orig, action reply). The one place the entries are decided; _build
+    makes objects of them, Engine._entry_bytes bytes.
+
+    Original direction: arrives A:a -> B:b, leaves A':a' -> B':b' (reply tuple reversed).
+    Reply direction: arrives B':b' -> A':a', leaves B:b -> A:a.
+    """
+    in_o, in_r, eg_o, eg_r, out_o, out_r = path
+    o, r = conn.orig, conn.reply
+    return ((in_o.ifindex, conn.proto, o.src, o.dst, o.sport, o.dport),
+            (in_r.ifindex, conn.proto, r.src, r.dst, r.sport, r.dport),
+            _action(in_o, out_o, eg_o, snat=_rewrite((o.src, o.sport), (r.dst, r.dport)),
+                    dnat=_rewrite((o.dst, o.dport), (r.src, r.sport))),
+            _action(in_r, out_r, eg_r, snat=_rewrite((r.src, r.sport), (o.dst, o.dport)),
+                    dnat=_rewrite((r.dst, r.dport), (o.src, o.sport))))
+
+
+def _build(conn: Conn, path: _Path) -> tuple[_Keys, _Actions]:
+    """conn's two entries as FlowKey/FlowAction objects."""
+    kf_o, kf_r, af_o, af_r = _fields(conn, path)
+    return (FlowKey(*kf_o), FlowKey(*kf_r)), (FlowAction(*af_o), FlowAction(*af_r))
+
+
 def _action(ingress: ManagedDevice, egress_dev: ManagedDevice, eg: Egress, *,
-            snat: tuple[str, int] | None, dnat: tuple[str, int] | None) -> FlowAction:
-    # positional: a frozen dataclass built from keywords costs half as much again
-    return FlowAction(
-        eg.ifindex, egress_dev.tx_port, eg.mtu, ingress.mac, eg.dmac, eg.smac,
-        snat[0] if snat else None, snat[1] if snat else None,
-        dnat[0] if dnat else None, dnat[1] if dnat else None,
-        eg.vlan_outer_tci, eg.vlan_outer_tpid, eg.vlan_inner_tci, eg.pppoe_sid,
-    )
+            snat: tuple[str, int] | None, dnat: tuple[str, int] | None) -> tuple:
+    """FlowAction's constructor arguments, in its field order."""
+    return (eg.ifindex, egress_dev.tx_port, eg.mtu, ingress.mac, eg.dmac, eg.smac,
+            snat[0] if snat else None, snat[1] if snat else None,
+            dnat[0] if dnat else None, dnat[1] if dnat else None,
+            eg.vlan_outer_tci, eg.vlan_outer_tpid, eg.vlan_inner_tci, eg.pppoe_sid)

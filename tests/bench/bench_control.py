@@ -192,11 +192,16 @@ class TimedFlows:
 
 def inserted(items: Any) -> list[tuple[int, int, int, int]]:
     """(key ifindex, key sport, key dport, action out_ifindex) of every entry of one insert call."""
-    from pyflow.flowtable import FlowBatch
+    from pyflow._native import ffi
+    from pyflow.flowtable import FlowBatch, pack
 
+    if isinstance(items, tuple) and len(items) == 2 and isinstance(items[0], bytes | bytearray):
+        items = pack(items)  # the engine's bulk installs: (key bytes, value bytes)
     if isinstance(items, FlowBatch):
-        return [(items.keys[i].ifindex, socket.ntohs(items.keys[i].sport), socket.ntohs(items.keys[i].dport),
-                 items.values[i].action.out_ifindex) for i in range(items.n)]
+        keys = ffi.cast("struct pyflow_flow_key *", items.keys)
+        values = ffi.cast("struct pyflow_flow *", items.values)
+        return [(keys[i].ifindex, socket.ntohs(keys[i].sport), socket.ntohs(keys[i].dport),
+                 values[i].action.out_ifindex) for i in range(items.n)]
     return [(k.ifindex, k.sport, k.dport, a.out_ifindex) for k, a in items]
 
 
@@ -322,11 +327,12 @@ def instrumented_resync(ns: str, dp: Any, cfg: Any, profile: bool, workdir: Path
     t.wrap(ct, "dump", "dump + parse (ctnetlink)")
     t.wrap(paths, "egress", "paths: egress")
     t.wrap(paths, "device_of", "paths: device_of")
-    # the engine's planning: FlowKey/FlowAction objects (path lookups are timed on their own)
-    t.wrap(engine, "_build" if hasattr(engine, "_build") else "plan", "plan: FlowKey/FlowAction objects")
+    # the engine's planning and packing of a batch's entries (path lookups are timed on their own)
+    t.wrap(engine, "_entry_bytes" if hasattr(engine, "_entry_bytes") else "plan",
+           "plan + pack entries (bytes)")
     for name in ("pack", "pack_keys"):
         if hasattr(flowtable_mod, name):
-            t.wrap(flowtable_mod, name, "pack keys/actions (cffi)")
+            t.wrap(flowtable_mod, name, "flowtable.pack (into cffi arrays)")
     t.wrap(flows, "insert", "map insert (bpf syscall + call)")
     t.wrap(flows, "delete", "map delete")
     t.wrap(flows, "read_counters", "prune: read counters")

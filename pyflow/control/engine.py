@@ -14,6 +14,14 @@ Adapters come in as parameters (model.Conntrack, model.PathResolver, a flow map
 with FlowTable's insert/delete/read_counters, and a device registry), so every
 decision here is testable with fakes and without root. The engine is not
 thread-safe: one loop drives it (events, path changes, ticks).
+
+Where the time goes (tests/bench/bench_control.py measures it): work comes in
+passes (a poll's events, a resync, a path change) that share path lookups and write
+their installs with one map call per BATCH connections; against the real flow
+table those entries are packed straight to bytes; the keep-alive tick matches the
+counter dump against every connection in C (csrc/keepalive.c). Each of these has a
+plain-Python twin used with fake maps, and unit tests hold the two to the same
+result.
 """
 
 from __future__ import annotations

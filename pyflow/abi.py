@@ -56,7 +56,7 @@ def _addr_words(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> tu
     if addr.__class__ is str:
         if len(_ADDRS) >= 65536:
             _ADDRS.clear()
-        _ADDRS[addr] = words  # type: ignore[index]
+        _ADDRS[addr] = words
     return words
 
 

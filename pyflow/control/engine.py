@@ -153,6 +153,8 @@ class _Slots:
         self.top = 0  # slots [0, top) have been handed out at least once
         self.free: list[int] = []
         self.owner: list[tuple | None] = []
+        self.keys: Any = None  # uint8_t[2 * KEY_SIZE * cap]: each slot's two keys
+        self.conns: Any = None  # struct pyflow_ka_conn[cap]
         self._grow(cap)
 
     def _grow(self, cap: int) -> None:
@@ -422,9 +424,10 @@ class Engine:
                     self._adopt(ident, conn, path, kbs[n], built[n] if built is not None else None)
                 return
         for ident, conn, path in batch:
-            keys, actions = _build(conn, path)
-            if self._install(keys, actions):
-                self._adopt(ident, conn, path, (key_bytes(keys[0]), key_bytes(keys[1])), (keys, actions))
+            flow_keys, actions = _build(conn, path)
+            if self._install(flow_keys, actions):
+                kb = (key_bytes(flow_keys[0]), key_bytes(flow_keys[1]))
+                self._adopt(ident, conn, path, kb, (flow_keys, actions))
 
     @staticmethod
     def _entry_bytes(batch: list[tuple[tuple, Conn, _Path]]) -> tuple[list[bytes], list[bytes],

@@ -370,6 +370,17 @@ def instrumented_resync(ns: str, dp: Any, cfg: Any, profile: bool, workdir: Path
 _ORIGINALS: dict[str, Any] = {}
 
 
+def host_speed() -> float:
+    """Seconds for a fixed pure-Python loop: this machine's speed varies by up to 2x from minute
+    to minute (shared host), and every figure here scales with it."""
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        sum(range(5_000_000))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -438,6 +449,7 @@ def bench(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"quick": args.quick, "n": n_conns, "m": m_conns, "rate": rate,
                                "latency_seconds": lat_seconds}
     t_start = time.monotonic()
+    results["host_loop_s_before"] = host_speed()
     work = Path(tempfile.mkdtemp(prefix="pft-bench-control-"))
     with topology(nat=True) as topo:
         pin = pin_dir("bench-r1")
@@ -631,6 +643,7 @@ def bench(args: argparse.Namespace) -> int:
             with netns.inside(topo.r1):
                 dp.destroy()
     results["wall_s"] = time.monotonic() - t_start
+    results["host_loop_s_after"] = host_speed()
     report(results)
     out = ROOT / "bench-results" / "control.json"
     out.parent.mkdir(exist_ok=True)
@@ -643,6 +656,8 @@ def report(r: dict[str, Any]) -> None:
     inst = cap["instrumented"]
     print(f"pyflow control-plane benchmark ({'quick' if r['quick'] else 'full'}; "
           f"{r['wall_s']:.0f} s wall)")
+    print(f"host speed (it varies on a shared machine): a fixed Python loop took "
+          f"{r['host_loop_s_before'] * 1e3:.0f} ms before, {r['host_loop_s_after'] * 1e3:.0f} ms after")
     print()
     print("1. offload capacity (initial resync, loop started on existing connections)")
     print(f"   connections replied in conntrack   {cap['connections']}")

@@ -61,6 +61,7 @@ most this many others to be planned (about a millisecond)."""
 _Path = tuple[Any, ...]  # (ingress orig, ingress reply, Egress orig, Egress reply, egress orig, egress reply)
 _Keys = tuple[FlowKey, FlowKey]
 _Actions = tuple[FlowAction, FlowAction]
+_Fields = tuple[tuple, tuple, tuple, tuple]  # FlowKey, FlowKey, FlowAction, FlowAction arguments
 
 
 @dataclass(frozen=True)
@@ -599,7 +600,7 @@ class Engine:
         them; the rewrites of one pass go to the map together.
         """
         with self._pass():
-            changed: list[tuple[tuple, Offloaded, _Keys, _Actions, _Path]] = []
+            changed: list[tuple[tuple, Offloaded, _Fields, _Path]] = []
             memo = self._memo
             assert memo is not None
             for ident, off in list(self.offloaded.items()):
@@ -617,39 +618,56 @@ class Engine:
                         continue
                 if path == off.path:
                     continue
-                keys, actions = _build(conn, path)
-                if (keys, actions) == off.entries():
+                fields = _fields(conn, path)
+                # the entries' constructor arguments, old and new: equal arguments, equal entries
+                if fields == _fields(off._source or conn, off.path):
                     off.path = path
                     continue
-                changed.append((ident, off, keys, actions, path))
+                changed.append((ident, off, fields, path))
                 if len(changed) >= BATCH:
                     self._rewrite(changed)
                     changed = []
             self._rewrite(changed)
             self.retry_pending()
 
-    def _rewrite(self, changed: list[tuple[tuple, Offloaded, _Keys, _Actions, _Path]]) -> None:
+    def _rewrite(self, changed: list[tuple[tuple, Offloaded, _Fields, _Path]]) -> None:
         """New entries for connections whose path changed: stale keys out, new entries in
-        one insert (one by one, both or neither each, if the batch fails)."""
+        one insert (one by one, both or neither each, if the batch fails). Against the real
+        flow table the entries go as bytes, as bulk installs do."""
         if not changed:
             return
-        stale = [kb for _i, off, keys, _a, _p in changed if keys != off.keys for kb in off.key_bytes]
+        entries: list[tuple[_Keys, _Actions] | None]
+        if self._raw:
+            packed = [(entry_bytes(f[0], f[2]), entry_bytes(f[1], f[3])) for _i, _o, f, _p in changed]
+            kbs = [(ko, kr) for (ko, _vo), (kr, _vr) in packed]
+            entries = [None] * len(changed)
+            items: Any = (b"".join(kb for (ko, _vo), (kr, _vr) in packed for kb in (ko, kr)),
+                          b"".join(vb for (_ko, vo), (_kr, vr) in packed for vb in (vo, vr)))
+        else:
+            built = [_objects(f) for _i, _o, f, _p in changed]
+            kbs = [(key_bytes(k[0]), key_bytes(k[1])) for k, _a in built]
+            entries = list(built)
+            items = [pair for k, a in built for pair in zip(k, a, strict=True)]
+        stale = [kb for (_i, off, _f, _p), new in zip(changed, kbs, strict=True) if new != off.key_bytes
+                 for kb in off.key_bytes]
         if stale:
             self.flows.delete(stale, missing_ok=True)
         written = False
         if len(changed) > 1:
             try:
-                self.flows.insert([pair for _i, _o, keys, actions, _p in changed
-                                   for pair in zip(keys, actions, strict=True)])
+                self.flows.insert(items)
                 written = True
             except MapError as exc:
                 log.debug("batched rewrite of %d connections failed, one by one now: %s", len(changed), exc)
-                self.flows.delete([k for _i, _o, keys, _a, _p in changed for k in keys], missing_ok=True)
-        for ident, off, keys, actions, path in changed:
-            if not written and not self._install(keys, actions):
-                self._remove(ident, "path_lost", tell_conntrack=True)
-                continue
-            off._written(off.conn, path, (key_bytes(keys[0]), key_bytes(keys[1])), (keys, actions))
+                self.flows.delete([kb for pair in kbs for kb in pair], missing_ok=True)
+        for n, (ident, off, f, path) in enumerate(changed):
+            if not written:
+                keys, actions = entries[n] or _objects(f)
+                if not self._install(keys, actions):
+                    self._remove(ident, "path_lost", tell_conntrack=True)
+                    continue
+                entries[n] = (keys, actions)
+            off._written(off.conn, path, kbs[n], entries[n])
             off.packets = 0
             self._slots.write(off.slot, off)
             self.stats.rewritten += 1
@@ -660,7 +678,7 @@ def _rewrite(seen: tuple[str, int], wanted: tuple[str, int]) -> tuple[str, int] 
     return wanted if wanted != seen else None
 
 
-def _fields(conn: Conn, path: _Path) -> tuple[tuple, tuple, tuple, tuple]:
+def _fields(conn: Conn, path: _Path) -> _Fields:
     """The FlowKey and FlowAction constructor arguments of conn's two entries: (key orig,
     key reply, action orig, action reply). The one place the entries are decided; _build
     makes objects of them, Engine._entry_bytes bytes.
@@ -680,7 +698,11 @@ def _fields(conn: Conn, path: _Path) -> tuple[tuple, tuple, tuple, tuple]:
 
 def _build(conn: Conn, path: _Path) -> tuple[_Keys, _Actions]:
     """conn's two entries as FlowKey/FlowAction objects."""
-    kf_o, kf_r, af_o, af_r = _fields(conn, path)
+    return _objects(_fields(conn, path))
+
+
+def _objects(fields: _Fields) -> tuple[_Keys, _Actions]:
+    kf_o, kf_r, af_o, af_r = fields
     return (FlowKey(*kf_o), FlowKey(*kf_r)), (FlowAction(*af_o), FlowAction(*af_r))
 
 

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from pyflow._native import ffi
 from pyflow.abi import FLOW_SIZE, KEY_SIZE, key_bytes, value_bytes
-from pyflow.control.engine import BATCH, Engine, EngineConfig
+from pyflow.control.engine import BATCH, Engine, EngineConfig, ManagedDevice
 from pyflow.control.model import (
     IPS_SEEN_REPLY,
     TCP_CONNTRACK_ESTABLISHED,
@@ -76,6 +76,15 @@ class BytesFlows:
         return _C()
 
 
+WAN2 = 4  # a second uplink: moving to it changes the reply direction's key (its ingress device)
+MACS = {**MAC, WAN2: bytes.fromhex("020000000400")}
+
+
+class ThreeDevices(Devices):
+    def __init__(self):
+        self.managed = {i: ManagedDevice(i, tx_port=i * 10, mac=MACS[i]) for i in (LAN, WAN, WAN2)}
+
+
 class EncapPaths(FakePaths):
     """FakePaths whose uplink can carry VLAN tags or PPPoE, and IPv6 on the same devices."""
 
@@ -91,8 +100,8 @@ class EncapPaths(FakePaths):
     def egress(self, family, src, dst, *, iif, mark):
         dev = self.device_of(family, dst, mark=mark)
         mac = self.client_mac if dev == LAN else self.gw_mac
-        eg = Egress(ifindex=dev, ifname=f"if{dev}", smac=MAC[dev], dmac=mac, mtu=1500)
-        return replace(eg, **self.encap) if dev == WAN else eg
+        eg = Egress(ifindex=dev, ifname=f"if{dev}", smac=MACS[dev], dmac=mac, mtu=1500)
+        return replace(eg, **self.encap) if dev != LAN else eg
 
 
 def conns(n: int, seed: int) -> list[Conn]:
@@ -131,7 +140,7 @@ def pair(seed: int, n: int):
     rigs = []
     for flows in (BytesFlows(), FakeFlows()):
         ct, paths = FakeConntrack(), EncapPaths()
-        eng = Engine(ct, paths, flows, Devices(), EngineConfig(), clock=Clock())
+        eng = Engine(ct, paths, flows, ThreeDevices(), EngineConfig(), clock=Clock())
         for c in conns(n, seed):
             ct.table[c.ident] = c
         rigs.append((eng, ct, paths, flows))
@@ -142,6 +151,7 @@ def same(rigs) -> None:
     (a, _, _, fa), (b, _, _, fb) = rigs
     assert fa.entries == as_bytes(fb)
     assert set(a.offloaded) == set(b.offloaded)
+    assert set(fa.entries) == {kb for off in a.offloaded.values() for kb in off.key_bytes}  # nothing stale
     for ident, off in a.offloaded.items():
         other = b.offloaded[ident]
         assert off.entries() == other.entries()
@@ -156,12 +166,15 @@ def test_resync_path_changes_and_removals_agree():
     same(rigs)
     assert rigs[0][3].calls == 3  # one insert per batch
     qinq = {"vlan_outer_tci": 7, "vlan_outer_tpid": 0x88A8, "vlan_inner_tci": 9}
-    for encap in ({"vlan_outer_tci": 7}, qinq, {"pppoe_sid": 0x1234}, {}):
+    steps = (({"vlan_outer_tci": 7}, WAN), (qinq, WAN2), ({"pppoe_sid": 0x1234}, WAN2), ({}, WAN))
+    for encap, uplink in steps:
         for eng, _ct, paths, _f in rigs:
             paths.encap = encap
+            paths.wan_dev = uplink
             paths.gw_mac = GW2_MAC if paths.gw_mac != GW2_MAC else CLIENT_MAC
             eng.paths_changed()
         same(rigs)
+    assert rigs[0][0].stats.rewritten == 4 * len(rigs[0][0].offloaded)
     for eng, ct, _p, _f in rigs:
         gone = list(ct.table)[::3]  # same insertion order in both
         eng.handle([CtEvent(EventType.DESTROY, ct.table[i]) for i in gone])

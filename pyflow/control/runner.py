@@ -32,6 +32,30 @@ class ControlConfig:
     offload_mark: int = 0  # conntrack mark bit set on offloaded entries (0: leave marks alone)
 
 
+CT_EVENTS_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_events"
+
+
+def ensure_conntrack_events(path: str = CT_EVENTS_SYSCTL) -> None:
+    """Make conntrack report every entry's events (nf_conntrack_events = 1).
+
+    The kernel's default, 2, gives an entry an event cache only if a listener existed
+    when the entry was created: an entry made while pyflow was not yet listening never
+    reports its DESTROY, and its flows would stay offloaded until idle expiry. The
+    setting is per network namespace; this runs in the loop's namespace.
+    """
+    try:
+        with open(path) as f:
+            current = f.read().strip()
+        if current != "1":
+            with open(path, "w") as f:
+                f.write("1")
+            log.info("nf_conntrack_events was %s; set to 1 so that every connection reports "
+                     "its end", current)
+    except OSError as exc:
+        log.warning("cannot set nf_conntrack_events to 1 (%s): connections created while pyflow "
+                    "was not listening will leave the fast path only when idle", exc.strerror)
+
+
 class LoaderDevices:
     """The engine's device registry, read from the loader: every attached device with its
     tx-port slot and MAC. Refreshed on link changes (a MAC can change)."""
@@ -74,6 +98,7 @@ class ControlPlane:
         self._hand_back = True
 
     def _setup(self) -> None:
+        ensure_conntrack_events()
         self.flows = FlowTable(self.dp.map_fd(MAP_FLOWS))
         self.ct = CtNetlink(rcvbuf=self.config.conntrack_rcvbuf, offload_mark=self.config.offload_mark)
         self.paths = RtPaths()

@@ -348,3 +348,13 @@ def test_flush_hands_everything_back(rig):
         offer(eng, ct, masq_conn(sport=41000 + p))
     eng.flush()
     assert not flows.entries and not ct.marked and eng.stats.removed == {"flushed": 5}
+
+
+def test_conntrack_events_are_switched_on(tmp_path):
+    from pyflow.control.runner import ensure_conntrack_events
+
+    sysctl = tmp_path / "nf_conntrack_events"
+    sysctl.write_text("2\n")
+    ensure_conntrack_events(str(sysctl))
+    assert sysctl.read_text() == "1"
+    ensure_conntrack_events(str(tmp_path / "missing"))  # logs, does not raise

@@ -725,12 +725,7 @@ class Datapath:
         if mode == "tc":
             made = self._tc_install(facts)
             if xdp_mode is not None:
-                try:
-                    self._xdp_remove(facts)
-                except DeviceError:
-                    if not tc_ours:
-                        self._tc_remove(facts.ifindex, facts.ifname, made)
-                    raise
+                self._xdp_remove_after_tc(facts, tc_ours, made)
             return own_clsact or made
         if xdp_mode is not None and xdp_mode != mode:
             return self._switch_xdp_mode(facts, mode, tc_ours, own_clsact)
@@ -740,16 +735,21 @@ class Datapath:
             own_clsact = False
         return own_clsact
 
-    def _switch_xdp_mode(self, facts: netdev.DeviceFacts, mode: str, tc_ours: bool,
-                         own_clsact: bool) -> bool:
-        """native <-> generic, bridged by TC so the device always has a fast path."""
-        made = False if tc_ours else self._tc_install(facts)
+    def _xdp_remove_after_tc(self, facts: netdev.DeviceFacts, tc_ours: bool, made_clsact: bool) -> None:
+        """Remove XDP once TC carries the device; if that fails, take back the TC hook
+        this call added (not one that was ours before), so nothing changed."""
         try:
             self._xdp_remove(facts)
         except DeviceError:
             if not tc_ours:
-                self._tc_remove(facts.ifindex, facts.ifname, made)
+                self._tc_remove(facts.ifindex, facts.ifname, made_clsact)
             raise
+
+    def _switch_xdp_mode(self, facts: netdev.DeviceFacts, mode: str, tc_ours: bool,
+                         own_clsact: bool) -> bool:
+        """native <-> generic, bridged by TC so the device always has a fast path."""
+        made = False if tc_ours else self._tc_install(facts)
+        self._xdp_remove_after_tc(facts, tc_ours, made)
         fresh = netdev.read_facts(self._ipr, ifindex=facts.ifindex)
         try:
             self._xdp_install(fresh, mode)

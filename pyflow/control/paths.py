@@ -581,6 +581,14 @@ def _refusal(err: int, where: str, iif: int | None) -> str:
     return f"route lookup for {where} failed: {os.strerror(err)}"
 
 
+def _verdict_or_transient(exc: OSError, where: str, iif: int | None) -> str:
+    """A failed route lookup: the routing verdict as a refusal line, or _Transient
+    when the errno is not a verdict (so the caller does not cache it)."""
+    if exc.errno in _VERDICTS:
+        return _refusal(exc.errno or 0, where, iif)
+    raise _Transient(_refusal(exc.errno or 0, where, iif)) from None
+
+
 # ---------------------------------------------------------------------------
 # Watching changes
 
@@ -895,9 +903,7 @@ class RtPaths:
         except DeviceError as exc:
             raise _Transient(str(exc)) from None
         except OSError as exc:
-            if exc.errno in _VERDICTS:
-                return _refusal(exc.errno or 0, dst, iif)
-            raise _Transient(_refusal(exc.errno or 0, dst, iif)) from None
+            return _verdict_or_transient(exc, dst, iif)
 
     def _einval_reason(self, family: int, src: str, dst: str, pdst: bytes, iif: int, mark: int) -> str:
         """EINVAL from an input lookup is a blackhole route or a refused source (martian,
@@ -1016,9 +1022,7 @@ class RtPaths:
         except TimeoutError as exc:
             raise _Transient(str(exc)) from None
         except OSError as exc:
-            if exc.errno in _VERDICTS:
-                return _refusal(exc.errno or 0, addr, None)
-            raise _Transient(_refusal(exc.errno or 0, addr, None)) from None
+            return _verdict_or_transient(exc, addr, None)
         if route.type == RTN_LOCAL:
             return f"{addr} is local to this host"
         if route.type != RTN_UNICAST or not route.oif:

@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KVER := $(shell uname -r)
 APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute2 nftables conntrack \
-	ethtool socat iperf3 tcpdump iputils-ping gcc make
+	ethtool socat iperf3 tcpdump iputils-ping gcc make systemd curl
 PYTEST_ARGS ?=
 
 .PHONY: setup apt headers bpffs venv native test lint bench clean

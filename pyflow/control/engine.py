@@ -46,6 +46,7 @@ from .model import (
     CtEvent,
     Egress,
     EventType,
+    HwRefused,
     NoPath,
     NotYet,
     PathResolver,
@@ -90,6 +91,29 @@ class FlowMap(Protocol):
     def read_counters(self) -> Any: ...
 
 
+class HwStats(Protocol):
+    packets: int
+    idle_ns: int  # since the rule last matched
+
+
+class HwPlacer(Protocol):
+    """Flower rules on NICs that run them (pyflow.hw.offload.FlowerOffload)."""
+
+    def capable(self, ifindex: int) -> bool:
+        """The device is a hardware device: flows arriving there are offered to place()."""
+        ...
+
+    def place(self, keys: tuple[FlowKey, FlowKey], actions: tuple[FlowAction, FlowAction]) -> tuple:
+        """Both directions as rules, or neither: the rules' ids, or HwRefused."""
+        ...
+
+    def remove(self, ids: tuple) -> None: ...
+
+    def stats(self) -> dict[Any, HwStats]:
+        """Counters of the placed rules by id (one dump); a rule that is gone is absent."""
+        ...
+
+
 @dataclass(eq=False)
 class Offloaded:
     """A connection on the fast path. Its two entries (original direction, reply direction)
@@ -106,6 +130,8 @@ class Offloaded:
     slot: int = field(default=-1, repr=False)  # in the engine's keep-alive slots
     _source: Conn | None = field(default=None, repr=False)  # the conn the entries were built from
     _entries: tuple[_Keys, _Actions] | None = field(default=None, repr=False)  # when built already
+    hw: bool = False  # both directions are flower rules (hardware, or software flower in a lab)
+    hw_rules: tuple = field(default=(), repr=False)  # the adapter's ids of those rules
 
     @property
     def keys(self) -> _Keys:
@@ -136,6 +162,9 @@ class EngineStats:
     refreshes: int = 0
     install_errors: int = 0
     rewritten: int = 0  # offloaded connections whose path changed and was written in place
+    hw_offloaded: int = 0  # connections placed as flower rules (also counted in offloaded)
+    hw_failures: int = 0  # placements the hardware refused: those flows went to the XDP path
+    hw_refused: dict[str, int] = field(default_factory=dict)  # hw_failures by reason
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -196,8 +225,11 @@ class _Slots:
 
 class Engine:
     def __init__(self, conntrack: Conntrack, paths: PathResolver, flows: FlowMap, devices: Devices,
-                 config: EngineConfig | None = None, *, clock: Callable[[], int] = datapath_clock_ns):
+                 config: EngineConfig | None = None, *, clock: Callable[[], int] = datapath_clock_ns,
+                 hw: HwPlacer | None = None):
         self.ct = conntrack
+        self.hw = hw  # None: every flow goes to the XDP map
+        self.hw_flows: dict[tuple, Offloaded] = {}  # the offloaded connections that are flower rules
         self.paths = paths
         self.flows = flows
         self.devices = devices
@@ -319,6 +351,8 @@ class Engine:
         path = self._planned(conn, ident)
         if path is None:
             return False
+        if self.hw is not None and self._place_hw(ident, conn, path):
+            return True
         keys, actions = _build(conn, path)
         if not self._install(keys, actions):
             return False
@@ -353,6 +387,83 @@ class Engine:
             return False
         self.stats.offloaded += 1
         return True
+
+    # ---- hardware placement -----------------------------------------------------------
+
+    def _place_hw(self, ident: tuple, conn: Conn, path: _Path) -> bool:
+        """Place conn as flower rules when both ingress devices are hardware devices. A
+        refusal is counted and returns False: the caller puts the flow on the XDP path."""
+        hw = self.hw
+        assert hw is not None
+        if not (hw.capable(path[0].ifindex) and hw.capable(path[1].ifindex)):
+            return False
+        keys, actions = _build(conn, path)
+        try:
+            ids = hw.place(keys, actions)
+        except HwRefused as exc:
+            self.stats.hw_failures += 1
+            self.stats.count(self.stats.hw_refused, exc.reason)
+            log.debug("hardware refused %s, XDP path instead: %s", conn.orig, exc)
+            return False
+        now = self.clock()
+        off = Offloaded(conn, path, now, last_seen_ns=now, key_bytes=(key_bytes(keys[0]), key_bytes(keys[1])),
+                        _source=conn, _entries=(keys, actions), hw=True, hw_rules=ids)
+        self.offloaded[ident] = off
+        self.hw_flows[ident] = off
+        if not self.ct.mark_offloaded(conn, True):
+            self._remove(ident, "destroyed", tell_conntrack=False)
+            return True  # handled: nothing to fall back for a connection that is gone
+        self.stats.offloaded += 1
+        self.stats.hw_offloaded += 1
+        return True
+
+    def _replace_hw(self, ident: tuple, off: Offloaded, path: _Path) -> None:
+        """A hardware flow's path changed: new rules, or the XDP path if they are refused."""
+        assert self.hw is not None
+        self.hw.remove(off.hw_rules)
+        off.hw_rules = ()
+        keys, actions = _build(off.conn, path)
+        kb = (key_bytes(keys[0]), key_bytes(keys[1]))
+        ids = None
+        if self.hw.capable(path[0].ifindex) and self.hw.capable(path[1].ifindex):
+            try:
+                ids = self.hw.place(keys, actions)
+            except HwRefused as exc:
+                self.stats.hw_failures += 1
+                self.stats.count(self.stats.hw_refused, exc.reason)
+        if ids is not None:
+            off.hw_rules = ids
+        elif self._install(keys, actions):
+            off.hw = False
+            del self.hw_flows[ident]
+            off._written(off.conn, path, kb, (keys, actions))
+            off.packets = 0
+            off.slot = self._slots.take(ident, off)
+            self.stats.rewritten += 1
+            return
+        else:
+            self._remove(ident, "path_lost", tell_conntrack=True)
+            return
+        off._written(off.conn, path, kb, (keys, actions))
+        off.packets = 0
+        self.stats.rewritten += 1
+
+    def _scan_hw(self, now: int, idle_ns: int) -> _Verdicts:
+        """Keep-alive verdicts of the hardware flows, from one read of the rules' counters."""
+        assert self.hw is not None
+        stats = self.hw.stats()
+        out: _Verdicts = []
+        for ident, off in self.hw_flows.items():
+            so, sr = stats.get(off.hw_rules[0]), stats.get(off.hw_rules[1])
+            if so is None or sr is None:
+                out.append((ident, off, lib.PYFLOW_KA_MISSING))
+            elif (packets := so.packets + sr.packets) != off.packets:
+                off.packets = packets
+                off.last_seen_ns = max(off.last_seen_ns, now - min(so.idle_ns, sr.idle_ns))
+                out.append((ident, off, lib.PYFLOW_KA_MOVED))
+            elif now - off.last_seen_ns > idle_ns:
+                out.append((ident, off, lib.PYFLOW_KA_IDLE))
+        return out
 
     def _install(self, keys: tuple[FlowKey, FlowKey], actions: tuple[FlowAction, FlowAction],
                  mode: str = "any") -> bool:
@@ -406,6 +517,8 @@ class Engine:
         if not batch:
             return
         self._queue, self._queued = [], set()
+        if self.hw is not None:
+            batch = [item for item in batch if not self._place_hw(*item)]
         if len(batch) > 1:
             built: list[tuple[_Keys, _Actions]] | None = None
             if self._raw:
@@ -504,8 +617,13 @@ class Engine:
         off = self.offloaded.pop(ident, None)
         if off is None:
             return
-        self._slots.drop(off.slot)
-        self.flows.delete(list(off.key_bytes), missing_ok=True)
+        if off.hw:
+            del self.hw_flows[ident]
+            if off.hw_rules and self.hw is not None:
+                self.hw.remove(off.hw_rules)
+        else:
+            self._slots.drop(off.slot)
+            self.flows.delete(list(off.key_bytes), missing_ok=True)
         if tell_conntrack:
             self.ct.mark_offloaded(off.conn, False)
         self.stats.count(self.stats.removed, cause)
@@ -531,6 +649,8 @@ class Engine:
         verdicts = self._scan_native(counters, now, idle_ns) if isinstance(counters, Counters) else None
         if verdicts is None:
             verdicts = self._scan(counters.as_dict(), now, idle_ns)
+        if self.hw_flows:
+            verdicts += self._scan_hw(now, idle_ns)
         for ident, off, what in verdicts:
             if what == lib.PYFLOW_KA_MISSING:
                 # an entry vanished from under us (flushed by hand): do not leave half a flow
@@ -550,6 +670,8 @@ class Engine:
         """The keep-alive verdicts from a {key bytes: (packets, bytes, last_seen, closing)} dict."""
         out: _Verdicts = []
         for ident, off in self.offloaded.items():
+            if off.hw:
+                continue  # their counters are the rules' (_scan_hw)
             ko, kr = off.key_bytes
             co, cr = counters.get(ko), counters.get(kr)
             if co is None or cr is None:
@@ -622,6 +744,9 @@ class Engine:
                 # the entries' constructor arguments, old and new: equal arguments, equal entries
                 if fields == _fields(off._source or conn, off.path):
                     off.path = path
+                    continue
+                if off.hw:
+                    self._replace_hw(ident, off, path)
                     continue
                 changed.append((ident, off, fields, path))
                 if len(changed) >= BATCH:

@@ -139,3 +139,13 @@ class PathResolver(Protocol):
 
 PathListener = Callable[[str, int], None]
 """Called by a path watcher with a change kind ('route', 'neigh', 'link') and an ifindex (0 = any)."""
+
+
+class HwRefused(Exception):
+    """The hardware adapter would not place a flow (a full table, a match or action the NIC
+    cannot do, no flower in the kernel); ``reason`` is a short label for counting. The engine
+    carries that flow on the XDP path instead."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason

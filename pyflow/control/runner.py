@@ -8,20 +8,56 @@ operators' failover cases need), and the keep-alive tick runs every
 
 from __future__ import annotations
 
+import bisect
 import logging
+import os
+import queue
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from ..abi import MAP_FLOWS
 from ..flowtable import FlowTable
 from ..loader import Datapath
 from .conntrack import CtNetlink
 from .engine import Engine, EngineConfig, ManagedDevice
+from .model import EventType
 from .paths import PathWatcher, RtPaths
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Buckets of the event-to-offload latency histogram, in seconds: one loop turn is
+# sub-millisecond when idle, a batch of BATCH connections a few milliseconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class LatencyHistogram:
+    """Cumulative-bucket histogram written by the loop thread, read by anyone (a copy)."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float, times: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += times
+        self.sum += seconds * times
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
+        """([(upper bound, cumulative count)], sum, count); the last bound is +Inf."""
+        out, total = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out, self.sum, total
+
+
+class LoopStopped(Exception):
+    """A call into the control loop could not run: the loop is not running."""
 
 
 @dataclass(frozen=True)
@@ -64,12 +100,15 @@ class LoaderDevices:
         self.dp = datapath
         self.paths = paths
         self._by_index: dict[int, ManagedDevice] = {}
+        # devices on their way out (being removed): no connection may resolve through them,
+        # so that their flows go back to the kernel path before the hook goes away
+        self.leaving: set[int] = set()
         self.refresh()
 
     def refresh(self) -> None:
         devices = {}
         for st in self.dp.status():
-            if st.slot is None:
+            if st.slot is None or st.ifindex in self.leaving:
                 continue
             try:
                 mac = self.paths.mac_of(st.ifindex)
@@ -96,6 +135,14 @@ class ControlPlane:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._hand_back = True
+        # calls from other threads (control socket, metrics) run inside the loop, which
+        # owns the engine; a pipe wakes the loop's select() when one is queued
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], dict[str, Any], threading.Event]] = \
+            queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.ct_events = {t.value: 0 for t in EventType}
+        self.latency = LatencyHistogram()
+        self.last_turn = time.monotonic()  # when the loop last went round (a watchdog reads it)
 
     def _setup(self) -> None:
         ensure_conntrack_events()
@@ -119,27 +166,98 @@ class ControlPlane:
             self._ready.set()
         try:
             self._loop()
+        except BaseException as exc:
+            self._error = exc
+            raise
         finally:
             self._close()
 
     def _loop(self) -> None:
-        period = self.config.keepalive_period_s
-        next_tick = time.monotonic() + period
-        sources = [self.ct.fileno(), self.watcher.fileno()]
+        next_tick = time.monotonic() + self.config.keepalive_period_s
+        sources = [self.ct.fileno(), self.watcher.fileno(), self._wake_r]
         while not self._stop.is_set():
-            wait = max(0.0, min(next_tick - time.monotonic(), 0.2))
+            self.last_turn = now = time.monotonic()
+            wait = max(0.0, min(next_tick - now, 0.2))
             ready, _, _ = select.select(sources, [], [], wait)
             if self.ct.fileno() in ready:
-                self.engine.handle(self.ct.poll(0))
+                self._conntrack_events()
             if self.watcher.fileno() in ready:
                 self._paths_changed()
+            if self._wake_r in ready:
+                self._run_calls()
             if time.monotonic() >= next_tick:
                 self.engine.tick()
+                period = self.config.keepalive_period_s  # read each time: a reload may change it
                 next_tick += period
                 if next_tick < time.monotonic():  # fell behind: do not burst to catch up
                     next_tick = time.monotonic() + period
         if self._hand_back:
             self.engine.flush()
+        self._run_calls()  # answer what came in meanwhile (LoopStopped from now on)
+
+    def _conntrack_events(self) -> None:
+        """One poll's events into the engine; the time from reading them to their entries
+        being written is each newly offloaded connection's offload latency."""
+        received = time.monotonic()
+        events = self.ct.poll(0)
+        counts = self.ct_events
+        for ev in events:
+            if ev is not None:
+                counts[ev.type.value] += 1
+        before = self.engine.stats.offloaded
+        self.engine.handle(events)
+        new = self.engine.stats.offloaded - before
+        if new > 0:
+            self.latency.observe(time.monotonic() - received, new)
+
+    def _run_calls(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                fn, result, done = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
+                result["error"] = exc
+            done.set()
+
+    def call(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
+        """Run fn inside the loop thread (where the engine lives) and return its result or
+        raise its exception. Raises LoopStopped when the loop is not running, TimeoutError
+        when it did not get to fn within ``timeout`` seconds."""
+        if self._thread is None or not self._thread.is_alive() or self._stop.is_set():
+            raise LoopStopped("the control loop is not running")
+        result: dict[str, Any] = {}
+        done = threading.Event()
+        self._calls.put((fn, result, done))
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+        while not done.wait(0.1):
+            timeout -= 0.1
+            if not self._thread.is_alive():
+                raise LoopStopped("the control loop stopped")
+            if timeout <= 0:
+                raise TimeoutError("the control loop did not answer in time")
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the loop thread, if it ended by an exception."""
+        return self._error
 
     def _paths_changed(self) -> None:
         changes = self.watcher.poll(0)
@@ -164,6 +282,8 @@ class ControlPlane:
             self._thread.join(timeout=10)
 
     def _close(self) -> None:
+        self._stop.set()  # calls queued from now on are refused, not left waiting
+        self._run_calls()
         for name in ("ct", "watcher", "paths", "flows"):
             part = getattr(self, name, None)
             close = getattr(part, "close", None)

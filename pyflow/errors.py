@@ -15,3 +15,12 @@ class DeviceError(PyflowError):
 
 class MapError(PyflowError):
     """A flow-map operation failed in the kernel."""
+
+
+class RequestError(PyflowError):
+    """A control request refused; ``code`` is the stable machine-readable part of the answer
+    (bad_request, no_such_device, already_managed ...), the message the operator's line."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code

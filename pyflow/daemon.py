@@ -1,29 +1,323 @@
-"""pyflowd entry point.
+"""pyflowd: the flow-offload daemon.
 
-The long-running daemon (control socket, conntrack feed, metrics) is not in this
-release yet; until it is, ``pyflowd`` and ``pyflowctl`` say so plainly instead of
-pretending to run.
+``pyflowd [--config FILE] [--socket PATH] [--metrics-address HOST:PORT] [--state-dir DIR]
+[--bpffs-dir DIR] [--log-level LEVEL]`` runs in the foreground, logs to stderr and manages
+the devices of the network namespace it runs in. ``pyflowd check-config [FILE]``
+validates a config file and exits (0 valid, 2 invalid).
+
+Lifecycle:
+
+- start: the config is read and validated first (exit 2 on any error, before any device
+  is touched); then the datapath is loaded, adopting pinned maps and programs a previous
+  process left (after a crash the fast path kept forwarding meanwhile); the wanted
+  devices are attached (an already running one is swapped atomically); the control loop
+  starts with a full conntrack dump that re-offloads live connections and removes stale
+  entries; then the control socket and /metrics open and systemd hears READY=1.
+- SIGHUP: the file is re-read; if it is invalid the daemon keeps its running config and
+  logs why; if valid, offload settings and the device list are applied (manager.py).
+- SIGTERM / SIGINT: socket and metrics close; with ``on_stop = "hand-back"`` (default)
+  every connection goes back to the kernel path, then the hooks are removed and the pins
+  deleted: packets of live connections take the kernel path from the moment their entry
+  is gone, none is dropped. With ``on_stop = "keep"`` the datapath keeps forwarding
+  and the next start adopts it, as after a crash.
+- systemd: ``Type=notify`` readiness, RELOADING/STOPPING, STATUS lines, and the watchdog
+  (``WATCHDOG_USEC``): WATCHDOG=1 is sent only while the control loop keeps turning, so
+  a stuck loop gets the daemon restarted. All of it is a no-op without ``$NOTIFY_SOCKET``.
+
+Exit status: 0 after a clean stop, 1 on an operational failure, 2 on a config or usage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
+import socket
 import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import __version__
+from .config import DEFAULT_CONFIG, LOG_LEVELS, Config, ConfigError, load
+from .errors import PyflowError, RequestError
+
+log = logging.getLogger("pyflowd")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
-def not_yet_available(prog: str, what: str, argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=what)
-    parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
-    parser.parse_args(argv)
-    print(f"{prog}: the pyflowd daemon is not available in this release; "
-          "the datapath can be driven from Python through pyflow.loader", file=sys.stderr)
-    return 1
+# ---- systemd notification ----------------------------------------------------------------
+
+class Notifier:
+    """sd_notify(3) over $NOTIFY_SOCKET, written out (no libsystemd): one datagram per
+    message; an address starting with '@' is in the abstract namespace."""
+
+    def __init__(self, env: dict[str, str] | None = None):
+        env = dict(os.environ) if env is None else env
+        addr = env.get("NOTIFY_SOCKET", "")
+        self.address: str | None = None
+        if addr.startswith("@"):
+            self.address = "\0" + addr[1:]
+        elif addr.startswith("/"):
+            self.address = addr
+        self.watchdog_s: float | None = None
+        usec, pid = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            self.watchdog_s = int(usec) / 1e6
+
+    def notify(self, *lines: str) -> None:
+        if self.address is None:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.sendto("\n".join(lines).encode(), self.address)
+        except OSError as exc:
+            log.debug("sd_notify: %s", exc)
+
+
+def _monotonic_usec() -> str:
+    return f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+
+
+# ---- the command line -------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyflowd", description="pyflow flow-offload daemon (runs in the "
+                                "foreground, manages the devices of its network namespace)")
+    p.add_argument("--version", action="version", version=f"pyflowd {__version__}")
+    p.add_argument("--config", metavar="FILE", help=f"config file (default {DEFAULT_CONFIG}; "
+                   "the default may be absent, then built-in defaults apply)")
+    p.add_argument("--socket", metavar="PATH", help="control socket (overrides daemon.socket)")
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="Prometheus endpoint, \"\" for none (overrides daemon.metrics_address)")
+    p.add_argument("--state-dir", metavar="DIR", help="persistent state (overrides daemon.state_dir)")
+    p.add_argument("--bpffs-dir", metavar="DIR", help="BPF pin directory (overrides daemon.bpffs_dir)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="overrides daemon.log_level")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    chk = sub.add_parser("check-config", help="validate a config file and exit")
+    chk.add_argument("file", nargs="?", metavar="FILE", help=f"default: --config or {DEFAULT_CONFIG}")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    cfg = load(args.config)
+    return cfg.with_overrides(socket=args.socket, metrics_address=args.metrics_address,
+                              state_dir=args.state_dir, bpffs_dir=args.bpffs_dir,
+                              log_level=args.log_level)
+
+
+def _log_level(name: str) -> int:
+    return int(getattr(logging, name.upper()))
+
+
+def _set_log_level(name: str) -> None:
+    """pyflow's loggers at ``name``; libraries no chattier than info (pyroute2's debug
+    output is every netlink message)."""
+    level = _log_level(name)
+    logging.getLogger().setLevel(level)
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+
+
+# ---- the running daemon ------------------------------------------------------------------
+
+@dataclass
+class _Signals:
+    wake: threading.Event = field(default_factory=threading.Event)
+    stop: str | None = None
+    reload: bool = False
+
+    def install(self) -> None:
+        def on_stop(signum: int, _frame: Any) -> None:
+            self.stop = signal.Signals(signum).name
+            self.wake.set()
+
+        def on_hup(_signum: int, _frame: Any) -> None:
+            self.reload = True
+            self.wake.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+
+class Daemon:
+    def __init__(self, config: Config, config_arg: str | None, overrides: dict[str, str | None],
+                 notifier: Notifier):
+        self.config = config
+        self.config_arg = config_arg
+        self.overrides = overrides
+        self.notifier = notifier
+        self.signals = _Signals()
+        self.manager: Any = None
+        self.server: Any = None
+        self.metrics: Any = None
+
+    def start(self) -> None:
+        from .api import ControlServer
+        from .loader import Datapath
+        from .manager import Manager
+        from .metrics import MetricsServer, registry_for
+
+        d = self.config.daemon
+        os.makedirs(d.state_dir, mode=0o755, exist_ok=True)
+        # the socket is claimed first: a second pyflowd must fail before touching the datapath
+        self.server = ControlServer(d.socket, self._request, group=d.socket_group)
+        self.server.bind()
+        dp = Datapath(pin_dir=d.bpffs_dir, state_file=os.path.join(d.state_dir, "datapath.json"),
+                      **self._datapath_options())
+        self.manager = Manager(self.config, dp)
+        self.manager.apply_devices(live=False)
+        self.manager.cp.start()
+        self.server.start()
+        if d.metrics_address:
+            cp = self.manager.cp
+            self.metrics = MetricsServer(
+                d.metrics_address, registry_for(lambda: cp.call(lambda: (self.manager.stats(),
+                                                                         cp.latency.snapshot()), 10.0)))
+        log.info("pyflowd %s ready: %d device(s), socket %s, metrics %s", __version__,
+                 len(self.manager._attached()), d.socket, d.metrics_address or "off")
+
+    def _datapath_options(self) -> dict[str, Any]:
+        import inspect
+
+        from .loader import Datapath
+
+        if "hw_skip_hw" in inspect.signature(Datapath).parameters:
+            return {"hw_skip_hw": self.config.offload.hw_skip_hw}
+        if self.config.offload.hw_skip_hw:
+            log.warning("offload.hw_skip_hw: this datapath has no hardware offload; ignored")
+        return {}
+
+    def _request(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        handler = self.manager.handlers().get(command)
+        if handler is None:
+            raise RequestError("unknown_command", f"unknown command {command!r}")
+        from .control.runner import LoopStopped
+
+        try:
+            return self.manager.cp.call(lambda: handler(args))
+        except LoopStopped:
+            raise RequestError("stopping", "pyflowd is stopping") from None
+        except TimeoutError:
+            raise RequestError("busy", "pyflowd's control loop did not answer in time") from None
+        except RequestError:
+            raise
+        except PyflowError as exc:
+            raise RequestError("failed", str(exc)) from None
+
+    def _status_line(self) -> str:
+        m = self.manager
+        return f"STATUS={len(m.cp.engine.offloaded)} flows offloaded on {len(m.requested)} device(s)"
+
+    def reload(self) -> None:
+        self.notifier.notify("RELOADING=1", _monotonic_usec())
+        try:
+            new = load(self.config_arg).with_overrides(**self.overrides)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+        else:
+            _set_log_level(new.daemon.log_level)
+            try:
+                self.manager.cp.call(lambda: self.manager.reload(new))
+                self.config = self.manager.config
+                log.info("reloaded %s", new.path or "built-in defaults")
+            except PyflowError as exc:
+                log.error("reload failed: %s", exc)
+        self.notifier.notify("READY=1", "STATUS=reloaded")
+
+    def run(self) -> int:
+        """Serve until a stop signal or a failure of the control loop."""
+        self.signals.install()
+        self.notifier.notify("READY=1", f"MAINPID={os.getpid()}", "STATUS=running")
+        wd = self.notifier.watchdog_s
+        ping_every = wd / 2 if wd else None
+        next_ping = 0.0
+        next_status = 0.0
+        cp = self.manager.cp
+        while True:
+            self.signals.wake.wait(0.5 if ping_every is None else min(0.5, ping_every))
+            self.signals.wake.clear()
+            if self.signals.stop is not None:
+                log.info("%s: stopping", self.signals.stop)
+                return EXIT_OK
+            if not cp.running:
+                log.error("control loop ended: %s", cp.error or "no reason given")
+                return EXIT_FAILURE
+            if self.signals.reload:
+                self.signals.reload = False
+                self.reload()
+            now = time.monotonic()
+            if ping_every is not None and now >= next_ping:
+                # only a turning loop keeps the watchdog fed: a stuck one gets us restarted
+                if now - cp.last_turn < (wd or 0):
+                    self.notifier.notify("WATCHDOG=1")
+                    next_ping = now + ping_every
+            if self.notifier.address and now >= next_status:
+                self.notifier.notify(self._status_line())
+                next_status = now + 10
+
+    def shutdown(self) -> None:
+        self.notifier.notify("STOPPING=1")
+        if self.metrics is not None:
+            self.metrics.stop()
+        if self.server is not None:
+            self.server.stop()
+        m = self.manager
+        if m is None:
+            return
+        hand_back = self.config.daemon.on_stop == "hand-back"
+        if m.cp.running:
+            m.cp.stop(hand_back=hand_back)
+        if hand_back:
+            m.detach_all()
+            log.info("every flow handed back to the kernel path; devices detached")
+        else:
+            m.dp.close()
+            log.info("datapath left running (on_stop = keep): the next start adopts it")
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    target = args.file or args.config
+    try:
+        cfg = load_config(argparse.Namespace(**{**vars(args), "config": target}))
+    except ConfigError as exc:
+        print(f"pyflowd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    where = cfg.path or f"built-in defaults ({DEFAULT_CONFIG} absent)"
+    print(f"{where}: valid ({len(cfg.devices)} device(s))")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    return not_yet_available("pyflowd", "pyflow flow-offload daemon", argv)
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args)
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        print(f"pyflowd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    _set_log_level(config.daemon.log_level)
+    overrides = {"socket": args.socket, "metrics_address": args.metrics_address,
+                 "state_dir": args.state_dir, "bpffs_dir": args.bpffs_dir, "log_level": args.log_level}
+    notifier = Notifier()
+    daemon = Daemon(config, args.config, overrides, notifier)
+    try:
+        daemon.start()
+    except (PyflowError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        notifier.notify(f"STATUS=failed: {exc}")
+        daemon.shutdown()
+        return EXIT_FAILURE
+    try:
+        return daemon.run()
+    finally:
+        daemon.shutdown()
 
 
 if __name__ == "__main__":

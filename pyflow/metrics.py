@@ -1,0 +1,160 @@
+"""Prometheus metrics: every value read from the datapath and the engine at scrape time.
+
+One custom collector turns a stats snapshot (:meth:`pyflow.manager.Manager.stats`, taken
+inside the control loop) into metric families: prefix ``pyflow_``, base units, ``_total``
+on counters, no per-flow labels. The registry is a parameter so tests and embedders can
+use their own. The list of metrics is in the README ("Running pyflowd").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .config import parse_address
+
+log = logging.getLogger(__name__)
+
+# (stats, latency histogram snapshot: ([(upper bound, cumulative count)], sum, count))
+Snapshot = tuple[dict[str, Any], tuple[list[tuple[float, int]], float, int]]
+
+
+class PyflowCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Snapshot]):
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("pyflow_up", "1 when the control loop answered this scrape, else 0")
+        try:
+            stats, (buckets, lat_sum, _lat_count) = self.snapshot()
+        except Exception as exc:  # noqa: BLE001 - a scrape must say "down", not fail
+            log.warning("metrics: no snapshot from the control loop: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        info = GaugeMetricFamily("pyflow_build_info", "pyflow version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+        flows = GaugeMetricFamily("pyflow_offloaded_flows",
+                                  "Connections on the fast path (each holds two flow-map entries)",
+                                  labels=["family", "placement"])
+        for family, by_place in sorted(stats["offloaded"].items()):
+            for place, n in sorted(by_place.items()):
+                flows.add_metric([family, place], n)
+        yield flows
+
+        fm = stats["flow_map"]
+        yield GaugeMetricFamily("pyflow_flow_map_entries", "Entries in the flow map", value=fm["entries"])
+        yield GaugeMetricFamily("pyflow_flow_map_capacity", "Size of the flow map in entries",
+                                value=fm["capacity"])
+        yield GaugeMetricFamily("pyflow_flow_map_pressure_ratio",
+                                "Flow map fill level, entries / capacity (0..1)", value=fm["pressure"])
+
+        fp = stats["fast_path"]
+        yield CounterMetricFamily("pyflow_fastpath_packets", "Packets forwarded by the fast path",
+                                  value=fp["packets"])
+        yield CounterMetricFamily("pyflow_fastpath_bytes", "Bytes forwarded by the fast path",
+                                  value=fp["bytes"])
+        sp_p = CounterMetricFamily("pyflow_slowpath_packets",
+                                   "Packets the fast path handed to the kernel, by reason", labels=["reason"])
+        sp_b = CounterMetricFamily("pyflow_slowpath_bytes",
+                                   "Bytes the fast path handed to the kernel, by reason", labels=["reason"])
+        for reason, c in sorted(stats["slow_path"].items()):
+            sp_p.add_metric([reason], c["packets"])
+            sp_b.add_metric([reason], c["bytes"])
+        yield sp_p
+        yield sp_b
+
+        ct = stats["conntrack"]
+        ev = CounterMetricFamily("pyflow_conntrack_events", "Conntrack events received, by type",
+                                 labels=["type"])
+        for kind, n in sorted(ct["events"].items()):
+            ev.add_metric([kind], n)
+        yield ev
+        yield CounterMetricFamily("pyflow_conntrack_event_overruns",
+                                  "Conntrack event socket overruns (ENOBUFS): events were lost",
+                                  value=ct["lost_events"])
+        yield CounterMetricFamily("pyflow_conntrack_discarded_events",
+                                  "Queued conntrack events dropped after an overrun (older than the resync)",
+                                  value=ct["discarded_events"])
+        yield CounterMetricFamily("pyflow_resyncs", "Full conntrack dumps reconciled with the fast path",
+                                  value=ct["resyncs"])
+        yield CounterMetricFamily("pyflow_conntrack_refreshes",
+                                  "Conntrack timeouts refreshed for connections the fast path carries",
+                                  value=ct["refreshes"])
+
+        eng = stats["engine"]
+        yield CounterMetricFamily("pyflow_offloads", "Connections put on the fast path",
+                                  value=eng["offloads"])
+        yield CounterMetricFamily("pyflow_hw_offloads", "Connections placed in hardware",
+                                  value=eng["hw_offloads"])
+        yield CounterMetricFamily("pyflow_hw_offload_failures",
+                                  "Hardware placements that failed (software fast path used)",
+                                  value=eng["hw_failures"])
+        removed = CounterMetricFamily("pyflow_offload_removals",
+                                      "Connections taken off the fast path, by cause", labels=["cause"])
+        for cause, n in sorted(eng["removed"].items()):
+            removed.add_metric([cause], n)
+        yield removed
+        refused = CounterMetricFamily("pyflow_offload_refusals",
+                                      "Conntrack reports of connections not offloaded, by reason",
+                                      labels=["reason"])
+        for reason, n in sorted(eng["refused"].items()):
+            refused.add_metric([reason], n)
+        yield refused
+        yield CounterMetricFamily("pyflow_install_errors", "Flow-map writes that failed",
+                                  value=eng["install_errors"])
+        yield GaugeMetricFamily("pyflow_pending_flows", "Connections waiting for a neighbour to resolve",
+                                value=eng["pending"])
+
+        hist = HistogramMetricFamily("pyflow_offload_latency_seconds",
+                                     "Time from reading a conntrack event to its flow entries being written")
+        hist.add_metric([], [(_le(b), n) for b, n in buckets], lat_sum)
+        yield hist
+
+        dev = GaugeMetricFamily("pyflow_managed_devices", "Devices running the datapath, by attach mode",
+                                labels=["mode"])
+        for mode, n in sorted(stats["devices"]["by_mode"].items()):
+            dev.add_metric([mode], n)
+        yield dev
+        yield GaugeMetricFamily("pyflow_failed_devices", "Wanted devices that could not be attached",
+                                value=stats["devices"]["failed"])
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def registry_for(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PyflowCollector(snapshot))
+    return registry
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint (prometheus-client's server) at HOST:PORT."""
+
+    def __init__(self, address: str, registry: CollectorRegistry):
+        from prometheus_client import start_http_server
+
+        host, port = parse_address(address)
+        self.server, self.thread = start_http_server(port, host, registry=registry)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)

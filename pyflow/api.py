@@ -141,7 +141,7 @@ class ControlServer:
         finally:
             os.umask(old)
         if self.gid is not None:
-            os.chown(self.path, 0, self.gid)
+            os.chown(self.path, -1, self.gid)  # the group only: needs no CAP_CHOWN if we are in it
             os.chmod(self.path, 0o660)
         sock.listen(64)
         self._sock = sock

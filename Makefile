@@ -10,9 +10,9 @@ APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute
 	ethtool socat iperf3 tcpdump iputils-ping gcc make systemd curl
 PYTEST_ARGS ?=
 
-.PHONY: setup apt headers bpffs venv native test lint bench clean
+.PHONY: setup apt headers bpffs venv native lab-setup test test-host lab lint bench clean
 
-setup: apt headers bpffs venv native
+setup: apt headers bpffs venv native lab-setup
 	@$(PY) -c 'import bcc, pyroute2, prometheus_client, pyflow._native' \
 		|| { echo "setup: the virtualenv cannot import bcc/pyroute2/prometheus_client/pyflow._native" >&2; exit 1; }
 	@echo "setup: done"
@@ -56,8 +56,39 @@ native:
 	@$(PY) -m pip install -q --no-build-isolation -e . \
 		|| { echo "setup: building pyflow (cffi extension from csrc/) failed" >&2; exit 1; }
 
-test:
+# The README's test command: the host suite, then the kernel lab.
+test: test-host lab
+
+test-host:
 	$(PY) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+
+# Kernel lab (tests/lab/): Debian's stock kernel under qemu for what this kernel lacks
+# (cls_flower, nf flowtable, 802.1Q, PPP). --no-install-recommends and tiny-initramfs keep the
+# image from pulling udev/systemd upgrades into the machine; the image is only ever booted by
+# qemu (no bootloader is touched: none is installed). bcc inside the lab needs the headers of
+# exactly the lab kernel, so those are installed by version.
+LAB_APT := qemu-system-x86 busybox-static linux-image-amd64 tiny-initramfs
+LAB_ARGS ?=
+lab-setup: venv
+	@missing=""; for p in $(LAB_APT); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "setup: installing$$missing (kernel lab)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q >/dev/null || { echo "setup: apt-get update failed" >&2; exit 1; }; \
+		apt-get install -y -q --no-install-recommends $$missing >/dev/null \
+			|| { echo "setup: apt-get install failed for:$$missing (kernel lab)" >&2; exit 1; }; \
+	fi; \
+	kver=$$(dpkg-query -W -f='$${Depends}' linux-image-amd64 | grep -o 'linux-image-[0-9][^ ,]*' | head -1); \
+	kver=$${kver#linux-image-}; [ -n "$$kver" ] || { echo "setup: cannot tell the lab kernel's version" >&2; exit 1; }; \
+	[ -f /boot/vmlinuz-$$kver ] || { echo "setup: /boot/vmlinuz-$$kver missing (kernel lab)" >&2; exit 1; }; \
+	if [ ! -e /lib/modules/$$kver/build/include ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends linux-headers-$$kver >/dev/null \
+			|| { echo "setup: cannot install linux-headers-$$kver (bcc in the kernel lab needs it)" >&2; exit 1; }; \
+	fi
+	@$(PY) -m pip install -q "virtme-ng>=1.30" || { echo "setup: pip install virtme-ng failed (kernel lab)" >&2; exit 1; }
+
+lab:
+	$(PY) tests/lab/run.py -- $(LAB_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check pyflow tests

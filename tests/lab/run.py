@@ -151,9 +151,9 @@ def run_lab(pytest_args: list[str], *, timeout: int, kernel: str | None, cpus: i
     check_tools()
     RESULTS_DIR.mkdir(exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="pyflow-lab-"))
-    selection = pytest_args or [GUEST_TESTS]
-    if not any(not a.startswith("-") for a in selection):
-        selection = [GUEST_TESTS, *selection]  # only options given: run them on the guest tests
+    selection = list(pytest_args)
+    if not any((REPO / a.split("::")[0]).exists() for a in selection if not a.startswith("-")):
+        selection.insert(0, GUEST_TESTS)  # no test path given: the options apply to the guest tests
     script = run_dir / "guest.sh"
     script.write_text(guest_script(run_dir, selection, max(60, timeout - GUEST_MARGIN_S)))
     cmd = [str(vng), "--run", str(image), "--disable-kvm", "--cpus", str(cpus), "--memory", memory,

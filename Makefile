@@ -56,8 +56,10 @@ native:
 	@$(PY) -m pip install -q --no-build-isolation -e . \
 		|| { echo "setup: building pyflow (cffi extension from csrc/) failed" >&2; exit 1; }
 
-# The README's test command: the host suite, then the kernel lab.
-test: test-host lab
+# The README's test command: the host suite, then the kernel lab (in this order, also under -j).
+test:
+	$(PY) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory lab
 
 test-host:
 	$(PY) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)

@@ -10,7 +10,7 @@ APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute
 	ethtool socat iperf3 tcpdump iputils-ping gcc make systemd curl
 PYTEST_ARGS ?=
 
-.PHONY: setup apt headers bpffs venv native lab-setup test test-host lab lint bench clean
+.PHONY: setup apt headers bpffs venv native lab-setup test test-host lab lint bench demo clean
 
 setup: apt headers bpffs venv native lab-setup
 	@$(PY) -c 'import bcc, pyroute2, prometheus_client, pyflow._native' \
@@ -98,6 +98,10 @@ lint:
 
 bench:
 	$(PY) tests/bench/run_all.py
+
+# pyflowd in a namespace router, real traffic, flows/stats/metrics printed; removes all it made
+demo:
+	$(PY) -m tests.demo.demo
 
 clean:
 	rm -rf build *.egg-info pyflow/_native*.so bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -13,32 +13,19 @@ import contextlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests import netns
+from tests.packaging.unitfile import REPO, capabilities, setpriv_argv
 
 pytestmark = pytest.mark.root
 
-REPO = Path(__file__).resolve().parents[2]
-UNIT = REPO / "packaging" / "systemd" / "pyflowd.service"
 STEPS = ["datapath-load-and-pin", "attach-tc", "attach-xdp-native", "adopt-pins", "detach-and-unpin",
          "conntrack-netlink", "so-rcvbufforce", "conntrack-events-sysctl", "rtnetlink-watch"]
 # conntrack (and so its per-namespace sysctls) exists once a ruleset uses it
 CT_RULES = ("table inet pft {\n chain forward {\n  type filter hook forward priority 0;\n"
             "  ct state new counter\n }\n}\n")
-
-
-def unit_capabilities() -> list[str]:
-    for line in UNIT.read_text().splitlines():
-        if line.startswith("CapabilityBoundingSet="):
-            return line.split("=", 1)[1].split()
-    raise AssertionError(f"{UNIT} sets no CapabilityBoundingSet=")
-
-
-def setpriv_caps(caps: list[str]) -> str:
-    return ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in caps)])
 
 
 def run_probe(caps: list[str], *extra: str) -> tuple[dict[str, str], subprocess.CompletedProcess[str]]:
@@ -55,7 +42,7 @@ def run_probe(caps: list[str], *extra: str) -> tuple[dict[str, str], subprocess.
         os.makedirs(state_dir)
         # nsenter, not "ip netns exec": the latter remounts /sys, which hides /sys/fs/bpf
         argv = ["nsenter", f"--net=/run/netns/{ns}",
-                "setpriv", "--inh-caps=-all", f"--bounding-set={setpriv_caps(caps)}", "--no-new-privs",
+                *setpriv_argv(caps),
                 sys.executable, "-m", "tests.packaging.privprobe", "--pin-dir", pin_dir,
                 "--state-dir", state_dir, "--tc-dev", "pft-c0", "--xdp-dev", "pft-c1", *extra]
         proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -80,17 +67,17 @@ def run_probe(caps: list[str], *extra: str) -> tuple[dict[str, str], subprocess.
 
 
 def test_unit_names_the_capabilities_found_needed():
-    assert sorted(unit_capabilities()) == ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "CAP_SYS_ADMIN"]
+    assert sorted(capabilities()) == ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "CAP_SYS_ADMIN"]
 
 
 def test_unit_capabilities_suffice():
-    results, proc = run_probe(unit_capabilities(), "--deny-write-execute")
+    results, proc = run_probe(capabilities(), "--deny-write-execute")
     assert results == dict.fromkeys(STEPS, "ok"), proc.stdout + proc.stderr
     assert proc.returncode == 0
 
 
 def test_without_sys_admin_a_restart_cannot_adopt_the_pins():
-    caps = [c for c in unit_capabilities() if c != "CAP_SYS_ADMIN"]
+    caps = [c for c in capabilities() if c != "CAP_SYS_ADMIN"]
     results, proc = run_probe(caps)
     out = proc.stdout + proc.stderr
     # a first start works; bcc reopens pinned maps by id (BPF_MAP_GET_FD_BY_ID): CAP_SYS_ADMIN only
@@ -102,13 +89,13 @@ def test_without_sys_admin_a_restart_cannot_adopt_the_pins():
 
 def test_without_perfmon_the_verifier_refuses_the_datapath():
     # CAP_SYS_ADMIN would stand in for CAP_PERFMON, so both go
-    caps = [c for c in unit_capabilities() if c not in ("CAP_SYS_ADMIN", "CAP_PERFMON")]
+    caps = [c for c in capabilities() if c not in ("CAP_SYS_ADMIN", "CAP_PERFMON")]
     results, proc = run_probe(caps)
     assert "prohibited" in results["datapath-load-and-pin"], proc.stdout + proc.stderr
 
 
 def test_without_net_admin_nothing_attaches_and_conntrack_is_closed():
-    caps = [c for c in unit_capabilities() if c != "CAP_NET_ADMIN"]
+    caps = [c for c in capabilities() if c != "CAP_NET_ADMIN"]
     results, proc = run_probe(caps)
     out = proc.stdout + proc.stderr
     assert results["datapath-load-and-pin"] == "ok", out  # CAP_SYS_ADMIN may load networking programs

@@ -16,25 +16,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-UNIT = REPO / "packaging" / "systemd" / "pyflowd.service"
+from tests.packaging.unitfile import REPO, UNIT, settings
+
 EXAMPLE = REPO / "packaging" / "pyflowd.toml"
 INSTALLED_PYFLOWD = "/usr/local/bin/pyflowd"
 # systemd-analyze security scores exposure from 0 (locked down) to 10; the unit scores
 # about 3.9 (it must load BPF, administer the network and keep root's uid)
 MAX_EXPOSURE = 5.0
-
-
-def settings(text: str) -> dict[str, list[str]]:
-    """Key -> values (a key may repeat) of a unit file, comments and sections dropped."""
-    out: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";", "[")):
-            continue
-        key, _, value = line.partition("=")
-        out.setdefault(key, []).append(value)
-    return out
 
 
 def local_copy(tmp_path: Path, text: str | None = None) -> Path:
@@ -72,7 +60,7 @@ def test_exposure_stays_low(tmp_path):
 
 
 def test_unit_runs_the_daemon_as_the_issue_asks():
-    s = settings(UNIT.read_text())
+    s = settings()
     assert s["Type"] == ["notify"]
     assert s["Restart"] == ["on-failure"]
     assert s["KillSignal"] == ["SIGTERM"] and s["TimeoutStopSec"]
@@ -87,7 +75,7 @@ def test_unit_runs_the_daemon_as_the_issue_asks():
 
 
 def test_unit_gives_the_example_config_its_paths():
-    s = settings(UNIT.read_text())
+    s = settings()
     daemon = tomllib.loads(EXAMPLE.read_text())["daemon"]
     assert str(Path(daemon["socket"]).parent) == "/run/" + s["RuntimeDirectory"][0]
     assert daemon["state_dir"] == "/var/lib/" + s["StateDirectory"][0]

@@ -21,7 +21,7 @@ from tests.packaging.unitfile import REPO, UNIT, settings
 EXAMPLE = REPO / "packaging" / "pyflowd.toml"
 INSTALLED_PYFLOWD = "/usr/local/bin/pyflowd"
 # systemd-analyze security scores exposure from 0 (locked down) to 10; the unit scores
-# about 3.9 (it must load BPF, administer the network and keep root's uid)
+# about 4.0 (it must load BPF, administer the network and keep root's uid)
 MAX_EXPOSURE = 5.0
 
 
@@ -69,6 +69,10 @@ def test_unit_runs_the_daemon_as_the_issue_asks():
     assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK AF_INET AF_INET6"]
     # bcc compiles against the headers under /lib/modules: ProtectKernelModules= would hide them
     assert "ProtectKernelModules" not in s
+    # ProtectKernelTunables= keeps /sys/fs/bpf read-only whatever ReadWritePaths= says: its
+    # read-only paths are spelled out instead (test_unit_systemd.py runs the unit)
+    assert "ProtectKernelTunables" not in s
+    assert {"/proc/sys", "/sys"} <= set(" ".join(s["ReadOnlyPaths"]).split())
     # systemd mounts bpffs itself and refuses a mount unit for /sys/fs/bpf
     assert s["RequiresMountsFor"] == ["/sys/fs/bpf"]
     assert not (REPO / "packaging" / "systemd" / "sys-fs-bpf.mount").exists()

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from tests import netns
 from tests.packaging.unitfile import REPO, capabilities, setpriv_argv
+from tests.pins import remove_pin_dir
 
 BIN = Path(sys.executable).parent
 ADDR = {"cl": ("198.18.10.2", "2001:2:10::2"), "lan": ("198.18.10.1", "2001:2:10::1"),
@@ -257,10 +258,7 @@ class Demo:
             if netns.exists(name):
                 netns.remove(name)
                 removed.append(name)
-        if os.path.isdir(self.pin_dir):  # pyflowd removes its pins on SIGTERM; not if it died
-            for entry in os.listdir(self.pin_dir):
-                os.unlink(os.path.join(self.pin_dir, entry))
-            os.rmdir(self.pin_dir)
+        if remove_pin_dir(self.pin_dir):  # pyflowd removes its pins on SIGTERM; not if it died
             removed.append(self.pin_dir)
         if self.tmp.exists():
             shutil.rmtree(self.tmp)

@@ -8,7 +8,6 @@ veth. That the unit's own set restarts fine is shown under systemd (test_unit_sy
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from tests import netns
 from tests.packaging.unitfile import capabilities, setpriv_argv
+from tests.pins import remove_pin_dir
 
 pytestmark = pytest.mark.root
 
@@ -38,10 +38,7 @@ def router(tmp_path):
         yield ns, pin_dir, config, tmp_path
     finally:
         netns.remove(ns)
-        if os.path.isdir(pin_dir):
-            for entry in os.listdir(pin_dir):
-                os.unlink(os.path.join(pin_dir, entry))
-            os.rmdir(pin_dir)
+        remove_pin_dir(pin_dir)
 
 
 def start(ns: str, pin_dir: str, config: Path, tmp: Path, caps: list[str]) -> subprocess.Popen:

@@ -18,6 +18,7 @@ import pytest
 
 from tests import netns
 from tests.packaging.unitfile import REPO, capabilities, setpriv_argv
+from tests.pins import remove_pin_dir
 
 pytestmark = pytest.mark.root
 
@@ -48,10 +49,7 @@ def run_probe(caps: list[str], *extra: str) -> tuple[dict[str, str], subprocess.
         proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
     finally:
         netns.remove(ns)  # the veths go with it, and the programs on them
-        if os.path.isdir(pin_dir):
-            for entry in os.listdir(pin_dir):
-                os.unlink(os.path.join(pin_dir, entry))
-            os.rmdir(pin_dir)
+        remove_pin_dir(pin_dir)
         with contextlib.suppress(FileNotFoundError):
             for entry in os.listdir(state_dir):
                 os.unlink(os.path.join(state_dir, entry))

@@ -25,6 +25,7 @@ from pyflow.abi import MAP_FLOWS
 from tests import netns
 from tests.packaging.sdns import SystemdNamespace
 from tests.packaging.unitfile import REPO, UNIT, capabilities
+from tests.pins import remove_pin_dir
 
 pytestmark = pytest.mark.root
 
@@ -68,10 +69,7 @@ def systemd(tmp_path):
             yield sd, ns, pin_dir
     finally:
         netns.remove(ns)
-        if os.path.isdir(pin_dir):
-            for entry in os.listdir(pin_dir):
-                os.unlink(os.path.join(pin_dir, entry))
-            os.rmdir(pin_dir)
+        remove_pin_dir(pin_dir)
 
 
 def daemon_log(sd: SystemdNamespace) -> str:

@@ -5,27 +5,8 @@ names the key (``daemon.socket_gruop: unknown key``), raised before the daemon
 touches any device, so a typo never half-applies. Command-line flags override the
 file's values after validation (:func:`Config.with_overrides`).
 
-The file::
-
-    [daemon]
-    socket = "/run/pyflow/pyflowd.sock"
-    socket_group = ""                  # "": root only, mode 0600; a group: 0660 + that group
-    metrics_address = "127.0.0.1:9469" # "": no metrics endpoint
-    state_dir = "/var/lib/pyflow"
-    bpffs_dir = "/sys/fs/bpf/pyflow"
-    log_level = "info"                 # debug|info|warning|error
-    on_stop = "hand-back"              # hand-back: flows back to the kernel, devices detached;
-                                       # keep: leave the datapath running for the next start
-    [offload]
-    idle_timeout = 30.0
-    conntrack_timeout = 120
-    keepalive_interval = 1.0
-    exclude_mark_mask = 0
-    offload_mark = 0
-    hw_skip_hw = false
-    [[device]]
-    name = "eth1"
-    mode = "auto"                      # auto|native|generic|tc|hw
+The keys, their types and defaults are the dataclasses below; README ("Running pyflowd")
+and packaging/pyflowd.toml show the file with every key.
 """
 
 from __future__ import annotations

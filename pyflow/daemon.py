@@ -164,9 +164,12 @@ class Daemon:
 
         d = self.config.daemon
         os.makedirs(d.state_dir, mode=0o755, exist_ok=True)
-        # the socket is claimed first: a second pyflowd must fail before touching the datapath
+        # the state dir and the socket are claimed first: a second pyflowd must fail before
+        # touching the datapath
+        self._lock_state_dir(d.state_dir)
         self.server = ControlServer(d.socket, self._request, group=d.socket_group)
         self.server.bind()
+        _warn_private_bpffs(d.bpffs_dir)
         dp = Datapath(pin_dir=d.bpffs_dir, state_file=os.path.join(d.state_dir, "datapath.json"),
                       **self._datapath_options())
         self.manager = Manager(self.config, dp)
@@ -180,6 +183,23 @@ class Daemon:
                                                                          cp.latency.snapshot()), 10.0)))
         log.info("pyflowd %s ready: %d device(s), socket %s, metrics %s", __version__,
                  len(self.manager._attached()), d.socket, d.metrics_address or "off")
+
+    def _lock_state_dir(self, state_dir: str) -> None:
+        """Hold an exclusive lock on STATE_DIR/pyflowd.pid while running (released by the
+        kernel when the process ends, however it ends)."""
+        import fcntl
+
+        path = os.path.join(state_dir, "pyflowd.pid")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise PyflowError(f"another pyflowd (pid {other}) runs with state dir {state_dir}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._pid_fd = fd
 
     def _datapath_options(self) -> dict[str, Any]:
         import inspect
@@ -278,6 +298,25 @@ class Daemon:
         else:
             m.dp.close()
             log.info("datapath left running (on_stop = keep): the next start adopts it")
+
+
+def _warn_private_bpffs(bpffs_dir: str) -> None:
+    """Say so when pins would die with the process: a mount namespace of our own (as `ip netns
+    exec` makes, with a fresh /sys) without bpffs at /sys/fs/bpf. The loader then mounts a
+    bpffs that only this process sees, and a restart finds nothing to adopt."""
+    from .loader import BPFFS_ROOT, bpffs_mounted
+
+    if not (bpffs_dir == BPFFS_ROOT or bpffs_dir.startswith(BPFFS_ROOT + "/")) or bpffs_mounted():
+        return
+    try:
+        private = os.stat("/proc/self/ns/mnt").st_ino != os.stat("/proc/1/ns/mnt").st_ino
+    except OSError:
+        return
+    if private:
+        log.warning("no bpffs at %s in this mount namespace (ip netns exec?): pins made now vanish "
+                    "with this process and a restart cannot adopt the datapath; enter the network "
+                    "namespace alone (nsenter --net=/run/netns/NAME, or NetworkNamespacePath= in "
+                    "the unit)", BPFFS_ROOT)
 
 
 def _check_config(args: argparse.Namespace) -> int:

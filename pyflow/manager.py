@@ -336,15 +336,15 @@ class Manager:
               now_ns: int) -> dict[str, Any]:
         conn = off.conn
         in_o, in_r, eg_o, eg_r, _out_o, _out_r = off.path
-        co = counters.get(off.key_bytes[0], (0, 0, 0, 0))
-        cr = counters.get(off.key_bytes[1], (0, 0, 0, 0))
-        last = max(off.last_seen_ns, co[2], cr[2])
+        # None: the direction has no flow-map entry (a hardware flow counts in its rules)
+        co, cr = counters.get(off.key_bytes[0]), counters.get(off.key_bytes[1])
+        last = max(off.last_seen_ns, co[2] if co else 0, cr[2] if cr else 0)
 
         def direction(t, ing, eg, c):
             return {"src": t.src, "dst": t.dst, "sport": t.sport, "dport": t.dport,
                     "in_device": names.get(ing.ifindex, str(ing.ifindex)),
                     "out_device": names.get(eg.ifindex, str(eg.ifindex)),
-                    "packets": c[0], "bytes": c[1]}
+                    "packets": c[0] if c else None, "bytes": c[1] if c else None}
 
         return {
             "family": FAMILY.get(conn.family, str(conn.family)),

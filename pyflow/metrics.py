@@ -30,6 +30,26 @@ log = logging.getLogger(__name__)
 Snapshot = tuple[dict[str, Any], tuple[list[tuple[float, int]], float, int]]
 
 
+# Plain counters: (name without _total, help, stats section, key in it)
+_COUNTERS = (
+    ("pyflow_fastpath_packets", "Packets forwarded by the fast path", "fast_path", "packets"),
+    ("pyflow_fastpath_bytes", "Bytes forwarded by the fast path", "fast_path", "bytes"),
+    ("pyflow_conntrack_event_overruns", "Conntrack event socket overruns (ENOBUFS): events were lost",
+     "conntrack", "lost_events"),
+    ("pyflow_conntrack_discarded_events",
+     "Queued conntrack events dropped after an overrun (older than the resync)",
+     "conntrack", "discarded_events"),
+    ("pyflow_resyncs", "Full conntrack dumps reconciled with the fast path", "conntrack", "resyncs"),
+    ("pyflow_conntrack_refreshes", "Conntrack timeouts refreshed for connections the fast path carries",
+     "conntrack", "refreshes"),
+    ("pyflow_offloads", "Connections put on the fast path", "engine", "offloads"),
+    ("pyflow_hw_offloads", "Connections placed in hardware", "engine", "hw_offloads"),
+    ("pyflow_hw_offload_failures", "Hardware placements that failed (software fast path used)", "engine",
+     "hw_failures"),
+    ("pyflow_install_errors", "Flow-map writes that failed", "engine", "install_errors"),
+)
+
+
 class PyflowCollector(Collector):
     def __init__(self, snapshot: Callable[[], Snapshot]):
         self.snapshot = snapshot
@@ -64,11 +84,8 @@ class PyflowCollector(Collector):
         yield GaugeMetricFamily("pyflow_flow_map_pressure_ratio",
                                 "Flow map fill level, entries / capacity (0..1)", value=fm["pressure"])
 
-        fp = stats["fast_path"]
-        yield CounterMetricFamily("pyflow_fastpath_packets", "Packets forwarded by the fast path",
-                                  value=fp["packets"])
-        yield CounterMetricFamily("pyflow_fastpath_bytes", "Bytes forwarded by the fast path",
-                                  value=fp["bytes"])
+        for name, text, section, key in _COUNTERS:
+            yield CounterMetricFamily(name, text, value=stats[section][key])
         sp_p = CounterMetricFamily("pyflow_slowpath_packets",
                                    "Packets the fast path handed to the kernel, by reason", labels=["reason"])
         sp_b = CounterMetricFamily("pyflow_slowpath_bytes",
@@ -80,44 +97,14 @@ class PyflowCollector(Collector):
         yield sp_b
 
         ct = stats["conntrack"]
-        ev = CounterMetricFamily("pyflow_conntrack_events", "Conntrack events received, by type",
-                                 labels=["type"])
-        for kind, n in sorted(ct["events"].items()):
-            ev.add_metric([kind], n)
-        yield ev
-        yield CounterMetricFamily("pyflow_conntrack_event_overruns",
-                                  "Conntrack event socket overruns (ENOBUFS): events were lost",
-                                  value=ct["lost_events"])
-        yield CounterMetricFamily("pyflow_conntrack_discarded_events",
-                                  "Queued conntrack events dropped after an overrun (older than the resync)",
-                                  value=ct["discarded_events"])
-        yield CounterMetricFamily("pyflow_resyncs", "Full conntrack dumps reconciled with the fast path",
-                                  value=ct["resyncs"])
-        yield CounterMetricFamily("pyflow_conntrack_refreshes",
-                                  "Conntrack timeouts refreshed for connections the fast path carries",
-                                  value=ct["refreshes"])
+        yield _by_label(CounterMetricFamily, "pyflow_conntrack_events", "Conntrack events received, by type",
+                        "type", ct["events"])
 
         eng = stats["engine"]
-        yield CounterMetricFamily("pyflow_offloads", "Connections put on the fast path",
-                                  value=eng["offloads"])
-        yield CounterMetricFamily("pyflow_hw_offloads", "Connections placed in hardware",
-                                  value=eng["hw_offloads"])
-        yield CounterMetricFamily("pyflow_hw_offload_failures",
-                                  "Hardware placements that failed (software fast path used)",
-                                  value=eng["hw_failures"])
-        removed = CounterMetricFamily("pyflow_offload_removals",
-                                      "Connections taken off the fast path, by cause", labels=["cause"])
-        for cause, n in sorted(eng["removed"].items()):
-            removed.add_metric([cause], n)
-        yield removed
-        refused = CounterMetricFamily("pyflow_offload_refusals",
-                                      "Conntrack reports of connections not offloaded, by reason",
-                                      labels=["reason"])
-        for reason, n in sorted(eng["refused"].items()):
-            refused.add_metric([reason], n)
-        yield refused
-        yield CounterMetricFamily("pyflow_install_errors", "Flow-map writes that failed",
-                                  value=eng["install_errors"])
+        yield _by_label(CounterMetricFamily, "pyflow_offload_removals",
+                        "Connections taken off the fast path, by cause", "cause", eng["removed"])
+        yield _by_label(CounterMetricFamily, "pyflow_offload_refusals",
+                        "Conntrack reports of connections not offloaded, by reason", "reason", eng["refused"])
         yield GaugeMetricFamily("pyflow_pending_flows", "Connections waiting for a neighbour to resolve",
                                 value=eng["pending"])
 
@@ -126,13 +113,18 @@ class PyflowCollector(Collector):
         hist.add_metric([], [(_le(b), n) for b, n in buckets], lat_sum)
         yield hist
 
-        dev = GaugeMetricFamily("pyflow_managed_devices", "Devices running the datapath, by attach mode",
-                                labels=["mode"])
-        for mode, n in sorted(stats["devices"]["by_mode"].items()):
-            dev.add_metric([mode], n)
-        yield dev
+        yield _by_label(GaugeMetricFamily, "pyflow_managed_devices",
+                        "Devices running the datapath, by attach mode", "mode", stats["devices"]["by_mode"])
         yield GaugeMetricFamily("pyflow_failed_devices", "Wanted devices that could not be attached",
                                 value=stats["devices"]["failed"])
+
+
+def _by_label(kind: Any, name: str, text: str, label: str, values: dict[str, int]) -> Metric:
+    """A family with one sample per key of ``values``, the key as the label's value."""
+    family = kind(name, text, labels=[label])
+    for key, n in sorted(values.items()):
+        family.add_metric([key], n)
+    return family
 
 
 def _le(bound: float) -> str:

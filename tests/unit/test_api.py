@@ -142,3 +142,21 @@ def test_ctl_usage_errors_exit_2(argv, tmp_path):
 def test_table_aligns_columns():
     out = ctl.table(["A", "BB", "C"], [["xxx", 1, None], ["y", 22222, "z"]]).splitlines()
     assert out == ["A    BB     C", "xxx  1      -", "y    22222  z"]
+
+
+def test_notifier_speaks_sd_notify(tmp_path):
+    from pyflow.daemon import Notifier
+
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(path)
+        listener.settimeout(2)
+        n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "3000000"})
+        assert n.watchdog_s == 3.0
+        n.notify("READY=1", "STATUS=running")
+        assert listener.recv(100) == b"READY=1\nSTATUS=running"
+    abstract = Notifier({"NOTIFY_SOCKET": "@pyflow-test", "WATCHDOG_USEC": "5", "WATCHDOG_PID": "1"})
+    assert abstract.address == "\0pyflow-test" and abstract.watchdog_s is None  # another pid's watchdog
+    silent = Notifier({})
+    assert silent.address is None and silent.watchdog_s is None
+    silent.notify("READY=1")  # no socket: nothing happens, nothing raises

@@ -131,6 +131,22 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
+def declared() -> dict[str, str]:
+    """Every metric family the collector exposes -> its type (counter, gauge, histogram), as
+    collected from an all-zero snapshot (dashboards and tests check themselves against it)."""
+    zero = {"packets": 0, "bytes": 0}
+    stats = {
+        "offloaded": {}, "flow_map": {"entries": 0, "capacity": 0, "pressure": 0.0}, "fast_path": zero,
+        "slow_path": {}, "conntrack": {"events": {}, "lost_events": 0, "discarded_events": 0, "resyncs": 0,
+                                       "refreshes": 0},
+        "engine": {"offloads": 0, "removed": {}, "refused": {}, "pending": 0, "install_errors": 0,
+                   "hw_offloads": 0, "hw_failures": 0},
+        "devices": {"by_mode": {}, "failed": 0},
+    }
+    collector = PyflowCollector(lambda: (stats, ([(float("inf"), 0)], 0.0, 0)))
+    return {m.name: m.type for m in collector.collect()}
+
+
 def registry_for(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PyflowCollector(snapshot))

@@ -1,0 +1,56 @@
+"""The Prometheus collector: names, suffixes, units, labels; a failing snapshot means pyflow_up 0."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+
+from pyflow.metrics import declared, registry_for
+
+STATS = {
+    "offloaded": {"ipv4": {"software": 3, "hardware": 1}, "ipv6": {"software": 0, "hardware": 0}},
+    "flow_map": {"entries": 6, "capacity": 1024, "pressure": 6 / 1024},
+    "fast_path": {"packets": 10, "bytes": 15000},
+    "slow_path": {"miss": {"packets": 4, "bytes": 400}},
+    "conntrack": {"events": {"new": 5, "update": 7, "destroy": 2}, "lost_events": 1, "discarded_events": 9,
+                  "resyncs": 2, "refreshes": 11},
+    "engine": {"offloads": 4, "removed": {"idle": 1}, "refused": {"tcp_not_established": 3}, "pending": 0,
+               "install_errors": 0, "hw_offloads": 1, "hw_failures": 0},
+    "devices": {"by_mode": {"tc": 2}, "failed": 0},
+}
+LATENCY = ([(0.001, 2), (0.01, 3), (float("inf"), 3)], 0.012, 3)
+
+
+def scrape(snapshot) -> dict[str, float]:
+    text = generate_latest(registry_for(snapshot)).decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_samples_carry_the_snapshot():
+    m = scrape(lambda: (STATS, LATENCY))
+    assert m["pyflow_up"] == 1
+    assert m['pyflow_offloaded_flows{family="ipv4",placement="hardware"}'] == 1
+    assert m["pyflow_fastpath_bytes_total"] == 15000
+    assert m['pyflow_slowpath_packets_total{reason="miss"}'] == 4
+    assert m['pyflow_conntrack_events_total{type="destroy"}'] == 2
+    assert m["pyflow_conntrack_event_overruns_total"] == 1 and m["pyflow_resyncs_total"] == 2
+    assert m['pyflow_offload_removals_total{cause="idle"}'] == 1
+    assert m['pyflow_offload_latency_seconds_bucket{le="0.001"}'] == 2
+    assert m['pyflow_offload_latency_seconds_bucket{le="+Inf"}'] == 3
+    assert m["pyflow_offload_latency_seconds_sum"] == 0.012
+    assert m["pyflow_flow_map_pressure_ratio"] == 6 / 1024 and m['pyflow_managed_devices{mode="tc"}'] == 2
+
+
+def test_a_failed_snapshot_is_reported_not_raised():
+    def broken():
+        raise TimeoutError("the control loop did not answer in time")
+
+    assert scrape(broken) == {"pyflow_up": 0}
+
+
+def test_names_follow_the_conventions():
+    for name, kind in declared().items():
+        assert name.startswith("pyflow_")
+        assert not name.endswith("_total")  # the client adds it to counters
+        assert kind in ("counter", "gauge", "histogram")
+    assert declared()["pyflow_offload_latency_seconds"] == "histogram"

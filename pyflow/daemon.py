@@ -251,7 +251,6 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until a stop signal or a failure of the control loop."""
-        self.signals.install()
         self.notifier.notify("READY=1", f"MAINPID={os.getpid()}", "STATUS=running")
         wd = self.notifier.watchdog_s
         ping_every = wd / 2 if wd else None
@@ -346,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                  "state_dir": args.state_dir, "bpffs_dir": args.bpffs_dir, "log_level": args.log_level}
     notifier = Notifier()
     daemon = Daemon(config, args.config, overrides, notifier)
+    # before start: a SIGTERM during the datapath compile stops cleanly once start is done
+    # (instead of killing the process half way, which would leave hooks for the next start)
+    daemon.signals.install()
     try:
         daemon.start()
     except (PyflowError, OSError) as exc:

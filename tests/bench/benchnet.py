@@ -76,7 +76,15 @@ class Net:
     snk: str
     ifindex: dict[str, int] = field(default_factory=dict)
     mac: dict[str, str] = field(default_factory=dict)
-    router_napi: list[int] = field(default_factory=list)
+    router_napi: list[int] = field(default_factory=list)  # the router's two ports' NAPI threads
+    host_napi: list[int] = field(default_factory=list)  # the sender's and receiver's
+
+    def pin(self, router_cpu: int, host_cpu: int) -> None:
+        """Router threads on one CPU, sender's and receiver's on another: the router then has a
+        CPU to itself (but for the rest of the machine), as a router's forwarding core would."""
+        for pids, cpu in ((self.router_napi, router_cpu), (self.host_napi, host_cpu)):
+            for pid in pids:
+                os.sched_setaffinity(pid, {cpu})
 
     def router_cpu_ns(self) -> int:
         return thread_cpu_ns(self.router_napi)
@@ -132,6 +140,8 @@ def network(*, threaded: bool = True, nat: bool = True) -> Iterator[Net]:
             net.router_napi = sorted(set(napi_threads()) - before)
             if not net.router_napi:
                 raise RuntimeError("threaded NAPI on the router's veths made no kernel thread")
+            before = set(napi_threads())
             for ifname in (GEN_IF, SNK_IF):
                 _set_threaded(where[ifname], ifname)
+            net.host_napi = sorted(set(napi_threads()) - before)
         yield net

@@ -3,7 +3,8 @@
 The generator sends live frames from the sender's veth through a NATing kernel router
 (tests/bench/benchnet.py) to the sink. Small bursts with pauses, NAPI not threaded (the
 router's work runs inline), so nothing is lost: every frame must arrive, NATed, with the
-flow spread asked for. Reflect mode must make conntrack see a reply for every flow.
+flow spread asked for. With the sink passing frames to a socket echo, conntrack must see a
+reply for every flow.
 """
 
 from __future__ import annotations
@@ -85,12 +86,12 @@ def test_flow_numbering_spans_destination_ports():
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_reflecting_sink_gives_every_flow_a_reply_in_conntrack(programs, family):
+def test_echo_behind_a_passing_sink_gives_every_flow_a_reply_in_conntrack(programs, family):
     gen, sink, back = programs
-    flows = 16
-    with benchnet.network(threaded=False) as net:
+    flows = 100
+    with benchnet.network(threaded=True) as net:
         _configure(gen, net, flows)
-        sink.configure(mode=trafficgen.SINK_REFLECT, src4=V4["up"], dst4=V4["snk"], src6=V6["up"],
+        sink.configure(mode=trafficgen.SINK_PASS, src4=V4["up"], dst4=V4["snk"], src6=V6["up"],
                        dst6=V6["snk"])
         back.configure(mode=trafficgen.SINK_DROP, src4=V4["snk"], dst4=V4["gen"], src6=V6["snk"],
                        dst6=V6["gen"])
@@ -99,18 +100,22 @@ def test_reflecting_sink_gives_every_flow_a_reply_in_conntrack(programs, family)
             sink.attach(SNK_IF)
         with netns.inside(net.gen):
             back.attach(GEN_IF)
+        echo = trafficgen.Echo(net.snk, [trafficgen.DPORT_BASE], max_seconds=30)
         try:
-            _send(gen, net, family, bursts=1)
-            wait_for(lambda: back.counts()["packets"] - b0["packets"] >= BURST, 2.0)
+            trafficgen.bursts(gen, net.gen, net.ifindex[GEN_IF], family, frames=flows, burst=BURST,
+                              pause=0.01)
+            wait_for(lambda: back.counts()["packets"] - b0["packets"] >= flows, 3.0)
             s1, b1 = sink.counts(), back.counts()
         finally:
+            answered = echo.stop()
             with netns.inside(net.snk):
                 sink.detach()
             with netns.inside(net.gen):
                 back.detach()
-        assert s1["reflected"] - s0["reflected"] == BURST
-        # replies come back through the router, un-NATed: from the sink to the sender
-        assert b1["matched"] - b0["matched"] == BURST
+        assert s1["matched"] - s0["matched"] == flows
+        assert answered == flows
+        # replies come back through the router, un-NATed: from the receiver to the sender
+        assert b1["matched"] - b0["matched"] == flows
         listing = netns.run(net.rt, "conntrack -L -p udp").stdout
         entries = [line for line in listing.splitlines() if "dport=" in line]
         assert len(entries) == flows

@@ -1,0 +1,280 @@
+"""Router packets per second: kernel NAT path vs pyflow vs a bare XDP redirect, side by side.
+
+Run as root: ``python tests/bench/bench_router.py [--quick] [--flows 1,1000,100000]``. Prints a
+table and writes bench-results/router.json.
+
+Setup (tests/bench/benchnet.py): sender -- router -- receiver, three namespaces on veth
+pairs, the router masquerading (nftables, conntrack) what leaves its uplink. The sender is
+the live-frames generator (tests/bench/trafficgen.py): 64-byte UDP frames (IPv4 60 bytes,
+IPv6 62 bytes before the FCS) arriving at the router as XDP frames, as from a NIC, over
+1, 1,000 or 100,000 flows (port pairs). The receiver is an XDP program counting and dropping
+what arrives. NAPI is threaded on all four veths: the router's two NAPI threads are pinned
+to CPU 1, the generator and the receiver's thread to CPU 0, so the router has a core of
+its own (shared only with the rest of the machine) and its CPU time is those two threads'.
+
+Per (family, flow count), in one run and in this order:
+1. flows are established: every flow sends one datagram (paced bursts), which the receiver's
+   sink hands to a socket echo there, so that conntrack sees a reply for each flow (pyflow
+   offloads UDP only once a reply was seen); repeated until no flow is left UNREPLIED (at
+   most three passes);
+2. ``kernel``: no XDP on the router; routing, conntrack and masquerade in the kernel;
+3. ``pyflow``: the datapath in native XDP on both router ports and pyflow's control plane
+   running (keep-alive every second, as a daemon would); measured once every flow is
+   offloaded; the control plane's own CPU time is reported beside the NAPI threads';
+4. ``floor``: a bare XDP program on the router's LAN port redirecting every frame to the
+   uplink (no parsing, no lookup, no rewrite): the most a forwarding XDP program can do on
+   this machine.
+Each is measured for ``--reps`` consecutive windows of ``--window`` seconds while the
+generator sends without pause: packets per second delivered to the receiver, and router
+CPU nanoseconds per delivered packet (the router's NAPI threads' schedstat run time over
+the window divided by delivered packets). Medians and spread over the windows; ratios
+are taken from the same run, because the machine is shared and absolute figures drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes as ct
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests import netns  # noqa: E402
+from tests.bench import benchnet, trafficgen  # noqa: E402
+from tests.bench.benchnet import GEN_IF, LAN, SNK_IF, UP, V4, V6  # noqa: E402
+
+ROUTER_CPU, HOST_CPU = 1, 0
+FLOOR_SRC = r"""
+#include <uapi/linux/bpf.h>
+BPF_DEVMAP(floor_tx, 1);
+int floor_fwd(struct xdp_md *ctx) { return floor_tx.redirect_map(0, XDP_PASS); }
+"""
+
+
+def thread_cpu_ns(tid: int) -> int:
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except OSError:
+        return 0
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
+
+
+class Bench:
+    def __init__(self, net: benchnet.Net, args: argparse.Namespace):
+        from bcc import BPF
+
+        self.net, self.args = net, args
+        self.gen = trafficgen.Generator()
+        self.sink = trafficgen.Sink()   # on the receiver's port
+        self.back = trafficgen.Sink()   # on the sender's port: replies while establishing
+        self.sink.configure(mode=trafficgen.SINK_DROP, src4=V4["up"], dst4=V4["snk"], src6=V6["up"],
+                            dst6=V6["snk"])
+        self.back.configure(mode=trafficgen.SINK_DROP, src4=V4["snk"], dst4=V4["gen"], src6=V6["snk"],
+                            dst6=V6["gen"])
+        with netns.inside(net.snk):
+            self.sink.attach(SNK_IF)
+        with netns.inside(net.gen):
+            self.back.attach(GEN_IF)
+        self.floor = BPF(text=FLOOR_SRC)
+        self.floor_fn = self.floor.load_func("floor_fwd", BPF.XDP)
+        with netns.inside(net.rt):
+            # a devmap resolves ifindexes in the updating thread's namespace
+            self.floor["floor_tx"][ct.c_int(0)] = ct.c_int(net.ifindex[UP])
+        from pyflow.loader import Datapath
+
+        self.pin = f"/sys/fs/bpf/pft-bench-router-{os.getpid()}"
+        with netns.inside(net.rt):
+            self.dp = Datapath(pin_dir=self.pin, state_file=f"/run/pft-bench-router-{os.getpid()}.json")
+
+    def close(self) -> None:
+        with netns.inside(self.net.rt):
+            self.dp.destroy()
+
+    # -- flows -------------------------------------------------------------------------
+
+    def unreplied(self) -> int:
+        out = netns.run(self.net.rt, "conntrack -L -p udp", check=False, timeout=120).stdout
+        return sum(1 for line in out.splitlines() if "UNREPLIED" in line)
+
+    def establish(self, family: int, flows: int) -> dict:
+        """Every flow sends one datagram, answered by a socket echo on the receiver."""
+        self.sink.configure(mode=trafficgen.SINK_PASS, src4=V4["up"], dst4=V4["snk"], src6=V6["up"],
+                            dst6=V6["snk"])
+        ports = sorted({trafficgen.flow_ports(i)[1] for i in (0, flows - 1)})
+        echo = trafficgen.Echo(self.net.snk, list(range(ports[0], ports[-1] + 1)))
+        t0 = time.monotonic()
+        passes, left, answered = 0, flows, 0
+        try:
+            while passes < 3:
+                self.gen.reset_sequence()
+                passes += 1
+                trafficgen.bursts(self.gen, self.net.gen, self.net.ifindex[GEN_IF], family, frames=flows,
+                                  burst=64, pause=0.002, cpu=HOST_CPU)
+                time.sleep(0.3)
+                left = self.unreplied()
+                if left == 0:
+                    break
+        finally:
+            answered = echo.stop()
+            self.sink.configure(mode=trafficgen.SINK_DROP, src4=V4["up"], dst4=V4["snk"], src6=V6["up"],
+                                dst6=V6["snk"])
+        return {"seconds": time.monotonic() - t0, "passes": passes, "unreplied": left, "echoed": answered,
+                "conntrack_entries": self.net.conntrack_count()}
+
+    # -- measuring ---------------------------------------------------------------------
+
+    def measure(self, family: int, extra_tid: int | None = None) -> dict:
+        """Windows of steady sending: delivered pps, router ns/packet, CPU shares."""
+        a = self.args
+        blaster = trafficgen.Blaster(self.gen, self.net.gen, self.net.ifindex[GEN_IF], family,
+                                     cpu=HOST_CPU, max_seconds=a.warmup + a.reps * a.window + 20).start()
+        pps, ns_pkt, router_share, cp_share, matched = [], [], [], [], []
+        try:
+            time.sleep(a.warmup)
+            for _ in range(a.reps):
+                c0, r0, x0, t0 = (self.sink.counts(), self.net.router_cpu_ns(),
+                                  thread_cpu_ns(extra_tid) if extra_tid else 0, time.monotonic())
+                time.sleep(a.window)
+                c1, r1, x1, t1 = (self.sink.counts(), self.net.router_cpu_ns(),
+                                  thread_cpu_ns(extra_tid) if extra_tid else 0, time.monotonic())
+                n, dt = c1["packets"] - c0["packets"], t1 - t0
+                pps.append(n / dt)
+                ns_pkt.append((r1 - r0) / max(n, 1))
+                router_share.append((r1 - r0) / dt / 1e9)
+                cp_share.append((x1 - x0) / dt / 1e9)
+                matched.append((c1["matched"] - c0["matched"]) / max(n, 1))
+        finally:
+            st = blaster.stop()
+        out = {"pps": summarize(pps), "ns_per_packet": summarize(ns_pkt),
+               "router_cpu_share": summarize(router_share), "offered_pps": st.frames / max(st.seconds, 1e-9),
+               "matched_fraction": min(matched)}
+        if extra_tid:
+            out["control_cpu_share"] = summarize(cp_share)
+        return out
+
+    def kernel(self, family: int) -> dict:
+        return self.measure(family)
+
+    def floor_path(self, family: int) -> dict:
+        with netns.inside(self.net.rt):
+            self.floor.attach_xdp(LAN.encode(), self.floor_fn, 0)
+        try:
+            return self.measure(family)
+        finally:
+            with netns.inside(self.net.rt):
+                self.floor.remove_xdp(LAN.encode(), 0)
+
+    def pyflow(self, family: int, flows: int) -> dict:
+        from pyflow.control.engine import EngineConfig
+        from pyflow.control.runner import ControlConfig, ControlPlane
+
+        with netns.inside(self.net.rt):
+            for dev in (LAN, UP):
+                self.dp.attach(dev, "native")
+            cp = ControlPlane(self.dp, ControlConfig(engine=EngineConfig(), keepalive_period_s=1.0))
+            t0 = time.monotonic()
+            cp.start()
+        try:
+            deadline = t0 + self.args.offload_timeout
+            while len(cp.engine.offloaded) < flows and time.monotonic() < deadline:
+                time.sleep(0.05)
+            offloaded, waited = len(cp.engine.offloaded), time.monotonic() - t0
+            tid = cp._thread.native_id if cp._thread is not None else None
+            res = self.measure(family, extra_tid=tid)
+            res.update({"offloaded": offloaded, "offload_wait_s": waited,
+                        "forwarded_by_fast_path": self.dp.reason_counts().get("forwarded", (0, 0))[0]})
+            return res
+        finally:
+            with netns.inside(self.net.rt):
+                cp.stop(hand_back=True)
+                for dev in (LAN, UP):
+                    self.dp.detach(dev)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1 and 1,000 flows, IPv4 only, 3 short windows")
+    ap.add_argument("--flows", default="1,1000,100000")
+    ap.add_argument("--families", default="4,6")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--window", type=float, default=1.0)
+    ap.add_argument("--warmup", type=float, default=0.5)
+    ap.add_argument("--offload-timeout", type=float, default=60.0)
+    ap.add_argument("--out", default=str(ROOT / "bench-results" / "router.json"))
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench_router: needs root (BPF, network namespaces)", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.flows, args.families, args.reps, args.window = "1,1000", "4", 3, 0.5
+    flow_counts = [int(x) for x in args.flows.split(",")]
+    families = [int(x) for x in args.families.split(",")]
+    if os.cpu_count() is None or os.cpu_count() < 2:
+        print("bench_router: needs two CPUs (router on one, generator on the other)", file=sys.stderr)
+        return 2
+    t_start = time.monotonic()
+    results: dict = {"method": {
+        "frame_bytes": {"4": trafficgen.V4_FRAME, "6": trafficgen.V6_FRAME}, "reps": args.reps,
+        "window_s": args.window, "router_cpu": ROUTER_CPU, "host_cpu": HOST_CPU,
+        "kernel": os.uname().release, "cpus": os.cpu_count()}, "rows": []}
+    with benchnet.network(threaded=True) as net:
+        net.pin(ROUTER_CPU, HOST_CPU)
+        bench = Bench(net, args)
+        try:
+            for family in families:
+                for flows in flow_counts:
+                    net.flush_conntrack()
+                    bench.gen.configure(src_mac=net.mac[GEN_IF], dst_mac=net.mac[LAN], src4=V4["gen"],
+                                        dst4=V4["snk"], src6=V6["gen"], dst6=V6["snk"], flows=flows)
+                    est = bench.establish(family, flows)
+                    row = {"family": family, "flows": flows, "establish": est}
+                    print(f"IPv{family} {flows:>7} flows: established in {est['seconds']:.1f} s "
+                          f"({est['passes']} passes, {est['unreplied']} unreplied)", flush=True)
+                    for path in ("kernel", "pyflow", "floor"):
+                        if path == "kernel":
+                            row[path] = bench.kernel(family)
+                        elif path == "pyflow":
+                            row[path] = bench.pyflow(family, flows)
+                        else:
+                            row[path] = bench.floor_path(family)
+                        r = row[path]
+                        extra = f", offloaded {r['offloaded']}" if path == "pyflow" else ""
+                        print(f"   {path:7} {r['pps']['median'] / 1e3:8.0f} kpps "
+                              f"({r['pps']['min'] / 1e3:.0f}..{r['pps']['max'] / 1e3:.0f}), "
+                              f"{r['ns_per_packet']['median']:7.0f} router ns/pkt, "
+                              f"offered {r['offered_pps'] / 1e3:.0f} kpps{extra}", flush=True)
+                    results["rows"].append(row)
+        finally:
+            bench.close()
+    results["wall_s"] = time.monotonic() - t_start
+    report(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"written: {args.out}")
+    return 0
+
+
+def report(results: dict) -> None:
+    print(f"\nrouter pps, 64-byte UDP through a NAT router (median of {results['method']['reps']} "
+          f"windows of {results['method']['window_s']} s); ratios within the same run")
+    print(f"{'case':18} {'kernel kpps':>11} {'pyflow kpps':>11} {'floor kpps':>10} {'pyflow/kern':>11} "
+          f"{'pyflow/floor':>12} {'ns/pkt k/p/f':>18}")
+    for row in results["rows"]:
+        k, p, f = (row[x]["pps"]["median"] for x in ("kernel", "pyflow", "floor"))
+        nk, np_, nf = (row[x]["ns_per_packet"]["median"] for x in ("kernel", "pyflow", "floor"))
+        print(f"IPv{row['family']} {row['flows']:>7} flows {k / 1e3:11.0f} {p / 1e3:11.0f} {f / 1e3:10.0f} "
+              f"{p / k:10.2f}x {p / f:11.0%} {nk:6.0f}/{np_:4.0f}/{nf:4.0f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

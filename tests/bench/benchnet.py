@@ -20,6 +20,7 @@ is charged to whichever task it interrupts). Everything is removed on exit.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -79,15 +80,35 @@ class Net:
     router_napi: list[int] = field(default_factory=list)  # the router's two ports' NAPI threads
     host_napi: list[int] = field(default_factory=list)  # the sender's and receiver's
 
-    def pin(self, router_cpu: int, host_cpu: int) -> None:
+    def pin(self, router_cpu: int, host_cpu: int | None, *, realtime_hosts: bool = False) -> None:
         """Router threads on one CPU, sender's and receiver's on another: the router then has a
-        CPU to itself (but for the rest of the machine), as a router's forwarding core would."""
+        CPU to itself (but for the rest of the machine), as a router's forwarding core would.
+        host_cpu None: the sender's and receiver's threads stay where the scheduler puts them.
+        With realtime_hosts the sender's and receiver's threads get SCHED_FIFO: they share
+        their CPU with a generator that never pauses and must never be the bottleneck (without
+        it, most frames a bare redirect forwarded were lost entering the receiver). Their work
+        is bounded by what the router forwards, a fraction of a CPU."""
         for pids, cpu in ((self.router_napi, router_cpu), (self.host_napi, host_cpu)):
-            for pid in pids:
+            for pid in pids if cpu is not None else []:
                 os.sched_setaffinity(pid, {cpu})
+        for pid in self.host_napi if realtime_hosts else []:
+            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(1))
 
     def router_cpu_ns(self) -> int:
         return thread_cpu_ns(self.router_napi)
+
+    def router_links(self) -> dict[str, dict[str, int]]:
+        """The router ports' counters: rx/tx packets and drops (a veth counts frames its peer
+        could not take as its own tx drops / the peer's rx drops)."""
+        out = netns.run(self.rt, "ip -s -j link show", check=True).stdout
+        links = {}
+        for item in json.loads(out):
+            if item["ifname"] in (LAN, UP):
+                st = item["stats64"]
+                links[item["ifname"]] = {"rx": st["rx"]["packets"], "rx_dropped": st["rx"]["dropped"],
+                                         "tx": st["tx"]["packets"], "tx_dropped": st["tx"]["dropped"],
+                                         "tx_bytes": st["tx"]["bytes"]}
+        return links
 
     def conntrack_count(self) -> int:
         res = netns.run(self.rt, "conntrack -C", check=False)

@@ -186,13 +186,15 @@ def install(table: FlowTable, flows) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and no 1M point (smoke run)")
+    ap.add_argument("--repeat", type=int, help="runs per BPF_PROG_TEST_RUN call (default 2,000,000)")
+    ap.add_argument("--rounds", type=int, help="calls per figure, the median is kept (default 7)")
     ap.add_argument("--out", default="bench-results/datapath.json")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_datapath: needs root (BPF)", file=sys.stderr)
         return 1
-    repeat = 200_000 if args.quick else 2_000_000
-    rounds = 3 if args.quick else 7
+    repeat = args.repeat or (200_000 if args.quick else 2_000_000)
+    rounds = args.rounds or (3 if args.quick else 7)
     scale_points = [1_000, 10_000, 100_000] if args.quick else [1_000, 10_000, 100_000, 1_000_000]
 
     from bcc import BPF

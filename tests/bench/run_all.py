@@ -1,38 +1,116 @@
-"""`make bench`: run every benchmark script in this folder, in one go, and keep their output.
+"""`make bench`: run every benchmark, keep their output, then write BENCHMARKS.md and its plots.
 
-Each bench_*.py prints its own table and writes JSON under bench-results/; this
-runner only sequences them, saves what they print to bench-results/<name>.txt and
-fails if any of them fails. Extra arguments (e.g. --quick) are passed to each.
+Each bench_*.py prints its own table and writes JSON under bench-results/; this runner
+sequences them (in SUITE order, with the arguments that keep the whole run within about
+15 minutes on 2 CPUs), saves what each prints to bench-results/<name>.txt, records the
+run's conditions in bench-results/run.json, and finally runs report.py, which turns the
+JSON into BENCHMARKS.md and docs/bench/*.png. A script's old JSON is removed before it
+runs, so a failure shows as "not run" in the report instead of stale figures. Exit status
+is non-zero if any script failed (the report is still written).
+
+    run_all.py                 everything, then the report
+    run_all.py --quick         smoke run: every script in its quick mode
+    run_all.py --only router   some scripts only (names without bench_), then the report
+    run_all.py --report-only   the report from existing results
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE.parent.parent / "bench-results"
+ROOT = HERE.parent.parent
+OUT = ROOT / "bench-results"
+
+# (name, arguments for the full run). The datapath micro-benchmark runs with fewer and
+# shorter rounds than its own default (2M x 7) to fit the budget; its figures are
+# medians of BPF_PROG_TEST_RUN means either way.
+SUITE: list[tuple[str, list[str]]] = [
+    ("router", []),
+    ("tcp", []),
+    ("datapath", ["--repeat", "1000000", "--rounds", "5"]),
+    ("flowtable", []),
+    ("control", []),
+]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run_scripts(names: list[str], quick: bool) -> tuple[list[dict], bool]:
+    OUT.mkdir(exist_ok=True)
+    records, ok = [], True
+    for name, full_args in SUITE:
+        if name not in names:
+            continue
+        script = HERE / f"bench_{name}.py"
+        (OUT / f"{name}.json").unlink(missing_ok=True)
+        args = ["--quick"] if quick else full_args
+        print(f"== {script.name} {' '.join(args)}", flush=True)
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT)
+        seconds = time.monotonic() - t0
+        (OUT / f"bench_{name}.txt").write_text(proc.stdout + proc.stderr)
+        sys.stdout.write(proc.stdout)
+        if proc.returncode != 0:
+            sys.stdout.write(proc.stderr[-4000:])
+            ok = False
+        print(f"== {script.name}: exit {proc.returncode}, {seconds:.0f} s\n", flush=True)
+        records.append({"name": script.name, "seconds": seconds, "exit": proc.returncode})
+    return records, ok
 
 
 def main(argv: list[str]) -> int:
-    OUT.mkdir(exist_ok=True)
-    failed = []
-    for script in sorted(HERE.glob("bench_*.py")):
-        print(f"== {script.name}", flush=True)
-        t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
-        (OUT / f"{script.stem}.txt").write_text(proc.stdout + proc.stderr)
-        sys.stdout.write(proc.stdout)
-        if proc.returncode != 0:
-            sys.stdout.write(proc.stderr)
-            failed.append(script.name)
-        print(f"== {script.name}: exit {proc.returncode}, {time.monotonic() - t0:.0f} s\n", flush=True)
-    if failed:
-        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="every script in its quick mode (smoke run)")
+    ap.add_argument("--report-only", action="store_true", help="only regenerate BENCHMARKS.md and plots")
+    ap.add_argument("--only", help="comma-separated script names: " + ",".join(n for n, _ in SUITE))
+    args = ap.parse_args(argv)
+    ok = True
+    if not args.report_only:
+        if os.geteuid() != 0:
+            print("run_all: the benchmarks need root (BPF, network namespaces)", file=sys.stderr)
+            return 2
+        names = [n for n, _ in SUITE] if not args.only else args.only.split(",")
+        unknown = set(names) - {n for n, _ in SUITE}
+        if unknown:
+            print(f"run_all: unknown benchmark(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
+        started = datetime.datetime.now(datetime.UTC)
+        before, t0 = loadavg(), time.monotonic()
+        records, ok = run_scripts(names, args.quick)
+        run = {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "kernel": os.uname().release,
+               "cpus": os.cpu_count(), "cpu_model": cpu_model(), "loadavg_before": before,
+               "loadavg_after": loadavg(), "wall_s": time.monotonic() - t0, "quick": args.quick,
+               "scripts": records}
+        (OUT / "run.json").write_text(json.dumps(run, indent=2))
+        print(f"benchmarks took {run['wall_s'] / 60:.1f} min", flush=True)
+    sys.path.insert(0, str(ROOT))
+    from tests.bench import report
+
+    rc = report.main([])
+    if not ok:
+        print("some benchmarks failed: see bench-results/*.txt", file=sys.stderr)
         return 1
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

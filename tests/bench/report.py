@@ -1,0 +1,469 @@
+"""BENCHMARKS.md and its plots, generated from the JSON the benchmarks wrote.
+
+``python tests/bench/report.py [--results bench-results] [--md BENCHMARKS.md] [--plots docs/bench]``
+(``make bench`` runs it last; ``tests/bench/run_all.py --report-only`` reruns only this).
+Every figure says how it was measured; every target is judged from the same run's figures
+and printed as met or missed with the number that decides it. A benchmark that did not run
+(no JSON) is reported as not run, never filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+PATHS = ("kernel", "pyflow", "floor")
+PATH_LABEL = {"kernel": "kernel (conntrack + masquerade)", "pyflow": "pyflow (native XDP)",
+              "floor": "bare XDP redirect (floor)"}
+COLORS = {"kernel": "#9e9e9e", "pyflow": "#1f77b4", "floor": "#2ca02c", "slow": "#9e9e9e",
+          "native": "#ff7f0e", "tc": "#1f77b4", "auto": "#17becf"}
+
+
+def load(results: Path, name: str) -> dict | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fmt_k(pps: float) -> str:
+    return f"{pps / 1e3:,.0f}k"
+
+
+def spread(s: dict, scale: float = 1.0, digits: int = 0) -> str:
+    return f"{s['min'] * scale:,.{digits}f}..{s['max'] * scale:,.{digits}f}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("**met**" if ok else "**missed**")
+
+
+# ---- plots ----------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _caption(fig, text: str) -> None:
+    fig.text(0.01, 0.01, text, fontsize=7, color="#444444", ha="left", va="bottom", wrap=True)
+
+
+def plot_router(router: dict, out: Path) -> list[str]:
+    plt = _plt()
+    rows = router["rows"]
+    labels = [f"IPv{r['family']}\n{r['flows']:,} flow{'s' if r['flows'] != 1 else ''}" for r in rows]
+    m = router["method"]
+    files = []
+    for metric, title, ylabel, scale, name in (
+        ("pps", "Packets per second delivered through the router (64-byte UDP)", "Mpps", 1e-6,
+         "router_pps.png"),
+        ("ns_per_packet", "Router CPU time per forwarded packet (lower is better)", "ns per packet", 1.0,
+         "router_ns_per_packet.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(9, 4.6))
+        width = 0.27
+        for j, path in enumerate(PATHS):
+            med = [r[path][metric]["median"] * scale for r in rows]
+            lo = [max(0.0, (r[path][metric]["median"] - r[path][metric]["min"]) * scale) for r in rows]
+            hi = [max(0.0, (r[path][metric]["max"] - r[path][metric]["median"]) * scale) for r in rows]
+            xs = [i + (j - 1) * width for i in range(len(rows))]
+            ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=PATH_LABEL[path], color=COLORS[path])
+        ax.set_xticks(range(len(rows)), labels)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=11)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        _caption(fig, "Live-frames generator (BPF_PROG_TEST_RUN, XDP_TX) -> veth -> router -> veth -> "
+                      f"XDP_DROP sink; router NAPI threads pinned to CPU {m['router_cpu']}; bars: median of "
+                      f"{m['reps']} windows of {m['window_s']} s, whiskers min..max; kernel {m['kernel']}, "
+                      f"{m['cpus']} CPUs shared with other work.")
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def plot_scale(datapath: dict | None, out: Path) -> str | None:
+    if not datapath or not datapath.get("scale"):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.4))
+    for series, style in (("spread", "-o"), ("hot", "--s")):
+        for hook in ("xdp", "tc"):
+            prefix = f"{series}/{hook}/"
+            pts = sorted((int(k[len(prefix):]), v["median_ns"]) for k, v in datapath["scale"].items()
+                         if k.startswith(prefix))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{hook}, {series}")
+    ax.set_xscale("log")
+    ax.set_xlabel("flow entries in the map")
+    ax.set_ylabel("ns per packet (harness included)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Flow-map scale: IPv4 NAT hit cost vs table size", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _caption(fig, f"BPF_PROG_TEST_RUN, {datapath['frame_bytes']}-byte frames, repeat {datapath['repeat']:,}, "
+                  f"median of {datapath['rounds']} rounds. spread: 1,000 flows spaced over the table; "
+                  "hot: one flow replayed.")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(out / "flow_scale.png", dpi=110)
+    plt.close(fig)
+    return "flow_scale.png"
+
+
+def plot_tcp(tcp: dict, out: Path) -> str:
+    plt = _plt()
+    rows = tcp["rows"]
+    streams = sorted({int(k.split("/")[1]) for k in rows})
+    paths = [p for p in ("slow", "native", "tc", "auto") if f"{p}/{streams[0]}" in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    width = 0.8 / len(paths)
+    for ax, metric, ylabel in ((axes[0], "gbit_s", "Gbit/s received"),
+                               (axes[1], "router_cpu_s_per_gb", "router CPU seconds per GB")):
+        for j, path in enumerate(paths):
+            vals = [rows[f"{path}/{s}"][metric] for s in streams]
+            med = [v["median"] for v in vals]
+            err = [[m - v["min"] for m, v in zip(med, vals, strict=True)],
+                   [v["max"] - m for m, v in zip(med, vals, strict=True)]]
+            xs = [i + (j - (len(paths) - 1) / 2) * width for i in range(len(streams))]
+            label = path if path != "auto" else f"auto (= {tcp.get('auto_chose')})"
+            ax.bar(xs, med, width, yerr=err, capsize=2, label=label, color=COLORS[path])
+        ax.set_xticks(range(len(streams)), [f"{s} stream{'s' if s != 1 else ''}" for s in streams])
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("TCP through the NAT router (iperf3): kernel slow path vs pyflow per attach mode",
+                 fontsize=11)
+    m = tcp["method"]
+    _caption(fig, f"iperf3 -t {m['seconds']} -O {m['omit_s']} between namespaces over veth (GRO on, tx "
+                  f"checksum offload off); router CPU = its NAPI threads' run time; median of "
+                  f"{m['reps']} runs, whiskers min..max; paths interleaved per repetition.")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.savefig(out / "tcp.png", dpi=110)
+    plt.close(fig)
+    return "tcp.png"
+
+
+# ---- targets --------------------------------------------------------------------------
+
+def targets(router: dict | None, datapath: dict | None, tcp: dict | None) -> list[tuple[str, str, str]]:
+    """(target, figure, verdict) rows."""
+    out: list[tuple[str, str, str]] = []
+    if router:
+        def by_pps(r: dict) -> float:
+            return r["pyflow"]["pps"]["median"] / r["floor"]["pps"]["median"]
+
+        def by_cpu(r: dict) -> float:
+            return r["floor"]["ns_per_packet"]["median"] / r["pyflow"]["ns_per_packet"]["median"]
+
+        worst_pps = min(router["rows"], key=by_pps)
+        ratio_pps = by_pps(worst_pps)
+        worst_ns = min(router["rows"], key=by_cpu)
+        ratio_ns = by_cpu(worst_ns)
+        out.append(("fast path >= 80% of the bare-redirect floor's pps (delivered pps)",
+                    f"worst case IPv{worst_pps['family']} {worst_pps['flows']:,} flows: {ratio_pps:.0%} "
+                    f"(all: {', '.join(_ratio_list(router, 'pps'))})", verdict(ratio_pps >= 0.8)))
+        out.append(("fast path >= 80% of the floor, per router CPU (floor ns/pkt / pyflow ns/pkt)",
+                    f"worst case IPv{worst_ns['family']} {worst_ns['flows']:,} flows: {ratio_ns:.0%} "
+                    f"(all: {', '.join(_ratio_list(router, 'ns'))})", verdict(ratio_ns >= 0.8)))
+        by_flows = {}
+        for r in router["rows"]:
+            by_flows.setdefault(r["family"], {})[r["flows"]] = r["pyflow"]["ns_per_packet"]["median"]
+        growth = {fam: pts[max(pts)] / pts[min(pts)] for fam, pts in by_flows.items() if len(pts) > 1}
+        if growth:
+            worst = max(growth.values())
+            out.append(("flat cost with flows, live router (pyflow ns/pkt, most vs fewest flows) within 1.3x",
+                        ", ".join(f"IPv{fam} {min(by_flows[fam]):,}->{max(by_flows[fam]):,} flows: {g:.2f}x"
+                                  for fam, g in growth.items()), verdict(worst <= 1.3)))
+    if datapath and datapath.get("scale"):
+        parts, worst = [], 0.0
+        for key in ("spread/xdp/", "spread/tc/", "hot/xdp/", "hot/tc/"):
+            pts = {int(k[len(key):]): v["median_ns"] for k, v in datapath["scale"].items()
+                   if k.startswith(key)}
+            if len(pts) > 1:
+                g = pts[max(pts)] / pts[min(pts)]
+                worst = max(worst, g) if key.startswith("spread") else worst
+                parts.append(f"{key[:-1]} {min(pts):,}->{max(pts):,}: {g:.2f}x")
+        out.append(("flat cost to 1M flows within 1.3x (micro-benchmark, flows spread over the table)",
+                    "; ".join(parts), verdict(worst <= 1.3)))
+    if tcp:
+        rows = tcp["rows"]
+        streams = sorted({int(k.split("/")[1]) for k in rows})
+        ratios = {s: rows[f"auto/{s}"]["gbit_s"]["median"] / rows[f"slow/{s}"]["gbit_s"]["median"]
+                  for s in streams}
+        cpu = {s: rows[f"auto/{s}"]["router_cpu_s_per_gb"]["median"]
+               / max(rows[f"slow/{s}"]["router_cpu_s_per_gb"]["median"], 1e-12) for s in streams}
+        figure = "; ".join(f"{s} stream{'s' if s != 1 else ''}: {ratios[s]:.2f}x throughput, "
+                           f"{cpu[s]:.2f}x router CPU per GB" for s in streams)
+        out.append(("TCP through auto never slower than the slow path", figure,
+                    verdict(min(ratios.values()) >= 1.0)))
+        out.append(("TCP through auto: 1.2x the slow path, or the same throughput at clearly less router CPU",
+                    figure, verdict(all(ratios[s] >= 1.2 or (ratios[s] >= 0.95 and cpu[s] <= 0.85)
+                                        for s in streams))))
+    return out
+
+
+def _ratio_list(router: dict, kind: str) -> list[str]:
+    out = []
+    for r in router["rows"]:
+        if kind == "pps":
+            v = r["pyflow"]["pps"]["median"] / r["floor"]["pps"]["median"]
+        else:
+            v = r["floor"]["ns_per_packet"]["median"] / r["pyflow"]["ns_per_packet"]["median"]
+        out.append(f"v{r['family']}/{r['flows']:,} {v:.0%}")
+    return out
+
+
+# ---- markdown -------------------------------------------------------------------------
+
+def md_router(router: dict) -> list[str]:
+    m = router["method"]
+    lines = [
+        "## 1. Router packets per second: kernel path vs pyflow vs the floor",
+        "",
+        "![pps](docs/bench/router_pps.png)",
+        "![ns per packet](docs/bench/router_ns_per_packet.png)",
+        "",
+        "How: three network namespaces on veth pairs, sender -> router -> receiver; the router "
+        "masquerades its uplink with nftables (conntrack). The sender is pyflow's own live-frames "
+        "generator (`tests/bench/trafficgen.py`): an XDP program run by BPF_PROG_TEST_RUN with "
+        "BPF_F_TEST_XDP_LIVE_FRAMES on the sender's veth, returning XDP_TX, so frames reach the "
+        "router as XDP frames, as from a NIC; it rewrites every header of every frame (recycled pages "
+        "keep the router's rewrites) and rotates UDP port pairs over the flows. Frames are 64 bytes on "
+        f"the wire for IPv4 ({m['frame_bytes']['4']} + FCS) and the smallest IPv6 UDP frame "
+        f"({m['frame_bytes']['6']} + FCS). The receiver is an XDP program counting and dropping. NAPI "
+        f"is threaded on every veth; the router's two NAPI threads are pinned to CPU {m['router_cpu']} and "
+        "their run time is the router's CPU; the generator (niced) and the receiver (SCHED_FIFO, so it "
+        f"is never the bottleneck) share CPU {m['host_cpu']}. Flows are established first (one datagram "
+        "each, answered by a socket echo behind the receiver, so conntrack has seen a reply), then each "
+        f"path is measured for {m['reps']} windows of {m['window_s']} s while the generator sends without "
+        "pause. pyflow runs with its control plane (keep-alive every second); kernel = no XDP on the router; "
+        "floor = an XDP program redirecting every frame to the uplink without parsing or lookup. "
+        "`pps` = frames the receiver counted per second; `ns/pkt` = router NAPI CPU time / frames the router "
+        "sent out of its uplink. Median (min..max) of the windows.",
+        "",
+        "| case | kernel pps | pyflow pps | floor pps | pyflow / kernel | pyflow / floor | "
+        "router ns/pkt kernel / pyflow / floor | pyflow / floor by CPU | offered pps | offloaded |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in router["rows"]:
+        k, p, f = (r[x]["pps"] for x in PATHS)
+        nk, np_, nf = (r[x]["ns_per_packet"]["median"] for x in PATHS)
+        lines.append(
+            f"| IPv{r['family']}, {r['flows']:,} flow{'s' if r['flows'] != 1 else ''} "
+            f"| {fmt_k(k['median'])} ({spread(k, 1e-3)}k) | {fmt_k(p['median'])} ({spread(p, 1e-3)}k) "
+            f"| {fmt_k(f['median'])} ({spread(f, 1e-3)}k) | {p['median'] / k['median']:.1f}x "
+            f"| {p['median'] / f['median']:.0%} | {nk:,.0f} / {np_:,.0f} / {nf:,.0f} | {nf / np_:.0%} "
+            f"| {fmt_k(r['pyflow']['offered_pps'])} | {r['pyflow'].get('offloaded', '?'):,} |")
+    lines += ["", "Router CPU share during the windows (cores, median) and pyflow's control-plane thread:",
+              "",
+              "| case | kernel | pyflow | floor | control plane | receiver loss (floor) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in router["rows"]:
+        cp = r["pyflow"].get("control_cpu_share", {}).get("median")
+        lines.append(f"| IPv{r['family']}, {r['flows']:,} | "
+                     + " | ".join(f"{r[x]['router_cpu_share']['median']:.2f}" for x in PATHS)
+                     + f" | {'' if cp is None else f'{cp:.3f}'} | "
+                     f"{r['floor'].get('receiver_loss', {}).get('median', 0):.1%} |")
+    return lines + [""]
+
+
+def md_tcp(tcp: dict) -> list[str]:
+    m = tcp["method"]
+    rows = tcp["rows"]
+    streams = sorted({int(k.split("/")[1]) for k in rows})
+    lines = [
+        "## 2. TCP through the NAT router (iperf3)",
+        "",
+        "![tcp](docs/bench/tcp.png)",
+        "",
+        f"How: iperf3 client in the sender's namespace, server in the receiver's, the masquerading router "
+        f"between them; `-t {m['seconds']} -O {m['omit_s']}` (the omitted first second covers the offload), "
+        "1 and 8 streams. Veths with GRO on and transmit checksum offload off (so no TSO: the router "
+        "gets MSS-sized segments and GRO rebuilds super-packets, as from a NIC). Router CPU = its two "
+        f"threaded-NAPI threads' run time (pinned to CPU {m['router_cpu']}) over the measured seconds; every "
+        "path's forwarding work runs there (kernel forwarding, TC ingress and XDP all run in the receiving "
+        f"port's NAPI poll). slow = no pyflow. Median (min..max) of {m['reps']} runs; every path and "
+        f"stream count runs once per repetition, in turn. `auto` chose **{tcp.get('auto_chose')}** on veth. "
+        "Fast-path share = pyflow's forwarded bytes / the router ports' tx bytes over the whole run "
+        "(approximate).",
+        "",
+        "| path | Gbit/s | vs slow | router cores | router CPU s/GB | CPU/GB vs slow | fast-path share |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in streams:
+        slow = rows[f"slow/{s}"]
+        for path in ("slow", "native", "tc", "auto"):
+            key = f"{path}/{s}"
+            if key not in rows:
+                continue
+            r = rows[key]
+            share = r.get("fast_path_share", {}).get("median")
+            lines.append(
+                f"| {path}, {s} stream{'s' if s != 1 else ''} | {r['gbit_s']['median']:.2f} "
+                f"({spread(r['gbit_s'], 1, 2)}) | {r['gbit_s']['median'] / slow['gbit_s']['median']:.2f}x "
+                f"| {r['router_cores']['median']:.2f} | {r['router_cpu_s_per_gb']['median']:.3f} "
+                f"| {r['router_cpu_s_per_gb']['median'] / slow['router_cpu_s_per_gb']['median']:.2f}x "
+                f"| {'' if share is None else f'{share:.0%}'} |")
+    return lines + [""]
+
+
+def md_datapath(dp: dict) -> list[str]:
+    rows = dp["rows"]
+    lines = [
+        "## 3. Datapath micro-benchmark and flow-map scale",
+        "",
+        "![flow scale](docs/bench/flow_scale.png)",
+        "",
+        f"How: BPF_PROG_TEST_RUN, {dp['frame_bytes']}-byte frames, repeat {dp['repeat']:,}, median of "
+        f"{dp['rounds']} rounds (`tests/bench/bench_datapath.py`). Every program is reached through a "
+        "harness that restores a template frame before each run; `net` subtracts the harness row.",
+        "",
+        "| case | median ns | net ns | min..max |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for hook in ("xdp", "tc"):
+        base = rows[f"{hook}/harness"]["median_ns"]
+        for name in ("harness", "floor_redirect", "hit_ipv4_tcp_nat", "hit_ipv6_tcp", "miss"):
+            r = rows.get(f"{hook}/{name}")
+            if r:
+                lines.append(f"| {hook}/{name} | {r['median_ns']:.0f} | {r['median_ns'] - base:.0f} "
+                             f"| {r['min_ns']:.0f}..{r['max_ns']:.0f} |")
+    lines += ["", "Flow-map scale (IPv4 NAT hit, ns per packet with harness):", "",
+              "| series | " + " | ".join(f"{n:,}" for n in _scale_points(dp)) + " | growth |",
+              "| --- |" + " ---: |" * (len(_scale_points(dp)) + 1)]
+    for series in ("spread", "hot"):
+        for hook in ("xdp", "tc"):
+            prefix = f"{series}/{hook}/"
+            pts = {int(k[len(prefix):]): v["median_ns"] for k, v in dp["scale"].items()
+                   if k.startswith(prefix)}
+            if pts:
+                lines.append(f"| {hook}, {series} | " + " | ".join(f"{pts.get(n, float('nan')):.0f}"
+                                                                    for n in _scale_points(dp))
+                             + f" | {pts[max(pts)] / pts[min(pts)]:.2f}x |")
+    return lines + [""]
+
+
+def _scale_points(dp: dict) -> list[int]:
+    return sorted({int(k.rsplit("/", 1)[1]) for k in dp["scale"]})
+
+
+def md_flowtable(ft: dict) -> list[str]:
+    lines = ["## 4. Flow-map API throughput (control plane side)", "",
+             f"How: `tests/bench/bench_flowtable.py`, the datapath's map ({ft.get('map_type')}, "
+             f"{ft.get('max_entries'):,} entries), median of {ft.get('repeats')} repeats; FlowTable "
+             "(batched bpf() through csrc/) vs bcc's per-entry API on the same map.", "",
+             "| op | N | FlowTable entries/s | bcc entries/s | speed-up |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for n, ops in sorted(ft.get("sizes", {}).items(), key=lambda kv: int(kv[0])):
+        for op in ("insert", "lookup", "delete", "counters"):
+            a, b = ops.get(f"flowtable/{op}"), ops.get(f"bcc/{op}")
+            if a and b:
+                lines.append(f"| {op} | {int(n):,} | {a['entries_per_s']:,.0f} | {b['entries_per_s']:,.0f} "
+                             f"| {a['entries_per_s'] / b['entries_per_s']:.1f}x |")
+    return lines + [""]
+
+
+def md_control(c: dict) -> list[str]:
+    cap, lat, path = c.get("capacity", {}), c.get("latency", {}), c.get("path", {})
+    lines = ["## 5. Control plane", "",
+             "How: `tests/bench/bench_control.py` in the integration topology (masquerading router, datapath "
+             "on its three ports), "
+             f"{'quick' if c.get('quick') else 'full'} run; see that file's docstring for each measurement.",
+             "",
+             "| figure | value | target |", "| --- | ---: | --- |"]
+    if cap:
+        lines.append(f"| offload capacity (initial resync of {cap.get('connections'):,} connections) "
+                     f"| {cap.get('conn_per_s', 0):,.0f} conn/s ({cap.get('us_per_conn', 0):.0f} us each) "
+                     f"| >= 20,000 conn/s: {verdict(cap.get('conn_per_s', 0) >= 20000)} |")
+    if lat and lat.get("p99_ms") is not None:
+        lines.append(f"| event-to-offload latency ({lat.get('sent'):,} connections at "
+                     f"{lat.get('achieved_rate', 0):,.0f}/s) | p50 {lat['p50_ms']:.2f} ms, "
+                     f"p99 {lat['p99_ms']:.2f} ms | p99 < 5 ms: {verdict(lat['p99_ms'] < 5)} |")
+    if path and path.get("reaction_ms") is not None:
+        lines.append(f"| path change reaction ({path.get('m'):,} connections moved) "
+                     f"| {path['reaction_ms']:.1f} ms | <= 100 ms: {verdict(path['reaction_ms'] <= 100)} |")
+    return lines + [""]
+
+
+def render(results: Path, md_path: Path, plots: Path) -> str:
+    router, tcp = load(results, "router"), load(results, "tcp")
+    datapath, ft, control = load(results, "datapath"), load(results, "flowtable"), load(results, "control")
+    run = load(results, "run") or {}
+    plots.mkdir(parents=True, exist_ok=True)
+    if router:
+        plot_router(router, plots)
+    if tcp:
+        plot_tcp(tcp, plots)
+    plot_scale(datapath, plots)
+    lines = [
+        "# pyflow benchmarks",
+        "",
+        "Generated by `make bench` (`tests/bench/run_all.py`, then `tests/bench/report.py` from the JSON in "
+        "`bench-results/`); do not edit by hand. `python tests/bench/run_all.py --report-only` regenerates "
+        "this page and its plots from existing results.",
+        "",
+        f"Run: {run.get('started', '?')}, kernel {run.get('kernel', '?')}, {run.get('cpus', '?')} CPUs "
+        f"({run.get('cpu_model', '?')}), load average before/after {run.get('loadavg_before', '?')} / "
+        f"{run.get('loadavg_after', '?')}; whole suite {run.get('wall_s', 0) / 60:.1f} min. "
+        "The machine is shared: absolute figures drift between runs, so every comparison is a ratio "
+        "within one run.",
+        "",
+        "## Targets",
+        "",
+        "| target | figure (this run) | verdict |",
+        "| --- | --- | --- |",
+    ]
+    for target, figure, v in targets(router, datapath, tcp):
+        lines.append(f"| {target} | {figure} | {v} |")
+    lines += ["", *LIMITS, ""]
+    for data, fn, name in ((router, md_router, "router pps (bench_router.py)"),
+                           (tcp, md_tcp, "TCP (bench_tcp.py)"),
+                           (datapath, md_datapath, "datapath micro-benchmark"),
+                           (ft, md_flowtable, "flow-map API"), (control, md_control, "control plane")):
+        lines += fn(data) if data else [f"*{name}: not run.*", ""]
+    if run.get("scripts"):
+        lines += ["## Run times", "", "| script | seconds | exit |", "| --- | ---: | ---: |"]
+        lines += [f"| {s['name']} | {s['seconds']:.0f} | {s['exit']} |" for s in run["scripts"]]
+        lines.append("")
+    text = "\n".join(lines)
+    md_path.write_text(text)
+    return text
+
+
+LIMITS = [
+    "What limits these figures:",
+    "",
+    "- Everything runs on one 2-CPU machine over veth: the router has one CPU (its NAPI threads are pinned "
+    "there) and shares it with whatever else runs; the generator and the receiver share the other. "
+    "The `router ns/pkt` columns are the router's own CPU cost and hold up under load better than pps, "
+    "which also depends on how much of its CPU the router got (the CPU-share table).",
+    "- veth costs per frame what a NIC driver would not (ring handling, page recycling, frame conversion), "
+    "and that cost is in every path, the floor included.",
+    "- TCP over veth: the sender and receiver run on the same two CPUs as the router, so throughput is "
+    "often bound by the endpoints; the router CPU per GB is then the figure that separates the paths.",
+]
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=str(ROOT / "bench-results"))
+    ap.add_argument("--md", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--plots", default=str(ROOT / "docs" / "bench"))
+    args = ap.parse_args(argv)
+    text = render(Path(args.results), Path(args.md), Path(args.plots))
+    targets_part = text.split("## Targets", 1)[1].split("What limits", 1)[0]
+    print("## Targets" + targets_part.rstrip())
+    print(f"written: {args.md} and plots in {args.plots}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

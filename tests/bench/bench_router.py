@@ -13,10 +13,12 @@ to CPU 1, the generator and the receiver's thread to CPU 0, so the router has a 
 its own (shared only with the rest of the machine) and its CPU time is those two threads'.
 
 Per (family, flow count), in one run and in this order:
-1. flows are established: every flow sends one datagram (paced bursts), which the receiver's
-   sink hands to a socket echo there, so that conntrack sees a reply for each flow (pyflow
-   offloads UDP only once a reply was seen); repeated until no flow is left UNREPLIED (at
-   most three passes);
+1. flows are established: every flow sends one datagram (paced at --setup-rate, with the
+   router's NAPI threads briefly SCHED_FIFO so that no frame is lost to a full ring), which
+   the receiver's sink hands to a socket echo there, so that conntrack sees a reply for each
+   flow (pyflow offloads UDP only once a reply was seen); repeated until no flow is left
+   UNREPLIED (at most three passes); the router's UDP conntrack timeouts are 300 s, so no
+   flow expires before its last measurement;
 2. ``kernel``: no XDP on the router; routing, conntrack and masquerade in the kernel;
 3. ``pyflow``: the datapath in native XDP on both router ports and pyflow's control plane
    running (keep-alive every second, as a daemon would); measured once every flow is
@@ -108,21 +110,31 @@ class Bench:
         return sum(1 for line in out.splitlines() if "UNREPLIED" in line)
 
     def establish(self, family: int, flows: int) -> dict:
-        """Every flow sends one datagram, answered by a socket echo on the receiver."""
+        """Every flow sends one datagram, answered by a socket echo on the receiver; passes
+        are repeated while conntrack still holds flows without a reply."""
         self.sink.configure(mode=trafficgen.SINK_PASS, src4=V4["up"], dst4=V4["snk"], src6=V6["up"],
                             dst6=V6["snk"])
         ports = sorted({trafficgen.flow_ports(i)[1] for i in (0, flows - 1)})
         echo = trafficgen.Echo(self.net.snk, list(range(ports[0], ports[-1] + 1)))
         t0 = time.monotonic()
-        passes, left, answered = 0, flows, 0
+        passes, left, answered, diag = 0, flows, 0, []
         try:
             while passes < 3:
                 self.gen.reset_sequence()
                 passes += 1
-                trafficgen.bursts(self.gen, self.net.gen, self.net.ifindex[GEN_IF], family, frames=flows,
-                                  burst=64, pause=0.002, cpu=HOST_CPU)
-                time.sleep(0.3)
+                s0, b0 = self.sink.counts()["packets"], self.back.counts()["packets"]
+                l0 = self.net.router_links()
+                with self.net.router_realtime():
+                    trafficgen.paced(self.gen, self.net.gen, self.net.ifindex[GEN_IF], family, frames=flows,
+                                     rate=self.args.setup_rate, cpu=HOST_CPU)
+                    self._wait_replies()
+                l1 = self.net.router_links()
                 left = self.unreplied()
+                diag.append({"handed_to_echo": self.sink.counts()["packets"] - s0,
+                             "replies_back": self.back.counts()["packets"] - b0,
+                             "router_lan_rx_dropped": l1[LAN]["rx_dropped"] - l0[LAN]["rx_dropped"],
+                             "router_up_rx_dropped": l1[UP]["rx_dropped"] - l0[UP]["rx_dropped"],
+                             "unreplied": left})
                 if left == 0:
                     break
         finally:
@@ -130,7 +142,21 @@ class Bench:
             self.sink.configure(mode=trafficgen.SINK_DROP, src4=V4["up"], dst4=V4["snk"], src6=V6["up"],
                                 dst6=V6["snk"])
         return {"seconds": time.monotonic() - t0, "passes": passes, "unreplied": left, "echoed": answered,
-                "conntrack_entries": self.net.conntrack_count()}
+                "conntrack_entries": self.net.conntrack_count(), "per_pass": diag}
+
+    def _wait_replies(self, limit: float = 30.0) -> None:
+        """Until the echo has answered everything it was handed (replies counted where they
+        arrive, at the sender), or answers stop coming for a second."""
+        deadline, last, last_change = time.monotonic() + limit, -1, time.monotonic()
+        while time.monotonic() < deadline:
+            handed, back = self.sink.counts()["packets"], self.back.counts()["packets"]
+            if back >= handed:
+                return
+            if back != last:
+                last, last_change = back, time.monotonic()
+            elif time.monotonic() - last_change > 1.0:
+                return
+            time.sleep(0.05)
 
     # -- measuring ---------------------------------------------------------------------
 
@@ -181,8 +207,10 @@ class Bench:
                 self.floor.remove_xdp(LAN.encode(), 0)
 
     def pyflow(self, family: int, flows: int) -> dict:
+        from pyflow.abi import MAP_FLOWS
         from pyflow.control.engine import EngineConfig
         from pyflow.control.runner import ControlConfig, ControlPlane
+        from pyflow.flowtable import FlowTable
 
         with netns.inside(self.net.rt):
             for dev in (LAN, UP):
@@ -191,20 +219,43 @@ class Bench:
             t0 = time.monotonic()
             cp.start()
         try:
+            # until every flow is offloaded, or the count stops growing (a flow whose reply was
+            # lost while establishing is never offloaded: it is reported, not waited for)
             deadline = t0 + self.args.offload_timeout
-            while len(cp.engine.offloaded) < flows and time.monotonic() < deadline:
+            last, last_change = -1, time.monotonic()
+            while time.monotonic() < deadline:
+                n = len(cp.engine.offloaded)
+                if n >= flows or (n > 0 and time.monotonic() - last_change > 3.0):
+                    break
+                if n != last:
+                    last, last_change = n, time.monotonic()
                 time.sleep(0.05)
             offloaded, waited = len(cp.engine.offloaded), time.monotonic() - t0
             tid = cp._thread.native_id if cp._thread is not None else None
             res = self.measure(family, extra_tid=tid)
+            st = cp.engine.stats
+            res["engine"] = {"offloaded": st.offloaded, "refused": dict(st.refused),
+                             "removed": dict(st.removed), "pending": st.pending,
+                             "install_errors": st.install_errors, "resyncs": st.resyncs,
+                             "lost_events": getattr(cp.ct, "lost_events", None)}
             res.update({"offloaded": offloaded, "offload_wait_s": waited,
                         "forwarded_by_fast_path": self.dp.reason_counts().get("forwarded", (0, 0))[0]})
             return res
         finally:
+            # No hand-back: it removes connections one by one (tens of seconds for 100,000),
+            # and stop() stops waiting after 10 s. The loop is stopped and joined, the map
+            # cleared here, and the next flow count starts from a flushed conntrack anyway.
             with netns.inside(self.net.rt):
-                cp.stop(hand_back=True)
+                cp.stop(hand_back=False)
+                if cp._thread is not None:
+                    cp._thread.join(60)
                 for dev in (LAN, UP):
                     self.dp.detach(dev)
+                table = FlowTable(self.dp.map_fd(MAP_FLOWS))
+                try:
+                    table.clear()
+                finally:
+                    table.close()
 
 
 def main(argv: list[str]) -> int:
@@ -216,6 +267,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--window", type=float, default=1.0)
     ap.add_argument("--warmup", type=float, default=0.5)
     ap.add_argument("--offload-timeout", type=float, default=60.0)
+    ap.add_argument("--setup-rate", type=float, default=25_000.0,
+                    help="frames per second while establishing flows (the kernel path takes new flows)")
     ap.add_argument("--out", default=str(ROOT / "bench-results" / "router.json"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -254,7 +307,8 @@ def main(argv: list[str]) -> int:
                         else:
                             row[path] = bench.floor_path(family)
                         r = row[path]
-                        extra = f", offloaded {r['offloaded']}" if path == "pyflow" else ""
+                        extra = (f", offloaded {r['offloaded']} after {r['offload_wait_s']:.1f} s "
+                                 f"{r['engine']}" if path == "pyflow" else "")
                         print(f"   {path:7} {r['pps']['median'] / 1e3:8.0f} kpps "
                               f"({r['pps']['min'] / 1e3:.0f}..{r['pps']['max'] / 1e3:.0f}), "
                               f"{r['ns_per_packet']['median']:7.0f} router ns/pkt, "

@@ -2,11 +2,12 @@
 
 Each bench_*.py prints its own table and writes JSON under bench-results/; this runner
 sequences them (in SUITE order, with the arguments that keep the whole run within about
-15 minutes on 2 CPUs), saves what each prints to bench-results/<name>.txt, records the
-run's conditions in bench-results/run.json, and finally runs report.py, which turns the
-JSON into BENCHMARKS.md and docs/bench/*.png. A script's old JSON is removed before it
-runs, so a failure shows as "not run" in the report instead of stale figures. Exit status
-is non-zero if any script failed (the report is still written).
+15 minutes on 2 CPUs), saves what each prints to bench-results/bench_<name>.txt (stderr
+to bench_<name>.stderr.txt), records the run's conditions in bench-results/run.json, and
+finally runs report.py, which turns the JSON into BENCHMARKS.md and docs/bench/*.png. A
+script's old JSON is removed before it runs, so a failure shows as "not run" in the report
+instead of stale figures. Exit status is non-zero if any script failed (the report is
+still written).
 
     run_all.py                 everything, then the report
     run_all.py --quick         smoke run: every script in its quick mode
@@ -35,7 +36,7 @@ OUT = ROOT / "bench-results"
 SUITE: list[tuple[str, list[str]]] = [
     ("router", []),
     ("tcp", []),
-    ("datapath", ["--repeat", "1000000", "--rounds", "5"]),
+    ("datapath", ["--repeat", "500000", "--rounds", "5"]),
     ("flowtable", []),
     ("control", []),
 ]
@@ -66,12 +67,22 @@ def run_scripts(names: list[str], quick: bool) -> tuple[list[dict], bool]:
         args = ["--quick"] if quick else full_args
         print(f"== {script.name} {' '.join(args)}", flush=True)
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT)
+        # stdout streams through as it comes (runs take minutes); stderr (bcc's warnings,
+        # tracebacks) goes to a file of its own and, on failure, to the screen
+        err_path = OUT / f"bench_{name}.stderr.txt"
+        with open(OUT / f"bench_{name}.txt", "w") as log, open(err_path, "w") as err_file, \
+                subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                                 stderr=err_file, text=True, cwd=ROOT) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+            proc.wait()
+        err = err_path.read_text()
         seconds = time.monotonic() - t0
-        (OUT / f"bench_{name}.txt").write_text(proc.stdout + proc.stderr)
-        sys.stdout.write(proc.stdout)
         if proc.returncode != 0:
-            sys.stdout.write(proc.stderr[-4000:])
+            sys.stdout.write(err[-4000:])
             ok = False
         print(f"== {script.name}: exit {proc.returncode}, {seconds:.0f} s\n", flush=True)
         records.append({"name": script.name, "seconds": seconds, "exit": proc.returncode})

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import os
+import signal
 import socket
 import struct
 import threading
@@ -70,7 +71,8 @@ struct gen_cfg {
     u16 dport_base;
 };
 BPF_ARRAY(gen_cfg, struct gen_cfg, 1);
-BPF_PERCPU_ARRAY(gen_seq, u32, 1);
+BPF_PERCPU_ARRAY(gen_seq, u32, 2);   /* [0] next flow, [1] pacing tick */
+BPF_ARRAY(gen_pace, u32, 1);         /* transmit one run in this many (0, 1: every run) */
 
 struct udp_ports { __be16 source; __be16 dest; __be16 len; __sum16 check; };
 
@@ -84,6 +86,22 @@ static __always_inline u32 next_flow(struct gen_cfg *c)
     u32 i = *seq;
     *seq = i + 1 >= c->flows ? 0 : i + 1;
     return i;
+}
+
+/* Pacing inside one call: the runs in between end in XDP_DROP (a recycled page, no
+ * transmit), so a single call can spread its frames over time for a slow receiver. */
+static __always_inline int skip_run(void)
+{
+    int zero = 0, one = 1;
+    u32 *every = gen_pace.lookup(&zero);
+    if (!every || *every <= 1)
+        return 0;
+    u32 *tick = gen_seq.lookup(&one);
+    if (!tick)
+        return 0;
+    u32 t = *tick;
+    *tick = t + 1 >= *every ? 0 : t + 1;
+    return t != 0;
 }
 
 static __always_inline void set_ports(struct gen_cfg *c, struct udp_ports *u, u32 i, int v6)
@@ -115,6 +133,8 @@ int gen4(struct xdp_md *ctx)
     struct gen_cfg *c = gen_cfg.lookup(&zero);
     if (!c || data + V4_FRAME > end)
         return XDP_ABORTED;
+    if (skip_run())
+        return XDP_DROP;
     __builtin_memcpy(data, c->frame4, V4_FRAME);
     set_ports(c, data + UDP4_OFF, next_flow(c), 0);
     return XDP_TX;
@@ -128,6 +148,8 @@ int gen6(struct xdp_md *ctx)
     struct gen_cfg *c = gen_cfg.lookup(&zero);
     if (!c || data + V6_FRAME > end)
         return XDP_ABORTED;
+    if (skip_run())
+        return XDP_DROP;
     __builtin_memcpy(data, c->frame6, V6_FRAME);
     set_ports(c, data + UDP6_OFF, next_flow(c), 1);
     return XDP_TX;
@@ -300,6 +322,12 @@ class Generator:
         seq = self.bpf["gen_seq"]
         seq[ct.c_int(0)] = seq.Leaf(*([0] * len(seq[ct.c_int(0)])))
 
+    def set_pace(self, every: int) -> None:
+        """Transmit one run in ``every`` (1: all), starting with the next run on every CPU."""
+        self.bpf["gen_pace"][ct.c_int(0)] = ct.c_uint(max(1, every))
+        seq = self.bpf["gen_seq"]
+        seq[ct.c_int(1)] = seq.Leaf(*([0] * len(seq[ct.c_int(1)])))
+
     def send(self, family: int, ifindex: int, repeat: int, batch: int = 64) -> int:
         """One live-frames run: ``repeat`` frames out of ifindex (a device in the calling
         thread's namespace). Returns the kernel's mean ns per frame."""
@@ -367,6 +395,7 @@ def bursts(gen: Generator, ns: str, ifindex: int, family: int, *, frames: int, b
         from tests import netns
 
         try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
             os.sched_setaffinity(0, {cpu})
             with netns.inside(ns):
                 left = frames
@@ -383,6 +412,45 @@ def bursts(gen: Generator, ns: str, ifindex: int, family: int, *, frames: int, b
     th.join()
     if error:
         raise error[0]
+
+
+def paced(gen: Generator, ns: str, ifindex: int, family: int, *, frames: int, rate: float,
+          chunk: int = 4096, cpu: int = 0) -> float:
+    """``frames`` frames at about ``rate`` per second, from a thread pinned to ``cpu`` inside
+    ``ns``: few calls of many runs each (a call has a fixed setup cost of milliseconds), the
+    frames spread inside each call by the program's pacing, which is adjusted after every
+    call to the rate reached. Returns the seconds it took."""
+    error: list[BaseException] = []
+    took = [0.0]
+
+    def run() -> None:
+        from tests import netns
+
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
+            os.sched_setaffinity(0, {cpu})
+            every, left, t_start = 64, frames, time.monotonic()
+            with netns.inside(ns):
+                while left > 0:
+                    n = min(chunk, left)
+                    gen.set_pace(every)
+                    t0 = time.monotonic()
+                    gen.send(family, ifindex, n * every, 64)
+                    reached = n / max(time.monotonic() - t0, 1e-6)
+                    every = max(1, min(1 << 16, round(every * reached / rate)))
+                    left -= n
+            took[0] = time.monotonic() - t_start
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            error.append(exc)
+        finally:
+            gen.set_pace(1)
+
+    th = threading.Thread(target=run, name="pft-paced", daemon=True)
+    th.start()
+    th.join()
+    if error:
+        raise error[0]
+    return took[0]
 
 
 class Echo:
@@ -420,9 +488,8 @@ for port in ports:
         s = socket.socket(fam, socket.SOCK_DGRAM)
         if fam == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: past rmem_max (root)
         s.bind((addr, port))
-        s.setblocking(False)
         sel.register(s, selectors.EVENT_READ)
 sel.register(sys.stdin, selectors.EVENT_READ)
 print("ready", flush=True)
@@ -435,10 +502,10 @@ while time.monotonic() < end:
         s = key.fileobj
         for _ in range(256):
             try:
-                data, peer = s.recvfrom(2048)
+                data, peer = s.recvfrom(2048, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
-            s.sendto(data, peer)
+            s.sendto(data, peer)  # blocking: waits for room rather than losing the reply
             n += 1
 print(n, flush=True)
 """
@@ -474,6 +541,9 @@ class Blaster:
         from tests import netns
 
         try:
+            # Signals for the process (a child's SIGCHLD, ...) go to the main thread, not into
+            # the middle of a send call (which would end with EINTR).
+            signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
             if self.cpu is not None:
                 os.sched_setaffinity(0, {self.cpu})  # this thread only
             # Lower priority than the receiver's NAPI thread (nice 0) on the same CPU: the

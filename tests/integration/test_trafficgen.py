@@ -102,8 +102,8 @@ def test_echo_behind_a_passing_sink_gives_every_flow_a_reply_in_conntrack(progra
             back.attach(GEN_IF)
         echo = trafficgen.Echo(net.snk, [trafficgen.DPORT_BASE], max_seconds=30)
         try:
-            trafficgen.bursts(gen, net.gen, net.ifindex[GEN_IF], family, frames=flows, burst=BURST,
-                              pause=0.01)
+            # paced inside the program: exactly one frame per flow, spread over the call
+            trafficgen.paced(gen, net.gen, net.ifindex[GEN_IF], family, frames=flows, rate=5000, chunk=50)
             wait_for(lambda: back.counts()["packets"] - b0["packets"] >= flows, 3.0)
             s1, b1 = sink.counts(), back.counts()
         finally:

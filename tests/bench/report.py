@@ -412,7 +412,7 @@ def render(results: Path, md_path: Path, plots: Path) -> str:
         "",
         f"Run: {run.get('started', '?')}, kernel {run.get('kernel', '?')}, {run.get('cpus', '?')} CPUs "
         f"({run.get('cpu_model', '?')}), load average before/after {run.get('loadavg_before', '?')} / "
-        f"{run.get('loadavg_after', '?')}; whole suite {run.get('wall_s', 0) / 60:.1f} min. "
+        f"{run.get('loadavg_after', '?')}; the scripts took {run.get('wall_s', 0) / 60:.1f} min in all. "
         "The machine is shared: absolute figures drift between runs, so every comparison is a ratio "
         "within one run.",
         "",
@@ -430,8 +430,9 @@ def render(results: Path, md_path: Path, plots: Path) -> str:
                            (ft, md_flowtable, "flow-map API"), (control, md_control, "control plane")):
         lines += fn(data) if data else [f"*{name}: not run.*", ""]
     if run.get("scripts"):
-        lines += ["## Run times", "", "| script | seconds | exit |", "| --- | ---: | ---: |"]
-        lines += [f"| {s['name']} | {s['seconds']:.0f} | {s['exit']} |" for s in run["scripts"]]
+        lines += ["## Run times", "", "| script | started | seconds | exit |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| {s['name']} | {s.get('started', run.get('started', '?'))} | {s['seconds']:.0f} "
+                  f"| {s['exit']} |" for s in run["scripts"]]
         lines.append("")
     text = "\n".join(lines)
     md_path.write_text(text)

@@ -108,12 +108,20 @@ def main(argv: list[str]) -> int:
         started = datetime.datetime.now(datetime.UTC)
         before, t0 = loadavg(), time.monotonic()
         records, ok = run_scripts(names, args.quick)
+        wall = time.monotonic() - t0
         run = {"started": started.strftime("%Y-%m-%d %H:%M UTC"), "kernel": os.uname().release,
                "cpus": os.cpu_count(), "cpu_model": cpu_model(), "loadavg_before": before,
-               "loadavg_after": loadavg(), "wall_s": time.monotonic() - t0, "quick": args.quick,
-               "scripts": records}
+               "loadavg_after": loadavg(), "quick": args.quick, "scripts": records}
+        if args.only and (OUT / "run.json").exists():
+            # a partial rerun: the other scripts' records stay, marked with their own run
+            old = json.loads((OUT / "run.json").read_text())
+            rerun = {r["name"] for r in records}
+            kept = [dict(r, started=r.get("started", old.get("started"))) for r in old.get("scripts", [])
+                    if r["name"] not in rerun]
+            run["scripts"] = kept + [dict(r, started=run["started"]) for r in records]
+        run["wall_s"] = sum(r["seconds"] for r in run["scripts"])
         (OUT / "run.json").write_text(json.dumps(run, indent=2))
-        print(f"benchmarks took {run['wall_s'] / 60:.1f} min", flush=True)
+        print(f"benchmarks took {wall / 60:.1f} min", flush=True)
     sys.path.insert(0, str(ROOT))
     from tests.bench import report
 

@@ -450,6 +450,11 @@ LIMITS = [
     "and that cost is in every path, the floor included.",
     "- TCP over veth: the sender and receiver run on the same two CPUs as the router, so throughput is "
     "often bound by the endpoints; the router CPU per GB is then the figure that separates the paths.",
+    "- pyflow at 100,000 flows: the control plane's keep-alive (every second: all counters read, every "
+    "moving connection refreshed in conntrack) takes a large share of a CPU (column `control plane`), and "
+    "the router's own cost per packet grows with the table (the generator walks all flows in turn, so "
+    "nearly every lookup misses the CPU caches). In one diagnostic run the control plane offloaded no "
+    "connection at all (every packet a `miss`); the `offloaded` column shows what each run got.",
 ]
 
 

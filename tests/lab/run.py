@@ -113,7 +113,8 @@ for m in {mods}; do
 done
 grep -q ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf
 uname -r > {out}/kernel.txt
-export PYFLOW_LAB=1 PYFLOW_LAB_RESULTS={q(str(RESULTS_DIR))} PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+export PYFLOW_LAB=1 PYFLOW_LAB_RESULTS={q(str(RESULTS_DIR))} PYFLOW_LAB_OUT={out}
+export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 started=$(date +%s)
 timeout -k 10 {guest_timeout} {python} -m pytest -p no:cacheprovider -rs \\
     --junitxml={out}/junit.xml {args} > {out}/pytest.log 2>&1
@@ -127,8 +128,9 @@ sync
 class Streamer:
     """Prints what the guest appends to a file, as it appears."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, prefix: str = "") -> None:
         self.path = path
+        self.prefix = prefix
         self.offset = 0
 
     def pump(self) -> None:
@@ -138,9 +140,14 @@ class Streamer:
                 chunk = f.read()
         except FileNotFoundError:
             return
+        if self.prefix:
+            chunk = chunk[:chunk.rfind(b"\n") + 1]  # whole lines only, each with the prefix
         if chunk:
             self.offset += len(chunk)
-            sys.stdout.write(chunk.decode(errors="replace"))
+            text = chunk.decode(errors="replace")
+            if self.prefix:
+                text = "".join(f"{self.prefix}{line}\n" for line in text.splitlines())
+            sys.stdout.write(text)
             sys.stdout.flush()
 
 
@@ -168,11 +175,13 @@ def run_lab(pytest_args: list[str], *, timeout: int, kernel: str | None, cpus: i
     # its qemu) can be ended by that one process group id
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                             env=env, cwd=REPO, start_new_session=True)
-    streamer = Streamer(run_dir / "pytest.log")
+    # pytest's own output, and the progress long guest fixtures report (tests/lab/guest/conftest.py)
+    streamers = [Streamer(run_dir / "pytest.log"), Streamer(run_dir / "progress.log", prefix="lab: ")]
     timed_out = False
     try:
         while proc.poll() is None:
-            streamer.pump()
+            for streamer in streamers:
+                streamer.pump()
             if time.monotonic() - t0 > timeout:
                 timed_out = True
                 _stop(proc)
@@ -183,7 +192,8 @@ def run_lab(pytest_args: list[str], *, timeout: int, kernel: str | None, cpus: i
         raise
     finally:
         console.close()
-    streamer.pump()
+    for streamer in streamers:
+        streamer.pump()
     elapsed = time.monotonic() - t0
     status = _read_status(run_dir / "status")
     mods = _failed_modules(run_dir / "modules.txt")

@@ -16,6 +16,7 @@ import platform
 import pytest
 
 from tests import netns
+from tests.lab.guest.lab import module_loaded
 
 # The capabilities the lab exists for (DESIGN.md): without them it is not the lab kernel.
 LAB_MODULES = ("cls_flower", "act_pedit", "act_csum", "act_mirred", "act_vlan", "act_gact",
@@ -23,8 +24,6 @@ LAB_MODULES = ("cls_flower", "act_pedit", "act_csum", "act_mirred", "act_vlan", 
 
 
 def test_lab_kernel_has_the_modules_the_lab_is_for():
-    from tests.lab.guest.conftest import module_loaded
-
     missing = [m for m in LAB_MODULES if not module_loaded(m)]
     assert not missing, f"kernel {platform.release()} did not load: {missing}"
 

@@ -6,7 +6,8 @@ The unit is used as written except for three things this systemd needs: ExecStar
 this checkout's pyflowd and a config under /run (the unit's /usr/local/bin and /etc/pyflow
 are not there); and a drop-in with DefaultDependencies=no (this systemd has no
 sysinit.target), output to a file (no journald), and WatchdogSec=4 so that pings come
-within seconds. With the checkout in a home directory, ProtectHome= becomes read-only.
+within seconds. With the checkout in a home directory, ProtectHome= becomes read-only;
+with it in /tmp, PrivateTmp= is off and /tmp writable (a private /tmp would hide it).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def drop_in() -> str:
             "StandardError=inherit\nWatchdogSec=4\n")
     if str(REPO).startswith(("/home/", "/root/", "/run/user/")):
         text += "ProtectHome=read-only\n"
+    if str(REPO).startswith(("/tmp/", "/var/tmp/")):  # PrivateTmp= would hide the checkout
+        text += "PrivateTmp=no\nReadWritePaths=/tmp\n"
     return text
 
 

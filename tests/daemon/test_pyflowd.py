@@ -534,6 +534,14 @@ def test_config_errors_exit_2_before_touching_devices(env, tmp_path):
                               "--bpffs-dir", f"/sys/fs/bpf/pft-never-{os.getpid()}"],
                              cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert run.returncode == 2 and message in run.stderr, run.stderr
+    # valid, but the pin dir is not on bpffs: an operational failure, exit 1, one line
+    bad.write_text(f'[[device]]\nname = "{LAN}"\n')
+    run = subprocess.run([*in_netns(topo.r1), sys.executable, "-m", "pyflow.daemon", "--config", str(bad),
+                          "--socket", str(tmp_path / "s.sock"), "--state-dir", str(tmp_path / "st1"),
+                          "--bpffs-dir", str(tmp_path / "pft-notbpf"), "--metrics-address", ""],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "is not on a bpf filesystem" in run.stderr, run.stderr
+    assert not (tmp_path / "s.sock").exists()
     assert hooks(topo) == hooks_before
     assert not os.path.exists(f"/sys/fs/bpf/pft-never-{os.getpid()}") and not (tmp_path / "st").exists()
     bad.write_text(f'[[device]]\nname = "{LAN}"\n')

@@ -241,11 +241,13 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s", exc)
         else:
             _set_log_level(new.daemon.log_level)
+            from .control.runner import LoopStopped
+
             try:
                 self.manager.cp.call(lambda: self.manager.reload(new))
                 self.config = self.manager.config
                 log.info("reloaded %s", new.path or "built-in defaults")
-            except PyflowError as exc:
+            except (PyflowError, LoopStopped, TimeoutError) as exc:
                 log.error("reload failed: %s", exc)
         self.notifier.notify("READY=1", "STATUS=reloaded")
 

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .config import parse_address
+from .errors import PyflowError
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,10 @@ class MetricsServer:
         from prometheus_client import start_http_server
 
         host, port = parse_address(address)
-        self.server, self.thread = start_http_server(port, host, registry=registry)
+        try:
+            self.server, self.thread = start_http_server(port, host, registry=registry)
+        except OSError as exc:
+            raise PyflowError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -249,7 +249,19 @@ def test_a_second_daemon_refuses_to_start(env, tmp_path):
     for argv, message in cases:
         res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert res.returncode == 1 and message in res.stderr, res.stderr
+    # the metrics port taken: found after the datapath loaded (no devices here: the first
+    # daemon's must not be touched), which is then removed again
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    busy = [*in_netns(topo.r1), sys.executable, "-m", "pyflow.daemon", "--config", str(empty),
+            "--socket", str(tmp_path / "third.sock"), "--state-dir", str(tmp_path / "third"),
+            "--bpffs-dir", f"/sys/fs/bpf/pft-second-{os.getpid()}"]
+    res = subprocess.run(busy, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{METRICS_PORT}: Address already in use" in res.stderr
     assert not os.path.exists(f"/sys/fs/bpf/pft-second-{os.getpid()}")
+    assert not (tmp_path / "third.sock").exists()
+    assert hooks(topo) == {LAN: "tc", UP: "tc", UP2: "none"}
     assert d.json("status")["pid"] == d.proc.pid  # the first one is untouched
 
 

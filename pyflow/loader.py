@@ -7,7 +7,12 @@ and attaches them to devices in one of three modes:
 ``native``   XDP in the driver (IFLA_XDP with XDP_FLAGS_DRV_MODE)
 ``generic``  XDP after the skb is built (XDP_FLAGS_SKB_MODE), for any device
 ``tc``       a cls_bpf direct-action filter on the device's clsact ingress hook
-``auto``     chosen per device by :func:`pyflow.netdev.choose_mode`
+``auto``     chosen per device by :func:`pyflow.netdev.choose_mode`; hw as well
+             when the device reports hw-tc-offload on
+``hw``       flower rules in the NIC (pyflow.hw), plus the software hook ``auto``
+             would pick, which carries every flow the NIC refuses. Refused on a
+             device without hw-tc-offload, unless ``hw_skip_hw`` (the rules then
+             run in the kernel's software flower: labs and tests)
 
 Persistence: the maps are created pinned under the pin dir (or adopted from
 the pins, bcc's BPF_TABLE_PINNED), the programs are pinned there too
@@ -93,6 +98,7 @@ class Attachment:
     prog_id: int       # program id seen on the device when we last attached or adopted
     reason: str        # why this mode (auto's rule, or "asked for native")
     own_clsact: bool = False  # we created the clsact qdisc, so detach may remove it
+    hw: bool = False   # flows are placed as flower rules here too (mode is the software hook)
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,7 @@ class DeviceStatus:
     prog_id: int
     slot: int | None
     reason: str
+    hw: bool = False   # a hardware device: the control plane places flower rules on it
 
 
 @dataclass
@@ -224,8 +231,9 @@ class Datapath:
     """The loaded datapath: maps, both programs, and the devices they run on."""
 
     def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, *, state_file: str | None = None,
-                 defines: Mapping[str, int] | None = None) -> None:
+                 defines: Mapping[str, int] | None = None, hw_skip_hw: bool = False) -> None:
         self.pin_dir = pin_dir.rstrip("/")
+        self.hw_skip_hw = hw_skip_hw  # hw mode without hw-tc-offload: software flower rules
         name = os.path.basename(self.pin_dir) or "pyflow"
         self.state_file = Path(state_file) if state_file else Path(DEFAULT_STATE_DIR) / f"{name}.json"
         self._lock = threading.RLock()
@@ -680,14 +688,19 @@ class Datapath:
         the devmap and the state file are as they were.
         """
         if mode not in netdev.ALL_MODES:
-            raise DeviceError(f"unknown attach mode {mode!r} for {ifname}: use native, generic, tc or auto")
+            raise DeviceError(f"unknown attach mode {mode!r} for {ifname}: "
+                              f"use native, generic, tc, hw or auto")
         with self._op():
             facts = netdev.read_facts(self._ipr, ifname)
             reason = f"asked for {mode}"
             fallback = False
-            if mode == "auto":
+            hw = False
+            if mode in ("hw", "auto"):
+                hw, hw_reason = self._hw_choice(ifname, asked=mode == "hw")
                 mode, reason = netdev.choose_mode(facts)
                 fallback = mode == "native"
+                if hw:
+                    reason = f"{hw_reason}; software hook for refused flows: {reason}"
             known = self._known_prog_ids()
             if facts.xdp_prog_id and facts.xdp_prog_id not in known and mode != "tc":
                 raise DeviceError(f"{ifname}: runs another XDP program (id {facts.xdp_prog_id}), "
@@ -710,11 +723,30 @@ class Datapath:
                 raise
             prog_id = self.tc_prog_id if mode == "tc" else self.xdp_prog_id
             self._state.devices[facts.ifindex] = Attachment(facts.ifname, facts.ifindex, mode, prog_id,
-                                                            reason, own_clsact)
+                                                            reason, own_clsact, hw)
             self._write_state()
             self._pin_progs()
-            log.info("%s: attached in %s mode (slot %d): %s", ifname, mode, slot, reason)
-            return DeviceStatus(facts.ifname, facts.ifindex, mode, prog_id, slot, reason)
+            log.info("%s: attached in %s mode%s (slot %d): %s", ifname, mode, " + hw" if hw else "", slot,
+                     reason)
+            return DeviceStatus(facts.ifname, facts.ifindex, mode, prog_id, slot, reason, hw)
+
+    def _hw_choice(self, ifname: str, *, asked: bool) -> tuple[bool, str]:
+        """(place flower rules on ifname, why) for mode hw (asked) or auto. hw on a device
+        without hw-tc-offload is refused, unless hw_skip_hw makes the rules software ones."""
+        from .hw.capability import tc_offload
+
+        try:
+            cap = tc_offload(ifname)
+            active, why_not = cap.active, cap.why_not()
+        except DeviceError as exc:
+            active, why_not = False, str(exc)
+        if active:
+            return True, "hw-tc-offload is on: flower rules in the NIC"
+        if not asked:
+            return False, ""
+        if self.hw_skip_hw:
+            return True, f"hw with hw_skip_hw: flower rules in software ({why_not})"
+        raise DeviceError(f"{ifname} cannot offload to hardware ({why_not}); use --mode auto or tc")
 
     def _switch(self, facts: netdev.DeviceFacts, before: Attachment | None, mode: str,
                 known: set[int]) -> bool:
@@ -845,7 +877,7 @@ class Datapath:
                     continue
                 live = self._live_attachment(ifindex)
                 prog_id = live[1] if live is not None and live[0] == att.mode else 0
-                out.append(DeviceStatus(att.ifname, ifindex, att.mode, prog_id, slot, att.reason))
+                out.append(DeviceStatus(att.ifname, ifindex, att.mode, prog_id, slot, att.reason, att.hw))
         return out
 
     def reason_counts(self) -> dict[str, tuple[int, int]]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from .errors import DeviceError
 
 MODES = ("native", "generic", "tc")
-ALL_MODES = (*MODES, "auto")
+ALL_MODES = (*MODES, "hw", "auto")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -92,8 +92,13 @@ class FlowMap(Protocol):
 
 
 class HwStats(Protocol):
-    packets: int
-    idle_ns: int  # since the rule last matched
+    @property
+    def packets(self) -> int: ...
+
+    @property
+    def idle_ns(self) -> int:
+        """Since the rule last matched."""
+        ...
 
 
 class HwPlacer(Protocol):
@@ -109,7 +114,7 @@ class HwPlacer(Protocol):
 
     def remove(self, ids: tuple) -> None: ...
 
-    def stats(self) -> dict[Any, HwStats]:
+    def stats(self) -> Mapping[Any, HwStats]:
         """Counters of the placed rules by id (one dump); a rule that is gone is absent."""
         ...
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from ..abi import MAP_FLOWS
 from ..flowtable import FlowTable
+from ..hw.offload import FlowerOffload
 from ..loader import Datapath
 from .conntrack import CtNetlink
 from .engine import Engine, EngineConfig, ManagedDevice
@@ -103,11 +104,15 @@ class LoaderDevices:
         # devices on their way out (being removed): no connection may resolve through them,
         # so that their flows go back to the kernel path before the hook goes away
         self.leaving: set[int] = set()
+        self.hw_devices: list[int] = []  # attached in hw mode: flows there are offered to flower rules
         self.refresh()
 
     def refresh(self) -> None:
         devices = {}
-        for st in self.dp.status():
+        statuses = self.dp.status()
+        self.hw_devices = [st.ifindex for st in statuses
+                           if st.hw and st.slot is not None and st.ifindex not in self.leaving]
+        for st in statuses:
             if st.slot is None or st.ifindex in self.leaving:
                 continue
             try:
@@ -151,7 +156,19 @@ class ControlPlane:
         self.paths = RtPaths()
         self.watcher = PathWatcher()
         self.devices = LoaderDevices(self.dp, self.paths)
-        self.engine = Engine(self.ct, self.paths, self.flows, self.devices, self.config.engine)
+        self.hw: FlowerOffload | None = None
+        if self.devices.hw_devices:
+            self.hw = FlowerOffload(skip_hw=self.dp.hw_skip_hw)
+            self._hw_devices()
+        self.engine = Engine(self.ct, self.paths, self.flows, self.devices, self.config.engine, hw=self.hw)
+
+    def _hw_devices(self) -> None:
+        """Register the devices attached in hw mode with the flower adapter (again after a link
+        change: names and MTUs can change)."""
+        if self.hw is None:
+            return
+        for ifindex in self.devices.hw_devices:
+            self.hw.add_device(ifindex)
 
     def run(self) -> None:
         """Set up, start from a full dump (adopting whatever a previous process left in
@@ -265,6 +282,7 @@ class ControlPlane:
             return
         if any(change[0] == "link" for change in changes):
             self.devices.refresh()
+            self._hw_devices()
         self.engine.paths_changed()
 
     def start(self) -> None:
@@ -284,7 +302,9 @@ class ControlPlane:
     def _close(self) -> None:
         self._stop.set()  # calls queued from now on are refused, not left waiting
         self._run_calls()
-        for name in ("ct", "watcher", "paths", "flows"):
+        # flower rules go even without hand-back: a later process could not adopt them (it
+        # re-offloads from its conntrack dump), and nothing would keep them alive meanwhile
+        for name in ("hw", "ct", "watcher", "paths", "flows"):
             part = getattr(self, name, None)
             close = getattr(part, "close", None)
             if close is not None:

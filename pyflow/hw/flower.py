@@ -345,11 +345,19 @@ def fix_request(request: dict) -> None:
     request["info"] = socket.htons(protocol) | (prio << 16)
 
 
+NO_OPTIONS = "no options"
+"""filter= for requests that name a filter without describing it (del-filter): pyroute2 asks
+the plugin for options on every request with arguments, and an empty flower filter would
+match everything, so a missing filter= is an error and "none" must be said."""
+
+
 def get_parameters(kwarg: dict) -> dict:
     """TCA_OPTIONS for IPRoute.tc(..., "flower", ..., filter=FlowerFilter(...))."""
     value = kwarg.get("filter")
+    if value is NO_OPTIONS:
+        return {"attrs": []}
     if not isinstance(value, FlowerFilter):
-        raise ValueError("a flower filter needs filter=FlowerFilter(...)")
+        raise ValueError("a flower filter needs filter=FlowerFilter(...) (or NO_OPTIONS to delete)")
     return {"attrs": encode_options(value)}
 
 

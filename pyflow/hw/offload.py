@@ -82,20 +82,26 @@ class FlowerOffload:
 
     # ---- devices ------------------------------------------------------------------
 
-    def add_device(self, ifindex: int, ifname: str, mtu: int) -> str | None:
-        """Make ifindex a hardware device: clsact (made if absent) and the TTL guards.
+    def add_device(self, ifindex: int) -> str | None:
+        """Make ifindex a hardware device: clsact (made if absent), rules an earlier process
+        left at our priorities removed, and the TTL guards. Called again (a link change) it
+        re-reads the device's name and MTU.
 
         Returns None, or why the device takes no rule (then every flow offered for it is
         refused with that reason, counted, and carried by the XDP path: flow rules without
         the guards would forward TTL 1 packets)."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            (link,) = self._ipr.link("get", index=ifindex)
+        except NetlinkError as exc:
+            return _reason(exc)[0]
+        ifname, mtu = link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU") or 0
         if ifindex in self._devices:
             dev = self._devices[ifindex]
             dev.ifname, dev.mtu = ifname, mtu
             return dev.refused
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        own = False
-        dev = _Device(ifname, mtu, own)
+        dev = _Device(ifname, mtu, False)
         self._devices[ifindex] = dev
         try:
             if self._qdisc_kind(ifindex) is None:
@@ -104,6 +110,7 @@ class FlowerOffload:
                     dev.own_clsact = True
                 except NetlinkError as exc:
                     raise HwRefused(*_reason(exc)) from None
+            self._clear_stale(ifindex)
             placed: list[RuleId] = []
             try:
                 for place, filt in rules.guard_filters(ifindex, flags=self.flags):
@@ -120,6 +127,18 @@ class FlowerOffload:
         log.info("%s: flower rules %s (guards for TTL <= 1 in place)", ifname,
                  "in software (skip_hw)" if self.flags & F.SKIP_HW else "in hardware (skip_sw)")
         return None
+
+    def _clear_stale(self, ifindex: int) -> None:
+        """Delete every filter at pyflow's flower priorities (left by a process that died):
+        their flows are not known here, so nothing would keep them alive or remove them."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        for protocol in rules.PROTOCOLS:
+            for guard in (True, False):
+                with contextlib.suppress(NetlinkError):
+                    self._ipr.tc("del-filter", F.KIND, ifindex, 0, parent=TC_PARENT_INGRESS,
+                                 prio=rules.prio_of(protocol, guard=guard), protocol=protocol,
+                                 filter=F.NO_OPTIONS)
 
     def capable(self, ifindex: int) -> bool:
         return ifindex in self._devices
@@ -169,7 +188,7 @@ class FlowerOffload:
             self._rules.discard(rid)
             try:
                 self._ipr.tc("del-filter", F.KIND, rid.ifindex, rid.handle, parent=TC_PARENT_INGRESS,
-                             prio=rid.prio, protocol=rid.protocol)
+                             prio=rid.prio, protocol=rid.protocol, filter=F.NO_OPTIONS)
             except NetlinkError as exc:
                 if exc.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
                     log.warning("cannot delete flower rule %s: %s", rid, _reason(exc)[1])

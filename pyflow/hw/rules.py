@@ -66,11 +66,11 @@ class Placement:
 # ahead of the datapath's own cls_bpf hook (pyflow.loader.TC_PRIO = 0x2F10).
 GUARD_PRIO = 0x2E00
 RULE_PRIO = 0x2E10
-_PROTOS = (F.ETH_P_IP, F.ETH_P_IPV6, F.ETH_P_8021Q, F.ETH_P_8021AD)
+PROTOCOLS = (F.ETH_P_IP, F.ETH_P_IPV6, F.ETH_P_8021Q, F.ETH_P_8021AD)
 
 
 def prio_of(protocol: int, *, guard: bool = False) -> int:
-    return (GUARD_PRIO if guard else RULE_PRIO) + _PROTOS.index(protocol)
+    return (GUARD_PRIO if guard else RULE_PRIO) + PROTOCOLS.index(protocol)
 
 
 def _family_type(addr: str) -> int:

@@ -90,6 +90,7 @@ def test_bad_values_are_refused_with_a_message():
         F.encode_action(F.Pedit((F.PeditKey(F.HTYPE_ETH, F.CMD_SET, 2, b"\0" * 4, b"\0" * 4),)))
     with pytest.raises(ValueError, match="filter=FlowerFilter"):
         F.get_parameters({})
+    assert F.get_parameters({"filter": F.NO_OPTIONS}) == {"attrs": []}
 
 
 def test_register_makes_pyroute2_dispatch_flower_to_us():

@@ -105,6 +105,7 @@ class LoaderDevices:
         # so that their flows go back to the kernel path before the hook goes away
         self.leaving: set[int] = set()
         self.hw_devices: list[int] = []  # attached in hw mode: flows there are offered to flower rules
+        self.on_refresh: Callable[[], None] | None = None  # the control plane follows hw devices
         self.refresh()
 
     def refresh(self) -> None:
@@ -121,6 +122,8 @@ class LoaderDevices:
                 continue
             devices[st.ifindex] = ManagedDevice(st.ifindex, st.slot, mac)
         self._by_index = devices
+        if self.on_refresh is not None:
+            self.on_refresh()
 
     def get(self, ifindex: int) -> ManagedDevice | None:
         return self._by_index.get(ifindex)
@@ -157,17 +160,23 @@ class ControlPlane:
         self.watcher = PathWatcher()
         self.devices = LoaderDevices(self.dp, self.paths)
         self.hw: FlowerOffload | None = None
-        if self.devices.hw_devices:
-            self.hw = FlowerOffload(skip_hw=self.dp.hw_skip_hw)
-            self._hw_devices()
-        self.engine = Engine(self.ct, self.paths, self.flows, self.devices, self.config.engine, hw=self.hw)
+        self.engine = Engine(self.ct, self.paths, self.flows, self.devices, self.config.engine)
+        self._hw_devices()
+        self.devices.on_refresh = self._hw_devices
 
     def _hw_devices(self) -> None:
-        """Register the devices attached in hw mode with the flower adapter (again after a link
-        change: names and MTUs can change)."""
+        """Follow the devices attached in hw mode with the flower adapter, made when the first
+        one appears: new ones registered, gone ones dropped, the rest re-read (a link change
+        can change a name or an MTU)."""
+        wanted = self.devices.hw_devices
         if self.hw is None:
-            return
-        for ifindex in self.devices.hw_devices:
+            if not wanted:
+                return
+            self.hw = FlowerOffload(skip_hw=self.dp.hw_skip_hw)
+            self.engine.hw = self.hw
+        for ifindex in self.hw.device_ifindexes() - set(wanted):
+            self.hw.remove_device(ifindex)
+        for ifindex in wanted:
             self.hw.add_device(ifindex)
 
     def run(self) -> None:
@@ -282,7 +291,6 @@ class ControlPlane:
             return
         if any(change[0] == "link" for change in changes):
             self.devices.refresh()
-            self._hw_devices()
         self.engine.paths_changed()
 
     def start(self) -> None:

@@ -140,6 +140,19 @@ class FlowerOffload:
                                  prio=rules.prio_of(protocol, guard=guard), protocol=protocol,
                                  filter=F.NO_OPTIONS)
 
+    def device_ifindexes(self) -> set[int]:
+        return set(self._devices)
+
+    def remove_device(self, ifindex: int) -> None:
+        """The device is no hardware device any more: its rules and guards go (flows through
+        it are the engine's to hand back), and the clsact qdisc if this adapter made it."""
+        dev = self._devices.pop(ifindex, None)
+        if dev is None:
+            return
+        self._delete(sorted((r for r in self._rules if r.ifindex == ifindex),
+                            key=lambda r: (r.prio, r.handle)))
+        self._drop_clsact(ifindex, dev.own_clsact)
+
     def capable(self, ifindex: int) -> bool:
         return ifindex in self._devices
 

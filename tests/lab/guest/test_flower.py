@@ -1,0 +1,298 @@
+"""Flower rules pyflow generates, run by the kernel's software flower (skip_hw), carrying
+real NATed TCP transfers between namespaces. Runs inside the kernel lab (cls_flower,
+act_pedit, act_csum, act_mirred, act_gact as modules); on a kernel without cls_flower it
+skips.
+
+The control plane here is the engine with its real adapters -- ctnetlink, rtnetlink paths,
+and the flower adapter (pyflow.hw.offload) -- but no XDP datapath: every connection must
+be placed as flower rules (a refusal would land in an in-memory map and fail the test),
+so no BPF program is compiled for these tests. The topology is tests/integration's (r1
+masquerades to its uplink and forwards :8080 to the client), with the client LAN's MTU
+lowered to the uplinks' 1400: a flower rule cannot send ICMP too-big, so pyflow places a
+flow only where nothing arriving can be too big to leave (pyflow/hw/rules.py).
+
+Proof of the rules' work: the bulk of each transfer is sent only once the connection is
+placed; r1's nftables forward counter (which every kernel-path packet of an established
+connection meets) must see almost nothing of it while the rules' counters, read through
+pyflow and independently through ``tc -s``, show it; the server captures the segments and
+every checksum after r1's NAT must be valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from pyflow.abi import datapath_clock_ns
+from pyflow.control.conntrack import CtNetlink
+from pyflow.control.engine import Engine, EngineConfig, ManagedDevice
+from pyflow.control.paths import PathWatcher, RtPaths
+from pyflow.hw.offload import FlowerOffload
+from tests import netns
+from tests.integration.topology import LAN, UP, UP2, V4, V6, payload, tcp_transfer, topology, wait_for
+
+pytestmark = pytest.mark.root
+
+MODULES = ("cls_flower", "act_pedit", "act_csum", "act_mirred", "act_gact", "act_vlan")
+KIB = 1024
+
+
+def _flower_available() -> str | None:
+    res = subprocess.run(["modprobe", "-a", *MODULES], capture_output=True, text=True)
+    if res.returncode != 0:
+        return res.stderr.strip() or "modprobe failed"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def flower_kernel():
+    why = _flower_available()
+    if why is not None:
+        pytest.skip(f"this kernel has no TC flower and its actions ({why}); run through the kernel lab")
+
+
+class MapOfRefused:
+    """The flow map of these tests: there is none (no XDP datapath), so whatever the engine
+    puts here is a flow the flower adapter refused."""
+
+    def __init__(self):
+        self.entries: list = []
+
+    def insert(self, items, *, mode="any"):
+        self.entries.extend(items)
+        return len(self.entries)
+
+    def delete(self, keys, *, missing_ok=True):
+        return []
+
+    def read_counters(self):
+        class _Empty:
+            def as_dict(self):
+                return {}
+
+        return _Empty()
+
+
+class Devices:
+    def __init__(self, paths: RtPaths, names):
+        self.by_index = {}
+        for slot, name in enumerate(names):
+            ifindex = socket.if_nametoindex(name)
+            self.by_index[ifindex] = ManagedDevice(ifindex, slot, paths.mac_of(ifindex))
+
+    def get(self, ifindex):
+        return self.by_index.get(ifindex)
+
+
+class FlowerRouter:
+    """The engine on r1 with the flower adapter, driven by a loop thread in r1's namespace:
+    conntrack events, path changes and a keep-alive tick every 0.2 s."""
+
+    def __init__(self, ns: str, *, idle_timeout_s: float = 30.0):
+        self.ns = ns
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._idle = idle_timeout_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30), "flower router did not start"
+        if self.error:
+            raise self.error
+
+    def _run(self):
+        try:
+            with netns.inside(self.ns):
+                self.ct = CtNetlink(offload_mark=0x100)
+                self.paths = RtPaths()
+                self.watcher = PathWatcher()
+                self.hw = FlowerOffload(skip_hw=True)
+                for name in (LAN, UP, UP2):
+                    refused = self.hw.add_device(socket.if_nametoindex(name))
+                    assert refused is None, f"{name} took no flower rule: {refused}"
+                self.flows = MapOfRefused()
+                self.engine = Engine(self.ct, self.paths, self.flows, Devices(self.paths, (LAN, UP, UP2)),
+                                     EngineConfig(idle_timeout_s=self._idle), clock=datapath_clock_ns,
+                                     hw=self.hw)
+                self.engine.resync()
+                self._ready.set()
+                self._loop()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            self.error = exc
+            self._ready.set()
+
+    def _loop(self):
+        import select
+
+        next_tick = time.monotonic() + 0.2
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([self.ct.fileno(), self.watcher.fileno()], [], [], 0.05)
+                if self.ct.fileno() in ready:
+                    self.engine.handle(self.ct.poll(0))
+                if self.watcher.fileno() in ready and self.watcher.poll(0):
+                    self.engine.paths_changed()
+                if time.monotonic() >= next_tick:
+                    self.engine.tick()
+                    next_tick = time.monotonic() + 0.2
+            self.engine.flush()
+        finally:
+            for part in (self.hw, self.ct, self.watcher, self.paths):
+                part.close()
+
+    def offloaded_with(self, port: int):
+        for off in list(self.engine.offloaded.values()):
+            if port in (off.conn.orig.sport, off.conn.orig.dport):
+                return off
+        return None
+
+    def wait_offloaded(self, port: int, timeout: float = 20.0):
+        off = wait_for(lambda: self.offloaded_with(port), timeout)
+        assert off, (f"connection on port {port} not offloaded; refused {self.engine.stats.refused}, "
+                     f"hw refused {self.engine.stats.hw_refused}, loop error {self.error!r}")
+        return off
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(30)
+        if self.error:
+            raise self.error
+
+
+@contextlib.contextmanager
+def flower_router(**kw):
+    with topology(nat=True) as topo:
+        for ns, dev in ((topo.cl, "pft-cl-0"), (topo.r1, LAN)):
+            netns.run(ns, ["ip", "link", "set", dev, "mtu", "1400"])
+        r = FlowerRouter(topo.r1, **kw)
+        try:
+            yield topo, r
+        finally:
+            r.close()
+
+
+def tc_rule_counters(ns: str, ifname: str) -> dict[int, tuple[int, int]]:
+    """handle -> (packets, bytes) of the flower filters on a device's ingress, read by tc(8)."""
+    res = netns.run(ns, ["tc", "-s", "-j", "filter", "show", "dev", ifname, "ingress"])
+    out = {}
+    for f in json.loads(res.stdout or "[]"):
+        if f.get("kind") != "flower" or "options" not in f:
+            continue
+        acts = f["options"].get("actions", [])
+        if acts:
+            st = acts[0].get("stats", {})
+            out[int(f["options"].get("handle", 0))] = (st.get("packets", 0), st.get("bytes", 0))
+    return out
+
+
+def _fwd_bytes(topo) -> int:
+    return topo.nft_counter("fwd_tcp")[1]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_flower_rules_carry_nated_tcp_both_directions_byte_exact(family):
+    from tests.integration.test_offload import Capture, _checksums_valid  # scapy-based, loaded late
+
+    size = 1024 * KIB
+    addrs = V4 if family == 4 else V6
+    with flower_router() as (topo, r):
+        topo.sh("sv", "ethtool -K pft-sv-0 gro off")  # capture segments, not GRO aggregates
+        for port, upload in ((7101, True), (7102, False)):
+            seen: list = []
+            fwd_before = _fwd_bytes(topo)
+            cap = Capture(topo.sv, "pft-sv-0", port) if upload and family == 4 else None
+            try:
+                res = tcp_transfer(topo.sv, addrs["sv"], port, topo.cl, addrs["sv"], port,
+                                   payload(size, port), upload=upload, timeout=120,
+                                   gate=lambda p=port, s=seen: s.append(r.wait_offloaded(p)))
+            finally:
+                frames = cap.stop() if cap is not None else []
+            assert res.received == size and res.received_sha == res.sent_sha
+            off = seen[0]
+            assert off.hw, "placed as flower rules"
+            conn = off.conn
+            assert (conn.reply.dst, conn.reply.dport) != (conn.orig.src, conn.orig.sport), "masqueraded"
+            fwd = _fwd_bytes(topo) - fwd_before
+            assert fwd < size // 8, f"{fwd} bytes took the kernel's forward path"
+            # the rules' counters, through pyflow (keep-alive) and through tc(8), carry the bulk
+            in_dev = LAN if upload else UP
+            counters = tc_rule_counters(topo.r1, in_dev)
+            handle = off.hw_rules[0].handle if off.hw_rules[0].ifindex == netns.ifindex(topo.r1, in_dev) \
+                else off.hw_rules[1].handle
+            assert counters[handle][1] > size * 0.8, counters
+            assert wait_for(lambda o=off: o.packets > 0, 2.0), "keep-alive saw the rules' counters move"
+            if frames:
+                from scapy.layers.inet import IP, TCP
+                from scapy.layers.l2 import Ether
+
+                data = [f for _t, f in frames if len(Ether(f)[TCP].payload) > 0]
+                assert len(data) > 100
+                assert {Ether(f)[IP].src for f in data} == {V4["r1_up"]}
+                bad = [f for f in data if not _checksums_valid(f)]
+                assert not bad, f"{len(bad)} of {len(data)} segments with a wrong checksum"
+            assert wait_for(lambda p=port: r.offloaded_with(p) is None, 10.0), "closed flow kept its rules"
+            assert set(tc_rule_counters(topo.r1, in_dev)) <= {h for h in counters if h != handle}
+        st = r.engine.stats
+        assert st.hw_offloaded == 2 and st.hw_failures == 0 and r.flows.entries == []
+
+
+def test_dnat_port_forward_as_flower_rules():
+    size = 512 * KIB
+    with flower_router() as (topo, r):
+        seen: list = []
+        res = tcp_transfer(topo.cl, V4["cl"], 80, topo.sv, V4["r1_up"], 8080, payload(size, 80), upload=True,
+                           timeout=120, gate=lambda: seen.append(r.wait_offloaded(80)))
+        assert res.received_sha == res.sent_sha
+        off = seen[0]
+        assert off.hw and (off.conn.reply.src, off.conn.reply.sport) == (V4["cl"], 80)
+        assert r.engine.stats.hw_failures == 0
+
+
+def test_ttl_1_meets_the_guard_and_idle_rules_expire():
+    """A TTL 1 packet of a flow carried by rules meets the guard filter and goes to the
+    kernel (which answers time-exceeded) instead of being forwarded with TTL 0; once the
+    flow is silent for idle_timeout_s, its rules' last-use time expires it."""
+    with flower_router(idle_timeout_s=2.0) as (topo, r):
+        guards = [line for line in netns.run(topo.r1, ["tc", "filter", "show", "dev", LAN, "ingress"]
+                                             ).stdout.splitlines() if "ip_ttl" in line]
+        assert len(guards) == 2, guards  # IPv4 and IPv6
+        with netns.inside(topo.sv):
+            srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with netns.inside(topo.cl):
+            cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with srv, cli:
+            srv.bind((V4["sv"], 7301))
+            srv.settimeout(5)
+            cli.settimeout(5)
+            for _ in range(100):
+                cli.sendto(b"x" * 100, (V4["sv"], 7301))
+                _data, peer = srv.recvfrom(2048)
+                srv.sendto(b"y" * 100, peer)
+                cli.recvfrom(2048)
+                if r.offloaded_with(7301):
+                    break
+                time.sleep(0.05)
+            off = r.wait_offloaded(7301)
+            assert off.hw
+            for _ in range(20):
+                cli.sendto(b"x" * 100, (V4["sv"], 7301))
+                assert srv.recvfrom(2048)[0] == b"x" * 100
+            rule = next(rid for rid in off.hw_rules if rid.ifindex == netns.ifindex(topo.r1, LAN))
+            before = tc_rule_counters(topo.r1, LAN)[rule.handle][0]
+            assert before >= 20
+            cli.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+            cli.sendto(b"t" * 100, (V4["sv"], 7301))
+            srv.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                srv.recvfrom(2048)
+            assert tc_rule_counters(topo.r1, LAN)[rule.handle][0] == before, "TTL 1 reached the rule"
+            # silence: the rules' last use ages past idle_timeout_s and the flow leaves them
+            assert wait_for(lambda: r.offloaded_with(7301) is None, 15.0), "idle rules never expired"
+            assert r.engine.stats.removed.get("idle", 0) >= 1
+            assert rule.handle not in tc_rule_counters(topo.r1, LAN)

@@ -336,8 +336,12 @@ class Manager:
               now_ns: int) -> dict[str, Any]:
         conn = off.conn
         in_o, in_r, eg_o, eg_r, _out_o, _out_r = off.path
-        # None: the direction has no flow-map entry (a hardware flow counts in its rules)
-        co, cr = counters.get(off.key_bytes[0]), counters.get(off.key_bytes[1])
+        # None: the direction has no flow-map entry; a hardware flow counts in its rules
+        co: tuple[int, ...] | None = counters.get(off.key_bytes[0])
+        cr: tuple[int, ...] | None = counters.get(off.key_bytes[1])
+        if getattr(off, "hw_counters", ()):
+            (po, bo), (pr, br) = off.hw_counters
+            co, cr = (po, bo, 0, 0), (pr, br, 0, 0)
         last = max(off.last_seen_ns, co[2] if co else 0, cr[2] if cr else 0)
 
         def direction(t, ing, eg, c):

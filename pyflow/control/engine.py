@@ -96,6 +96,9 @@ class HwStats(Protocol):
     def packets(self) -> int: ...
 
     @property
+    def bytes(self) -> int: ...
+
+    @property
     def idle_ns(self) -> int:
         """Since the rule last matched."""
         ...
@@ -137,6 +140,7 @@ class Offloaded:
     _entries: tuple[_Keys, _Actions] | None = field(default=None, repr=False)  # when built already
     hw: bool = False  # both directions are flower rules (hardware, or software flower in a lab)
     hw_rules: tuple = field(default=(), repr=False)  # the adapter's ids of those rules
+    hw_counters: tuple = field(default=(), repr=False)  # ((packets, bytes) orig, reply) at the last tick
 
     @property
     def keys(self) -> _Keys:
@@ -462,7 +466,9 @@ class Engine:
             so, sr = stats.get(off.hw_rules[0]), stats.get(off.hw_rules[1])
             if so is None or sr is None:
                 out.append((ident, off, lib.PYFLOW_KA_MISSING))
-            elif (packets := so.packets + sr.packets) != off.packets:
+                continue
+            off.hw_counters = ((so.packets, so.bytes), (sr.packets, sr.bytes))
+            if (packets := so.packets + sr.packets) != off.packets:
                 off.packets = packets
                 off.last_seen_ns = max(off.last_seen_ns, now - min(so.idle_ns, sr.idle_ns))
                 out.append((ident, off, lib.PYFLOW_KA_MOVED))

@@ -31,6 +31,7 @@ from tests.unit.test_engine import (
 class Stats:
     packets: int
     idle_ns: int
+    bytes: int = 0
 
 
 class FakeHw:
@@ -138,6 +139,7 @@ def test_rule_counters_keep_alive_and_idle_rules_expire(hwrig):
     eng.tick()
     assert ct.refreshed == [(conn.ident, 120)]
     assert off.packets == 8 and off.last_seen_ns == clock.now - SEC // 10
+    assert off.hw_counters == ((5, 0), (3, 0))
     clock.now += 20 * SEC
     eng.tick()  # no movement, 20 s idle: kept
     assert conn.ident in eng.offloaded and len(ct.refreshed) == 1

@@ -271,7 +271,8 @@ def test_flower_rules_carry_nated_tcp_both_directions_byte_exact(lab, family):
         assert tc_seen.get("bytes", 0) > size // 4, tc_seen
         assert rule.handle not in tc_rule_counters(topo.r1, in_dev), "rule left behind"
         if frames:
-            from scapy.layers.inet import IP, TCP, IPv6
+            from scapy.layers.inet import IP, TCP
+            from scapy.layers.inet6 import IPv6
             from scapy.layers.l2 import Ether
 
             l3 = IP if family == 4 else IPv6
@@ -336,6 +337,7 @@ def test_ttl_1_meets_the_guard_and_idle_rules_expire(lab):
             srv.recvfrom(2048)
         assert tc_rule_counters(topo.r1, LAN)[rule.handle][0] == before, "TTL 1 reached the rule"
         # silence: the rules' last use ages past idle_timeout_s and the flow leaves them
-        assert wait_for(lambda: r.offloaded_with(7301) is None, 4 * IDLE_S), "idle rules never expired"
-        assert r.engine.stats.removed.get("idle", 0) >= 1
+        assert wait_for(lambda: r.engine.stats.removed.get("idle", 0) >= 1, 4 * IDLE_S), \
+            "idle rules never expired"
+        assert r.offloaded_with(7301) is None
         assert rule.handle not in tc_rule_counters(topo.r1, LAN)

@@ -270,12 +270,14 @@ def test_flower_rules_carry_nated_tcp_both_directions_byte_exact(lab, family):
         fwd = _fwd_bytes(topo) - fwd_before
         assert fwd < size // 4, f"{fwd} of {size} bytes took the kernel's forward path"
         assert wait_for(lambda p=port: r.offloaded_with(p) is None, 20.0), "closed flow kept its rules"
-        # the data direction's rule counted the bulk: its last counters (pyflow's reading) and
-        # what tc(8) showed while the transfer ran
+        # the data direction's rule counted the bulk (pyflow's last reading of its counters), and
+        # tc(8), read independently while the transfer ran, saw the rules count. Only "counted
+        # something" is asked of tc: under emulation one tc run takes seconds, so its last sample
+        # may come long before the end of the transfer (seen: 69 KB of 384 KiB).
         in_index = netns.ifindex(topo.r1, in_dev)
         (rule,) = [rid for rid in off.hw_rules if rid.ifindex == in_index]
         assert r.hw.final[rule].bytes > size * 0.7, (r.hw.final, size)
-        assert tc_seen.get("bytes", 0) > size // 4, tc_seen
+        assert tc_seen.get("bytes", 0) > 0, tc_seen
         assert rule.handle not in tc_rule_counters(topo.r1, in_dev), "rule left behind"
         if frames:
             from scapy.layers.inet import IP, TCP

@@ -10,7 +10,7 @@ APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute
 	ethtool socat iperf3 tcpdump iputils-ping gcc make systemd curl
 PYTEST_ARGS ?=
 
-.PHONY: setup apt headers bpffs venv native lab-setup test test-host lab lint bench demo clean
+.PHONY: setup apt headers bpffs venv native lab-setup test test-host lab lab-parity lint bench demo clean
 
 setup: apt headers bpffs venv native lab-setup
 	@$(PY) -c 'import bcc, pyroute2, prometheus_client, pyflow._native' \
@@ -91,6 +91,11 @@ lab-setup: venv
 
 lab:
 	$(PY) tests/lab/run.py -- $(LAB_ARGS)
+
+# The nf flowtable and pyflow side by side (bench-results/lab-parity.{json,md}); 12-15 min
+# under emulation, so not part of `make lab` / `make test`.
+lab-parity:
+	$(PY) tests/lab/run.py --timeout 1500 -- tests/lab/guest/test_flowtable_parity.py
 
 lint:
 	$(VENV)/bin/ruff check pyflow tests

@@ -47,6 +47,9 @@ MODULES = (
 # a status behind before the runner gives up on the whole machine.
 GUEST_MARGIN_S = 90
 EXIT_NO_TESTS = 5  # pytest's "no tests were collected"
+# Guest tests too slow for `make lab` (and so for `make test`): they run only when named,
+# e.g. the nf flowtable side-by-side through `make lab-parity`.
+EXPLICIT_ONLY = ("tests/lab/guest/test_flowtable_parity.py",)
 
 
 class LabError(Exception):
@@ -151,6 +154,18 @@ class Streamer:
             sys.stdout.flush()
 
 
+def guest_selection(pytest_args: list[str]) -> list[str]:
+    """pytest's arguments in the guest: the guest tests unless a path is given, and never an
+    EXPLICIT_ONLY file that is not named itself (a directory or -k does not name it)."""
+    selection = list(pytest_args)
+    candidates = (a.split("::")[0] for a in selection if not a.startswith("-"))
+    paths = [p for p in candidates if (REPO / p).exists()]
+    if not paths:
+        selection.insert(0, GUEST_TESTS)  # no test path given: the options apply to the guest tests
+    named = {(REPO / p).resolve() for p in paths}
+    return selection + [f"--ignore={p}" for p in EXPLICIT_ONLY if (REPO / p).resolve() not in named]
+
+
 def run_lab(pytest_args: list[str], *, timeout: int, kernel: str | None, cpus: int, memory: str,
             keep: bool) -> int:
     image = find_kernel(kernel)
@@ -158,9 +173,7 @@ def run_lab(pytest_args: list[str], *, timeout: int, kernel: str | None, cpus: i
     check_tools()
     RESULTS_DIR.mkdir(exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="pyflow-lab-"))
-    selection = list(pytest_args)
-    if not any((REPO / a.split("::")[0]).exists() for a in selection if not a.startswith("-")):
-        selection.insert(0, GUEST_TESTS)  # no test path given: the options apply to the guest tests
+    selection = guest_selection(pytest_args)
     script = run_dir / "guest.sh"
     script.write_text(guest_script(run_dir, selection, max(60, timeout - GUEST_MARGIN_S)))
     cmd = [str(vng), "--run", str(image), "--disable-kvm", "--cpus", str(cpus), "--memory", memory,

@@ -128,14 +128,14 @@ class KernelFlowtable:
         # kernel path's throughput on the same topology
         nft(topo, f"""add flowtable inet pft ft {{ hook ingress priority 0; devices = {{ {devices} }};
 }}
-add chain inet pft offload
-add rule inet pft forward jump offload
+add chain inet pft ft_switch
+add rule inet pft forward jump ft_switch
 """)
         self.enable(True)
 
     def enable(self, on: bool) -> None:
-        rule = "add rule inet pft offload meta l4proto { tcp, udp } flow add @ft\n" if on else ""
-        nft(self.topo, "flush chain inet pft offload\n" + rule)
+        rule = "add rule inet pft ft_switch meta l4proto { tcp, udp } flow add @ft\n" if on else ""
+        nft(self.topo, "flush chain inet pft ft_switch\n" + rule)
 
     def offloaded(self, family: int, dport: int) -> bool:
         return "[OFFLOAD]" in ct_entry(self.topo, family, dport)

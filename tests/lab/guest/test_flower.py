@@ -175,7 +175,7 @@ class FlowerRouter:
                 return off
         return None
 
-    def wait_offloaded(self, port: int, timeout: float = 20.0):
+    def wait_offloaded(self, port: int, timeout: float = 60.0):  # emulated: rule dumps per tick are slow
         off = wait_for(lambda: self.offloaded_with(port), timeout)
         assert off, (f"connection on port {port} not offloaded; refused {self.engine.stats.refused}, "
                      f"hw refused {self.engine.stats.hw_refused}, loop error {self.error!r}")

@@ -148,8 +148,8 @@ static __always_inline int pyflow_process(void *ctx, const int is_tc)
 		pkt.reason = PYFLOW_R_REDIRECT_FAILED;
 		return pyflow_pass(is_tc, &pkt);
 	}
-	out_l2 = l2_out_len(act);
-	rc = ctx_resize_l2(ctx, is_tc, &pkt, out_l2, act->flags & PYFLOW_ACT_PPPOE, &cov);
+	out_l2 = l2_out_len(act, is_tc);
+	rc = ctx_resize_l2(ctx, is_tc, &pkt, out_l2, &cov);
 	if (rc == PYFLOW_RESIZE_REFUSED) {
 		pkt.reason = PYFLOW_R_L2_REWRITE_FAILED;
 		return pyflow_pass(is_tc, &pkt);
@@ -165,6 +165,8 @@ static __always_inline int pyflow_process(void *ctx, const int is_tc)
 	if (l2_write(ctx, is_tc, act, &pkt, l3proto, cov, &acc) < 0)
 		goto broken;
 	ctx_csum_update(ctx, is_tc, acc);
+	if (is_tc && tc_push_tags(ctx_skb(ctx), act) < 0)
+		goto broken;
 
 	__sync_fetch_and_add(&flow->counters.packets, ctx_gso_segs(ctx, is_tc));
 	__sync_fetch_and_add(&flow->counters.bytes, pkt.l3len);

@@ -204,10 +204,13 @@ static __always_inline int tc_pppoe_to_tags(struct __sk_buff *skb, const struct 
  * metadata, so repeating it until no tag is left empties both). A PPPoE header
  * that must go is first turned into tags (tc_pppoe_to_tags).
  *
- * A GSO skb must keep its data L2 length and must not leave with PPPoE: one L2
- * header is copied onto every segment, and neither a changed offset nor a
- * PPPoE length can be right for each of them. Clearing an accelerated tag
- * alone does not change the data, so that is allowed.
+ * A GSO skb is taken only with a bare Ethernet header in the data on both
+ * sides (VLAN tags travel as metadata, see l2.h): one L2 header is copied
+ * onto every segment, so no PPPoE length could be right for each of them,
+ * and tags inline in the data would have to be popped from a super-packet
+ * (the kernel moves the outer tag into metadata before TC ingress, so inline
+ * tags here are QinQ inner ones; that case is left to the kernel path).
+ * Clearing an accelerated tag alone does not change the data.
  *
  * *cov gets the offset from which CHECKSUM_COMPLETE's skb->csum covers the
  * data: eth_type_trans pulled the Ethernet header before the sum was taken, a
@@ -215,7 +218,7 @@ static __always_inline int tc_pppoe_to_tags(struct __sk_buff *skb, const struct 
  * the head moves the covered bytes further in.
  */
 static __always_inline int tc_resize_l2(struct __sk_buff *skb, const struct pyflow_pkt *pkt,
-					__u32 out_l2, int out_pppoe, __u32 *cov)
+					__u32 out_l2, __u32 *cov)
 {
 	__u32 in_l2 = pkt->l3off;
 	__u32 tail = skb->len - in_l2; /* L3 onwards: no L2 change touches it */
@@ -223,8 +226,7 @@ static __always_inline int tc_resize_l2(struct __sk_buff *skb, const struct pyfl
 	int changed = 0, rc;
 
 	*cov = ETH_HLEN;
-	if (skb->gso_size &&
-	    (in_l2 != out_l2 || out_pppoe || (skb->vlan_present && pkt->inline_tags)))
+	if (skb->gso_size && (in_l2 != ETH_HLEN || out_l2 != ETH_HLEN))
 		return PYFLOW_RESIZE_REFUSED;
 	/* more bytes to remove than the inline VLAN tags hold: the PPPoE header goes too */
 	if (in_l2 - 4 * pkt->inline_tags > out_l2) {
@@ -262,10 +264,10 @@ static __always_inline int tc_resize_l2(struct __sk_buff *skb, const struct pyfl
  * frame as it was. *cov is TC's checksum coverage start (see tc_resize_l2).
  */
 static __always_inline int ctx_resize_l2(void *ctx, const int is_tc, const struct pyflow_pkt *pkt,
-					 __u32 out_l2, int out_pppoe, __u32 *cov)
+					 __u32 out_l2, __u32 *cov)
 {
 	if (is_tc)
-		return tc_resize_l2(ctx_skb(ctx), pkt, out_l2, out_pppoe, cov);
+		return tc_resize_l2(ctx_skb(ctx), pkt, out_l2, cov);
 	*cov = 0;
 	if (pkt->l3off != out_l2 && bpf_xdp_adjust_head(ctx, (int)pkt->l3off - (int)out_l2))
 		return PYFLOW_RESIZE_REFUSED;

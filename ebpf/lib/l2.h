@@ -4,7 +4,14 @@
  * (802.1Q or 802.1ad), an optional inner 802.1Q tag, an optional PPPoE session
  * header with its PPP protocol field, and the ethertype. The hook has already
  * made exactly l2_out_len() bytes of room in front of the IP header
- * (context.h); this fills all of them.
+ * (context.h); l2_write fills all of them.
+ *
+ * VLAN tags on TC: the data gets no tags; tc_push_tags hands them to the
+ * kernel (bpf_skb_vlan_push), the outer one as skb metadata that the egress
+ * device or validate_xmit_vlan inserts. That is the only way a GSO
+ * super-packet can gain a tag: every segment gets it when it is cut, while a
+ * tag written into the data would need a longer L2 header than the one GSO
+ * copies (and the NIC's VLAN insertion costs no CPU at all).
  */
 #ifndef PYFLOW_LIB_L2_H
 #define PYFLOW_LIB_L2_H
@@ -13,11 +20,12 @@
 #include "csum.h"
 #include "parse.h"
 
-static __always_inline __u32 l2_out_len(const struct pyflow_flow_action *act)
+/* Bytes of egress L2 header in the frame data (TC: without the VLAN tags). */
+static __always_inline __u32 l2_out_len(const struct pyflow_flow_action *act, const int is_tc)
 {
 	__u32 len = ETH_HLEN;
 
-	if (act->flags & PYFLOW_ACT_VLAN_OUTER) {
+	if (!is_tc && (act->flags & PYFLOW_ACT_VLAN_OUTER)) {
 		len += 4;
 		if (act->flags & PYFLOW_ACT_VLAN_INNER) /* an inner tag needs an outer one */
 			len += 4;
@@ -56,7 +64,7 @@ static __always_inline int l2_write(void *ctx, const int is_tc, const struct pyf
 	l2_put(w, 3, smac[0], cov, acc, is_tc);
 	l2_put(w, 4, smac[1], cov, acc, is_tc);
 	l2_put(w, 5, smac[2], cov, acc, is_tc);
-	if (act->flags & PYFLOW_ACT_VLAN_OUTER) {
+	if (!is_tc && (act->flags & PYFLOW_ACT_VLAN_OUTER)) {
 		__be16 tpid = act->encap.vlan_outer_tpid;
 
 		if (!tpid)
@@ -81,6 +89,28 @@ static __always_inline int l2_write(void *ctx, const int is_tc, const struct pyf
 		l2_put(w, i++, l3proto, cov, acc, is_tc);
 	}
 	return 0;
+}
+
+/*
+ * TC: give the frame its VLAN tags after l2_write. With no tag in the skb
+ * metadata (tc_resize_l2 cleared it) a push only sets the metadata; a second
+ * push first moves the tag already there into the data right after the MACs,
+ * so pushing the inner tag first and the outer one second leaves the inner
+ * tag in the data and the outer one in the metadata. The helper keeps
+ * CHECKSUM_COMPLETE's sum and skb->mac_len right. Returns 0 or -1.
+ */
+static __always_inline int tc_push_tags(struct __sk_buff *skb, const struct pyflow_flow_action *act)
+{
+	__be16 tpid = act->encap.vlan_outer_tpid;
+
+	if (!(act->flags & PYFLOW_ACT_VLAN_OUTER))
+		return 0;
+	if ((act->flags & PYFLOW_ACT_VLAN_INNER) &&
+	    bpf_skb_vlan_push(skb, bpf_htons(PYFLOW_ETH_P_8021Q), act->encap.vlan_inner_tci))
+		return -1;
+	if (!tpid)
+		tpid = bpf_htons(PYFLOW_ETH_P_8021Q);
+	return bpf_skb_vlan_push(skb, tpid, act->encap.vlan_outer_tci) ? -1 : 0;
 }
 
 #endif /* PYFLOW_LIB_L2_H */

@@ -157,6 +157,7 @@ class ModelFlow:
     nat_sport: int
     nat_dport: int
     l2_out: bytes     # egress L2 header without the PPPoE length and PPP protocol (see _egress_l2)
+    l2_out_tc: bytes  # the same in TC's frame data: the outer VLAN tag goes as skb metadata
     pppoe_sid: int | None
 
 
@@ -171,11 +172,12 @@ def model_flow(k, a) -> ModelFlow:
     port in a set rewrite keeps the key's own value (the ABI's rule)."""
     snat = a.nat_saddr is not None or a.nat_sport is not None
     dnat = a.nat_daddr is not None or a.nat_dport is not None
-    l2 = _mac(a.dmac) + _mac(a.smac)
+    macs = _mac(a.dmac) + _mac(a.smac)
+    outer = inner = b""
     if a.vlan_outer_tci is not None:
-        l2 += _U16.pack(a.vlan_outer_tpid or ETH_P_8021Q) + _U16.pack(a.vlan_outer_tci)
+        outer = _U16.pack(a.vlan_outer_tpid or ETH_P_8021Q) + _U16.pack(a.vlan_outer_tci)
         if a.vlan_inner_tci is not None:
-            l2 += _U16.pack(ETH_P_8021Q) + _U16.pack(a.vlan_inner_tci)
+            inner = _U16.pack(ETH_P_8021Q) + _U16.pack(a.vlan_inner_tci)
     return ModelFlow(
         key=model_key(k), in_mac=_mac(a.in_mac), mtu=a.mtu, tx_port=a.tx_port,
         out_ifindex=a.out_ifindex, snat=snat, dnat=dnat,
@@ -183,7 +185,7 @@ def model_flow(k, a) -> ModelFlow:
         nat_daddr=_addr16(a.nat_daddr if a.nat_daddr is not None else k.daddr),
         nat_sport=a.nat_sport if a.nat_sport is not None else k.sport,
         nat_dport=a.nat_dport if a.nat_dport is not None else k.dport,
-        l2_out=l2, pppoe_sid=a.pppoe_sid)
+        l2_out=macs + outer + inner, l2_out_tc=macs + inner, pppoe_sid=a.pppoe_sid)
 
 
 # ---- checksum arithmetic (RFC 1071, RFC 1624) ----------------------------------------------
@@ -393,10 +395,12 @@ class Model:
             return Verdict(REDIRECT_FAILED, flow=flow.key)
         if hook == "tc" and not flow.out_ifindex:
             return Verdict(REDIRECT_FAILED, flow=flow.key)
-        l2 = self._egress_l2(flow, p)
-        if gso is not None and gso[1] and (len(l2) != p.l3off or flow.pppoe_sid is not None):
-            # TC only: one L2 header is copied onto every segment, so a GSO skb keeps
-            # its L2 length, and no PPPoE length could be right for every segment.
+        l2 = self._egress_l2(flow, p, hook)
+        if gso is not None and gso[1] and (p.l3off != ETH_HLEN or flow.pppoe_sid is not None):
+            # TC only: one L2 header is copied onto every segment, so no PPPoE length
+            # could be right for every segment, and inline tags are not popped from a
+            # super-packet: a GSO skb is taken only with a bare Ethernet header in
+            # its data (its egress VLAN tags are pushed by the kernel).
             return Verdict(L2_REWRITE_FAILED, flow=flow.key)
         # XDP: bpf_xdp_adjust_head fails only without headroom, and the test run gives
         # 256 bytes where at most 16 are needed; TC grows at the head and pops tags.
@@ -408,12 +412,16 @@ class Model:
     # -- the forward ----------------------------------------------------------------------
 
     @staticmethod
-    def _egress_l2(flow: ModelFlow, p: Parsed) -> bytes:
+    def _egress_l2(flow: ModelFlow, p: Parsed, hook: str) -> bytes:
+        """The egress L2 header in the frame data. TC hands the outer VLAN tag to the
+        kernel (bpf_skb_vlan_push), which keeps it in skb metadata: the test run
+        cannot show it, tests/integration/test_vlan_egress.py checks it on the wire."""
+        l2_out = flow.l2_out_tc if hook == "tc" else flow.l2_out
         if flow.pppoe_sid is None:
-            return flow.l2_out + _U16.pack(p.l3proto)
+            return l2_out + _U16.pack(p.l3proto)
         # RFC 2516: version 1, type 1, code 0 (session data), session id, length of the
         # PPP payload (the 2-byte protocol field and the IP packet), then the protocol.
-        return (flow.l2_out + struct.pack("!HBBHH", ETH_P_PPP_SES, 0x11, 0, flow.pppoe_sid, p.l3len + 2)
+        return (l2_out + struct.pack("!HBBHH", ETH_P_PPP_SES, 0x11, 0, flow.pppoe_sid, p.l3len + 2)
                 + _U16.pack(PPP_IP if p.l3proto == ETH_P_IP else PPP_IPV6))
 
     @staticmethod

@@ -55,12 +55,7 @@ VLAN_NET = {"r1": "198.18.5.1", "r2": "198.18.5.2"}
 SV_VLAN_ADDR = "198.18.6.2"
 
 SCENARIOS = ("pmtu", "ipv4", "ipv6", "nat", "dnat", "fin", "vlan")
-CORE = ("ipv4", "ipv6", "nat", "dnat", "pmtu", "fin")  # where pyflow must match the flowtable
 SYSTEMS = ("nf_flowtable", "pyflow")
-# Documented limits (README "Known limits of the fast path") that make a listed-as-offloaded
-# connection take the forward chain anyway, with the datapath reason that must account for it:
-# on the TC hook a GSO super-packet cannot have a VLAN tag pushed into its data.
-KNOWN_LIMITS = {("pyflow", "vlan"): "l2_rewrite_failed"}
 NOTE = ("Measured inside the kernel lab: qemu without KVM (every instruction emulated, 2 vCPUs). "
         "Emulation distorts absolute speed completely and relative speed too (per-packet costs "
         "weigh more than on hardware); the throughput figures say which path is faster here, "
@@ -459,15 +454,13 @@ def test_what_each_system_showed_offloaded_bypassed_the_forward_chain(parity):
     chain; otherwise the offload verdicts in the report would be wrong."""
     leaked = {(s, n): o for s in SYSTEMS for n, o in parity[s]["scenarios"].items()
               if o.seen_offloaded and o.slow_path_bytes >= o.bytes * SLOW_PATH_SHARE}
-    unexplained = {k: asdict(o) for k, o in leaked.items()
-                   if k not in KNOWN_LIMITS or not o.detail.get("pyflow_verdicts", {}).get(KNOWN_LIMITS[k])}
-    assert not unexplained, unexplained
+    assert not leaked, {k: asdict(o) for k, o in leaked.items()}
     assert parity["pyflow"]["scenarios"]["ipv4"].offloaded, parity["pyflow"]["scenarios"]["ipv4"]
 
 
 def test_pyflow_offloads_what_the_kernel_flowtable_offloads(parity):
     ft, pf = parity["nf_flowtable"]["scenarios"], parity["pyflow"]["scenarios"]
-    behind = [n for n in CORE if ft[n].offloaded and not pf[n].offloaded]
+    behind = [n for n in SCENARIOS if ft[n].offloaded and not pf[n].offloaded]
     assert not behind, ({n: asdict(pf[n]) for n in behind}, parity["pyflow"]["refused"])
 
 

@@ -20,6 +20,8 @@ every checksum after r1's NAT must be valid.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import socket
 import subprocess
@@ -124,6 +126,10 @@ class FlowerRouter:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._idle = idle_timeout_s
+        # for the failure messages: the last conntrack events, and how the loop keeps up
+        self.events: collections.deque = collections.deque(maxlen=400)
+        self.slowest_tick = 0.0
+        self.last_turn = time.monotonic()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         assert self._ready.wait(30), "flower router did not start"
@@ -158,12 +164,18 @@ class FlowerRouter:
             while not self._stop.is_set():
                 ready, _, _ = select.select([self.ct.fileno(), self.watcher.fileno()], [], [], 0.05)
                 if self.ct.fileno() in ready:
-                    self.engine.handle(self.ct.poll(0))
+                    events = self.ct.poll(0)
+                    now = time.monotonic()
+                    self.events.extend((now, ev) for ev in events)
+                    self.engine.handle(events)
                 if self.watcher.fileno() in ready and self.watcher.poll(0):
                     self.engine.paths_changed()
                 if time.monotonic() >= next_tick:
+                    t0 = time.monotonic()
                     self.engine.tick()
+                    self.slowest_tick = max(self.slowest_tick, time.monotonic() - t0)
                     next_tick = time.monotonic() + 0.2
+                self.last_turn = time.monotonic()
             self.engine.flush()
         finally:
             for part in (self.hw, self.ct, self.watcher, self.paths):
@@ -177,9 +189,29 @@ class FlowerRouter:
 
     def wait_offloaded(self, port: int, timeout: float = 60.0):  # emulated: rule dumps per tick are slow
         off = wait_for(lambda: self.offloaded_with(port), timeout)
-        assert off, (f"connection on port {port} not offloaded; refused {self.engine.stats.refused}, "
-                     f"hw refused {self.engine.stats.hw_refused}, loop error {self.error!r}")
+        assert off, self.why_not(port)
         return off
+
+    def why_not(self, port: int) -> str:
+        """What the engine saw of a connection on port: its events, the engine's counters,
+        lost events, the loop's pace and conntrack's own view."""
+        now = time.monotonic()
+        seen = [f"{t - now:+.1f}s {'RESYNC' if ev is None else self._event_text(ev)}"
+                for t, ev in list(self.events)
+                if ev is None or port in (ev.conn.orig.sport, ev.conn.orig.dport)]
+        ct = netns.run(self.ns, ["conntrack", "-L", "-p", "tcp"], check=False).stdout
+        return (f"connection on port {port} not offloaded; loop error {self.error!r}\n"
+                f"engine stats {dataclasses.asdict(self.engine.stats)}; pending {list(self.engine.pending)}\n"
+                f"lost conntrack events {self.ct.lost_events}; slowest tick {self.slowest_tick:.1f}s; "
+                f"last loop turn {now - self.last_turn:.1f}s ago\n"
+                f"events on port {port}: {seen}\n"
+                f"conntrack: {[ln for ln in ct.splitlines() if str(port) in ln]}")
+
+    @staticmethod
+    def _event_text(ev) -> str:
+        c = ev.conn
+        return (f"{ev.type.name} {c.orig.src}:{c.orig.sport}->{c.orig.dst}:{c.orig.dport} "
+                f"state {c.tcp_state} status {c.status:#x}")
 
     def close(self):
         self._stop.set()

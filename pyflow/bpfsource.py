@@ -19,7 +19,19 @@ from typing import Any
 
 from .errors import DatapathError
 
-EBPF_DIR = Path(os.environ.get("PYFLOW_EBPF_DIR", Path(__file__).resolve().parent.parent / "ebpf"))
+
+def _ebpf_dir() -> Path:
+    """Where the datapath's C source is: $PYFLOW_EBPF_DIR, else the copy an installed
+    wheel carries inside the package (setup.py puts it there), else the source tree's
+    top-level ebpf/ (an editable install or a checkout)."""
+    if "PYFLOW_EBPF_DIR" in os.environ:
+        return Path(os.environ["PYFLOW_EBPF_DIR"])
+    here = Path(__file__).resolve().parent
+    packaged = here / "ebpf"
+    return packaged if (packaged / "pyflow_xdp.c").is_file() else here.parent / "ebpf"
+
+
+EBPF_DIR = _ebpf_dir()
 ENTRY_FILE = EBPF_DIR / "pyflow_xdp.c"
 XDP_FUNC = "pyflow_xdp"
 TC_FUNC = "pyflow_tc"

@@ -33,6 +33,9 @@ T = TypeVar("T")
 
 # Buckets of the event-to-offload latency histogram, in seconds: one loop turn is
 # sub-millisecond when idle, a batch of BATCH connections a few milliseconds.
+# How often stop() reports a hand-back that is still going on.
+STOP_REPORT_INTERVAL_S = 10.0
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -301,11 +304,24 @@ class ControlPlane:
             raise self._error
 
     def stop(self, *, hand_back: bool = True) -> None:
-        """Stop the loop; with hand_back every flow leaves the fast path first."""
+        """Stop the loop; with hand_back every flow leaves the fast path first.
+
+        Waits for the loop thread however long the hand-back takes (100,000 connections
+        take more than 10 s): returning earlier would let the caller close the maps under
+        a thread still deleting from them. A loop that never ends is the service
+        manager's to kill (TimeoutStopSec), which leaves the datapath pinned for the next
+        start to adopt, as after any crash."""
         self._hand_back = hand_back
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        if self._thread is None:
+            return
+        started = time.monotonic()
+        while True:
+            self._thread.join(timeout=STOP_REPORT_INTERVAL_S)
+            if not self._thread.is_alive():
+                return
+            log.warning("still stopping after %.0f s: %d connections left to hand back",
+                        time.monotonic() - started, len(self.engine.offloaded))
 
     def _close(self) -> None:
         self._stop.set()  # calls queued from now on are refused, not left waiting

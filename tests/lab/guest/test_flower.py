@@ -207,6 +207,10 @@ class FlowerRouter:
                 f"events on port {port}: {seen}\n"
                 f"conntrack: {[ln for ln in ct.splitlines() if str(port) in ln]}")
 
+    def rule_dump(self) -> str:
+        return "\n".join(netns.run(self.ns, ["tc", "-s", "filter", "show", "dev", dev, "ingress"],
+                                    check=False).stdout for dev in (LAN, UP))
+
     @staticmethod
     def _event_text(ev) -> str:
         c = ev.conn
@@ -244,6 +248,13 @@ def lab():
             yield topo, r
         finally:
             r.close()
+
+
+def tcp_out_rsts(ns: str) -> int:
+    """TCP resets a namespace's stack has sent (Tcp: OutRsts in /proc/net/snmp)."""
+    lines = [ln.split() for ln in netns.run(ns, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if ln.startswith("Tcp:")]
+    return int(dict(zip(lines[0], lines[1], strict=True))["OutRsts"])
 
 
 def tc_rule_counters(ns: str, ifname: str) -> dict[int, tuple[int, int]]:
@@ -316,8 +327,14 @@ def test_dnat_port_forward_as_flower_rules(lab):
     topo, r = lab
     size = 256 * KIB
     seen: list = []
-    res = tcp_transfer(topo.cl, V4["cl"], 80, topo.sv, V4["r1_up"], 8080, payload(size, 80), upload=True,
-                       timeout=120, gate=lambda: seen.append(r.wait_offloaded(8080)))
+    rsts = {ns: tcp_out_rsts(ns) for ns in (topo.cl, topo.r1, topo.sv)}
+    try:
+        res = tcp_transfer(topo.cl, V4["cl"], 80, topo.sv, V4["r1_up"], 8080, payload(size, 80),
+                           upload=True, timeout=120, gate=lambda: seen.append(r.wait_offloaded(8080)))
+    except ConnectionError as exc:
+        sent = {ns: tcp_out_rsts(ns) - n for ns, n in rsts.items()}
+        raise AssertionError(f"{exc!r}; resets sent by {sent}; offloaded: {bool(seen)}\n"
+                             f"{r.why_not(8080)}\n{r.rule_dump()}") from exc
     assert res.received_sha == res.sent_sha
     off = seen[0]
     assert off.hw and (off.conn.reply.src, off.conn.reply.sport) == (V4["cl"], 80)

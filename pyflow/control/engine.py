@@ -358,14 +358,31 @@ class Engine:
 
     def _offload(self, conn: Conn, ident: tuple) -> bool:
         path = self._planned(conn, ident)
-        if path is None:
+        if path is None or not self._claim(conn):
             return False
         if self.hw is not None and self._place_hw(ident, conn, path):
             return True
         keys, actions = _build(conn, path)
         if not self._install(keys, actions):
+            self.ct.mark_offloaded(conn, False)
             return False
-        return self._adopt(ident, conn, path, (key_bytes(keys[0]), key_bytes(keys[1])), (keys, actions))
+        self._adopt(ident, conn, path, (key_bytes(keys[0]), key_bytes(keys[1])), (keys, actions))
+        return True
+
+    def _claim(self, conn: Conn) -> bool:
+        """Tell conntrack before the first entry or rule exists: the offload mark and, for
+        TCP, be-liberal window tracking. From the first entry on conntrack stops seeing what
+        the fast path carries, and a packet that still takes the kernel path meanwhile (the
+        other direction while only one of two flower rules is in, a FIN, an over-MTU
+        segment) would meet stale windows, be called INVALID and miss its NAT: a DNAT'd
+        segment then reaches the router's own stack, which answers with a reset. The kernel
+        flowtable sets be-liberal before adding a flow for the same reason. False (and
+        counted) when the entry is already gone; a connection whose install then fails is
+        unmarked again, and liberal stays, as after any offload."""
+        if self.ct.mark_offloaded(conn, True):
+            return True
+        self.stats.count(self.stats.refused, "gone")
+        return False
 
     def _planned(self, conn: Conn, ident: tuple) -> _Path | None:
         """conn's path; None (and the reason kept) if it has none."""
@@ -384,18 +401,13 @@ class Engine:
         return path
 
     def _adopt(self, ident: tuple, conn: Conn, path: _Path, kb: tuple[bytes, bytes],
-               entries: tuple[_Keys, _Actions] | None) -> bool:
-        """Entries are in the map: record the connection and mark it in conntrack."""
+               entries: tuple[_Keys, _Actions] | None) -> None:
+        """Entries are in the map (and conntrack was told before, see _claim): record it."""
         now = self.clock()
         off = Offloaded(conn, path, now, last_seen_ns=now, key_bytes=kb, _source=conn, _entries=entries)
         self.offloaded[ident] = off
         off.slot = self._slots.take(ident, off)
-        if not self.ct.mark_offloaded(conn, True):
-            # gone between the event and now: conntrack will not tell us again
-            self._remove(ident, "destroyed", tell_conntrack=False)
-            return False
         self.stats.offloaded += 1
-        return True
 
     # ---- hardware placement -----------------------------------------------------------
 
@@ -419,9 +431,6 @@ class Engine:
                         _source=conn, _entries=(keys, actions), hw=True, hw_rules=ids)
         self.offloaded[ident] = off
         self.hw_flows[ident] = off
-        if not self.ct.mark_offloaded(conn, True):
-            self._remove(ident, "destroyed", tell_conntrack=False)
-            return True  # handled: nothing to fall back for a connection that is gone
         self.stats.offloaded += 1
         self.stats.hw_offloaded += 1
         return True
@@ -521,13 +530,15 @@ class Engine:
             self._flush()
 
     def _flush(self) -> None:
-        """Write the queued connections' entries in one insert, then record and mark each.
+        """Mark the queued connections in conntrack (_claim), then write their entries in one
+        insert and record each.
         A batch is not atomic and stops at its first failure: then every entry of the batch
         is deleted and the connections go in one by one, each both directions or neither."""
         batch = self._queue
         if not batch:
             return
         self._queue, self._queued = [], set()
+        batch = [item for item in batch if self._claim(item[1])]
         if self.hw is not None:
             batch = [item for item in batch if not self._place_hw(*item)]
         if len(batch) > 1:
@@ -553,6 +564,8 @@ class Engine:
             if self._install(flow_keys, actions):
                 kb = (key_bytes(flow_keys[0]), key_bytes(flow_keys[1]))
                 self._adopt(ident, conn, path, kb, (flow_keys, actions))
+            else:
+                self.ct.mark_offloaded(conn, False)
 
     @staticmethod
     def _entry_bytes(batch: list[tuple[tuple, Conn, _Path]]) -> tuple[list[bytes], list[bytes],

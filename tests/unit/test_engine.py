@@ -250,6 +250,38 @@ def test_both_directions_or_neither(rig):
     assert not eng.offloaded and eng.stats.install_errors == 1 and not ct.marked
 
 
+def test_conntrack_is_told_before_the_entries_go_in(rig):
+    """Mark and be-liberal first: from the first entry on conntrack misses what the fast
+    path carries, and a kernel-path packet meeting stale windows would lose its NAT."""
+    eng, ct, _, flows, _ = rig
+    order: list[str] = []
+    mark, insert = ct.mark_offloaded, flows.insert
+
+    def marking(conn, on):
+        order.append(f"mark {on}")
+        return mark(conn, on)
+
+    def inserting(items, **kw):
+        order.append("insert")
+        return insert(items, **kw)
+
+    ct.mark_offloaded, flows.insert = marking, inserting
+    offer(eng, ct, masq_conn())
+    two = [masq_conn(sport=40001), masq_conn(sport=40002)]
+    for conn in two:
+        ct.table[conn.ident] = conn
+    eng.handle([CtEvent(EventType.UPDATE, conn) for conn in two])  # one pass: one batched insert
+    assert order == ["mark True", "insert", "mark True", "mark True", "insert"]
+    assert len(eng.offloaded) == 3 and len(ct.marked) == 3
+
+
+def test_a_connection_gone_before_install_gets_no_entries(rig):
+    eng, ct, _, flows, _ = rig
+    conn = masq_conn()
+    eng.handle([CtEvent(EventType.UPDATE, conn)])  # conntrack no longer has it
+    assert not flows.entries and not eng.offloaded and eng.stats.refused == {"gone": 1}
+
+
 def test_destroy_removes_both_directions(rig):
     eng, ct, _, flows, _ = rig
     conn = masq_conn()

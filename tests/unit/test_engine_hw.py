@@ -98,6 +98,23 @@ def test_connection_between_hw_devices_becomes_two_rules_and_no_map_entries(hwri
     assert (eng.stats.offloaded, eng.stats.hw_offloaded, eng.stats.hw_failures) == (1, 1, 0)
 
 
+def test_conntrack_is_liberal_before_the_first_rule(hwrig):
+    """The two rules go in one after the other: while only one is in, the other direction
+    still takes the kernel path, where conntrack must already track windows liberally."""
+    eng, ct, _paths, _flows, _clock, hw = hwrig
+    conn = masq_conn()
+    marked_at_place = []
+    place = hw.place
+
+    def placing(keys, actions):
+        marked_at_place.append(conn.ident in ct.marked)
+        return place(keys, actions)
+
+    hw.place = placing
+    offer(eng, ct, conn)
+    assert marked_at_place == [True] and eng.offloaded[conn.ident].hw
+
+
 @pytest.mark.parametrize("refuse_second", [False, True])
 def test_refused_placement_falls_back_to_the_map_counted(hwrig, refuse_second):
     eng, ct, _paths, flows, _clock, hw = hwrig

@@ -111,8 +111,7 @@ def _sender(ns: str) -> socket.socket:
 @pytest.mark.parametrize("tags", ["802.1q", "802.1ad+802.1q"])
 def test_gso_superpackets_leave_tagged(topo, tags, offloads):
     h1, r, h2, dp = topo
-    flag = "on" if offloads == "on" else "off"
-    netns.run(r, f"ethtool -K pft-r2 tx {flag} txvlan {flag} tx-vlan-stag-hw-insert {flag}")
+    netns.run(r, f"ethtool -K pft-r2 tx {offloads} txvlan {offloads} tx-vlan-stag-hw-insert {offloads}")
     qinq = tags == "802.1ad+802.1q"
     key = abi.FlowKey(netns.ifindex(r, "pft-r1"), abi.PROTO_UDP, "198.18.1.2", "198.18.2.2", SPORT, DPORT)
     act = abi.FlowAction(out_ifindex=netns.ifindex(r, "pft-r2"), tx_port=0, mtu=1500,

@@ -142,6 +142,18 @@ def mac(ns: str, ifname: str) -> str:
     return run(ns, ["cat", f"/sys/class/net/{ifname}/address"]).stdout.strip()
 
 
+def mib(ns: str) -> dict[str, dict[str, int]]:
+    """The namespace's SNMP counters by group ("Tcp", "TcpExt", "Icmp", "Udp" ...), from
+    /proc/net/snmp and /proc/net/netstat (a line of names, then a line of values)."""
+    out: dict[str, dict[str, int]] = {}
+    for f in ("snmp", "netstat"):
+        lines = run(ns, ["cat", f"/proc/net/{f}"]).stdout.splitlines()
+        for head, values in zip(lines[::2], lines[1::2], strict=True):
+            names, nums = head.split(), values.split()
+            out[names[0].rstrip(":")] = {n: int(v) for n, v in zip(names[1:], nums[1:], strict=True)}
+    return out
+
+
 @contextlib.contextmanager
 def namespaces(*tags: str) -> Iterator[list[str]]:
     """Create one fresh namespace per tag and remove them all afterwards."""

@@ -51,14 +51,8 @@ def raw_request(sock: str, data: bytes) -> list[dict]:
 
 def tcp_counters(ns: str) -> dict[str, int]:
     """The namespace's TCP MIB counters (Tcp and TcpExt of /proc/net/snmp and netstat)."""
-    out: dict[str, int] = {}
-    for f in ("snmp", "netstat"):
-        lines = netns.run(ns, ["cat", f"/proc/net/{f}"]).stdout.splitlines()
-        for head, values in zip(lines[::2], lines[1::2], strict=True):
-            names, nums = head.split(), values.split()
-            if names[0] in ("Tcp:", "TcpExt:"):
-                out.update({n: int(v) for n, v in zip(names[1:], nums[1:], strict=True)})
-    return out
+    counters = netns.mib(ns)
+    return {**counters["Tcp"], **counters["TcpExt"]}
 
 
 def link_drops(topo) -> dict[str, int]:

@@ -252,9 +252,7 @@ def lab():
 
 def tcp_out_rsts(ns: str) -> int:
     """TCP resets a namespace's stack has sent (Tcp: OutRsts in /proc/net/snmp)."""
-    lines = [ln.split() for ln in netns.run(ns, ["cat", "/proc/net/snmp"]).stdout.splitlines()
-             if ln.startswith("Tcp:")]
-    return int(dict(zip(lines[0], lines[1], strict=True))["OutRsts"])
+    return netns.mib(ns)["Tcp"]["OutRsts"]
 
 
 def tc_rule_counters(ns: str, ifname: str) -> dict[int, tuple[int, int]]:

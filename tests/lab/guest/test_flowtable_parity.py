@@ -215,9 +215,7 @@ def client_pmtu(topo, family: int) -> int | None:
 
 def icmp_unreachables_sent(topo) -> int:
     """r1's IPv4 'destination unreachable' messages sent (fragmentation needed among them)."""
-    lines = [ln.split() for ln in netns.run(topo.r1, ["cat", "/proc/net/snmp"]).stdout.splitlines()
-             if ln.startswith("Icmp:")]
-    return int(lines[1][lines[0].index("OutDestUnreachs")])
+    return netns.mib(topo.r1)["Icmp"]["OutDestUnreachs"]
 
 
 def link_rx(topo, ns: str, ifname: str) -> tuple[int, int]:

@@ -70,34 +70,6 @@ int pyflow_prog_test_run(int prog_fd, struct pyflow_test_run *run)
 	return 0;
 }
 
-int pyflow_xdp_live_run(int prog_fd, const void *data, uint32_t size, uint32_t ingress_ifindex,
-			uint32_t repeat, uint32_t batch_size, uint32_t *duration_ns)
-{
-	struct xdp_md ctx;
-	union bpf_attr attr;
-	int ret;
-
-	/* The kernel wants data_end == size and no data_out/ctx_out in live mode. */
-	memset(&ctx, 0, sizeof(ctx));
-	ctx.data_end = size;
-	ctx.ingress_ifindex = ingress_ifindex;
-	memset(&attr, 0, sizeof(attr));
-	attr.test.prog_fd = prog_fd;
-	attr.test.data_in = ptr_to_u64(data);
-	attr.test.data_size_in = size;
-	attr.test.ctx_in = ptr_to_u64(&ctx);
-	attr.test.ctx_size_in = sizeof(ctx);
-	attr.test.repeat = repeat;
-	attr.test.flags = BPF_F_TEST_XDP_LIVE_FRAMES;
-	attr.test.batch_size = batch_size;
-	ret = sys_bpf(BPF_PROG_TEST_RUN, &attr);
-	if (ret < 0)
-		return ret;
-	if (duration_ns)
-		*duration_ns = attr.test.duration;
-	return 0;
-}
-
 int pyflow_obj_get(const char *path)
 {
 	union bpf_attr attr;

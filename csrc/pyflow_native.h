@@ -42,13 +42,6 @@ struct pyflow_test_run {
 
 int pyflow_map_info(int map_fd, struct pyflow_map_info *info);
 int pyflow_prog_test_run(int prog_fd, struct pyflow_test_run *run);
-/* BPF_PROG_TEST_RUN of an XDP program with BPF_F_TEST_XDP_LIVE_FRAMES: the frame
- * (data, size) is run `repeat` times as if received on ingress_ifindex (a device in
- * the caller's network namespace), in batches of batch_size (1..256, 0: the kernel's
- * default of 64), and XDP_TX / XDP_REDIRECT really transmit. A packet generator.
- * *duration_ns receives the kernel's mean ns per frame. */
-int pyflow_xdp_live_run(int prog_fd, const void *data, uint32_t size, uint32_t ingress_ifindex,
-			uint32_t repeat, uint32_t batch_size, uint32_t *duration_ns);
 int pyflow_obj_get(const char *path);
 int pyflow_obj_pin(int fd, const char *path);
 int pyflow_close(int fd);

@@ -232,11 +232,11 @@ def md_router(router: dict) -> list[str]:
         "![ns per packet](docs/bench/router_ns_per_packet.png)",
         "",
         "How: three network namespaces on veth pairs, sender -> router -> receiver; the router "
-        "masquerades its uplink with nftables (conntrack). The sender is pyflow's own live-frames "
-        "generator (`tests/bench/trafficgen.py`): an XDP program run by BPF_PROG_TEST_RUN with "
-        "BPF_F_TEST_XDP_LIVE_FRAMES on the sender's veth, returning XDP_TX, so frames reach the "
-        "router as XDP frames, as from a NIC; it rewrites every header of every frame (recycled pages "
-        "keep the router's rewrites) and rotates UDP port pairs over the flows. Frames are 64 bytes on "
+        "masquerades its uplink with nftables (conntrack). The sender (`tests/bench/trafficgen.py`) is a "
+        "packet socket on the sender's veth with PACKET_QDISC_BYPASS, fed by sendmmsg from a C loop "
+        "(`tests/bench/sender.c`) over one prepared frame per flow, so frames reach the router as skbs "
+        "from its veth peer (this kernel refuses live-frame test runs and has no pktgen); "
+        "the UDP port pairs rotate over the flows. Frames are 64 bytes on "
         f"the wire for IPv4 ({m['frame_bytes']['4']} + FCS) and the smallest IPv6 UDP frame "
         f"({m['frame_bytes']['6']} + FCS). The receiver is an XDP program counting and dropping. NAPI "
         f"is threaded on every veth; the router's two NAPI threads are pinned to CPU {m['router_cpu']} and "

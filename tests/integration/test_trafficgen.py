@@ -1,7 +1,7 @@
 """The benchmark's traffic generator and sink (tests/bench/trafficgen.py), checked for function.
 
-The generator sends live frames from the sender's veth through a NATing kernel router
-(tests/bench/benchnet.py) to the sink. Small bursts with pauses, NAPI not threaded (the
+The generator sends frames from a packet socket on the sender's veth through a NATing
+kernel router (tests/bench/benchnet.py) to the sink. Small bursts with pauses, NAPI not threaded (the
 router's work runs inline), so nothing is lost: every frame must arrive, NATed, with the
 flow spread asked for. With the sink passing frames to a socket echo, conntrack must see a
 reply for every flow.
@@ -102,7 +102,7 @@ def test_echo_behind_a_passing_sink_gives_every_flow_a_reply_in_conntrack(progra
             back.attach(GEN_IF)
         echo = trafficgen.Echo(net.snk, [trafficgen.DPORT_BASE], max_seconds=30)
         try:
-            # paced inside the program: exactly one frame per flow, spread over the call
+            # exactly one frame per flow, paced by the sender
             trafficgen.paced(gen, net.gen, net.ifindex[GEN_IF], family, frames=flows, rate=5000, chunk=50)
             wait_for(lambda: back.counts()["packets"] - b0["packets"] >= flows, 3.0)
             s1, b1 = sink.counts(), back.counts()

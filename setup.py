@@ -8,7 +8,7 @@ from setuptools.command.build_py import build_py
 class BuildPyWithDatapath(build_py):
     """Copy the datapath's C source (top-level ebpf/) into the built package as
     pyflow/ebpf, so that a wheel carries what bcc compiles at start-up. Editable
-    installs read the source tree's ebpf/ directly (pyflow/bpfsource.py)."""
+    installs read the source tree's ebpf/ directly (pyflow/datapath/bpfsource.py)."""
 
     def run(self):
         super().run()
@@ -20,4 +20,4 @@ class BuildPyWithDatapath(build_py):
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.o", "*~"))
 
 
-setup(cffi_modules=["pyflow/_native_build.py:ffibuilder"], cmdclass={"build_py": BuildPyWithDatapath})
+setup(cffi_modules=["csrc/build_native.py:ffibuilder"], cmdclass={"build_py": BuildPyWithDatapath})

@@ -8,7 +8,7 @@ else on the host. Namespaces are made with ``ip netns add`` (a bind mount under
 
 :func:`inside` moves only the *calling thread* into a namespace (setns(2) is
 per thread) and moves it back afterwards; sockets created meanwhile stay in the
-namespace they were made in, which is how a test drives pyflow.loader against
+namespace they were made in, which is how a test drives pyflow.datapath.loader against
 devices in a namespace. A command run with :func:`run` starts in the
 namespace through ``ip netns exec``, which also remounts /sys so that
 /sys/class/net shows the namespace's devices.

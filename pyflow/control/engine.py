@@ -33,11 +33,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .._native import ffi, lib
-from ..abi import KEY_SIZE, FlowAction, FlowKey, datapath_clock_ns, entry_bytes, key_bytes
-from ..errors import MapError
-from ..flowtable import Counters
-from .model import (
+from pyflow._native import ffi, lib
+from pyflow.control.model import (
     IPS_DYING,
     IPS_SEEN_REPLY,
     TCP_CONNTRACK_ESTABLISHED,
@@ -51,6 +48,9 @@ from .model import (
     NotYet,
     PathResolver,
 )
+from pyflow.datapath.abi import KEY_SIZE, FlowAction, FlowKey, datapath_clock_ns, entry_bytes, key_bytes
+from pyflow.datapath.flowtable import Counters
+from pyflow.errors import MapError
 
 log = logging.getLogger(__name__)
 

@@ -82,8 +82,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ..errors import DeviceError
-from .model import Egress, NoPath, NotYet, PathListener
+from pyflow.control.model import Egress, NoPath, NotYet, PathListener
+from pyflow.errors import DeviceError
 
 # ---------------------------------------------------------------------------
 # rtnetlink numbers (<linux/netlink.h>, <linux/rtnetlink.h>, <linux/neighbour.h>,

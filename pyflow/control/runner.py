@@ -19,14 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..abi import MAP_FLOWS
-from ..flowtable import FlowTable
-from ..hw.offload import FlowerOffload
-from ..loader import Datapath
-from .conntrack import CtNetlink
-from .engine import Engine, EngineConfig, ManagedDevice
-from .model import EventType
-from .paths import PathWatcher, RtPaths
+from pyflow.control.conntrack import CtNetlink
+from pyflow.control.engine import Engine, EngineConfig, ManagedDevice
+from pyflow.control.model import EventType
+from pyflow.control.paths import PathWatcher, RtPaths
+from pyflow.datapath.abi import MAP_FLOWS
+from pyflow.datapath.flowtable import FlowTable
+from pyflow.datapath.loader import Datapath
+from pyflow.hw.offload import FlowerOffload
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

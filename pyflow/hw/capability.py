@@ -16,7 +16,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic.ethtool import ethtoolbitset, ethtoolheader
 
-from ..errors import DeviceError
+from pyflow.errors import DeviceError
 
 ETHTOOL_GENL_NAME = "ethtool"
 ETHTOOL_MSG_FEATURES_GET = 11

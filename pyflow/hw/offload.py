@@ -23,10 +23,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..abi import FlowAction, FlowKey
-from ..control.model import HwRefused
-from . import flower as F
-from . import rules
+from pyflow.control.model import HwRefused
+from pyflow.datapath.abi import FlowAction, FlowKey
+from pyflow.hw import flower as F
+from pyflow.hw import rules
 
 log = logging.getLogger(__name__)
 

@@ -193,7 +193,7 @@ class TimedFlows:
 def inserted(items: Any) -> list[tuple[int, int, int, int]]:
     """(key ifindex, key sport, key dport, action out_ifindex) of every entry of one insert call."""
     from pyflow._native import ffi
-    from pyflow.flowtable import FlowBatch, pack
+    from pyflow.datapath.flowtable import FlowBatch, pack
 
     if isinstance(items, tuple) and len(items) == 2 and isinstance(items[0], bytes | bytearray):
         items = pack(items)  # the engine's bulk installs: (key bytes, value bytes)
@@ -308,13 +308,13 @@ class Timers:
 def instrumented_resync(ns: str, dp: Any, cfg: Any, profile: bool, workdir: Path) -> dict[str, Any]:
     """The initial resync again, on adapters of our own, with a timer around every adapter
     call (and cProfile when asked); then hand everything back."""
-    import pyflow.flowtable as flowtable_mod
-    from pyflow.abi import MAP_FLOWS
+    import pyflow.datapath.flowtable as flowtable_mod
     from pyflow.control.conntrack import CtNetlink
     from pyflow.control.engine import Engine
     from pyflow.control.paths import RtPaths
     from pyflow.control.runner import LoaderDevices
-    from pyflow.flowtable import FlowTable
+    from pyflow.datapath.abi import MAP_FLOWS
+    from pyflow.datapath.flowtable import FlowTable
     from tests import netns
 
     with netns.inside(ns):
@@ -419,12 +419,12 @@ def main(argv: list[str]) -> int:
 def bench(args: argparse.Namespace) -> int:
     import tempfile
 
-    import pyflow.flowtable as flowtable_mod
-    from pyflow.abi import MAP_FLOWS
+    import pyflow.datapath.flowtable as flowtable_mod
     from pyflow.control.engine import EngineConfig
     from pyflow.control.runner import ControlConfig
-    from pyflow.flowtable import FlowTable
-    from pyflow.loader import Datapath
+    from pyflow.datapath.abi import MAP_FLOWS
+    from pyflow.datapath.flowtable import FlowTable
+    from pyflow.datapath.loader import Datapath
     from tests import netns
     from tests.integration.topology import LAN, UP, UP2, V4, pin_dir, topology, wait_for
 

@@ -33,10 +33,10 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from pyflow import abi
-from pyflow.bpfsource import TC_FUNC, XDP_FUNC, compile_datapath
-from pyflow.flowtable import FlowTable
-from pyflow.testrun import TEST_IFINDEX, run
+from pyflow.datapath import abi
+from pyflow.datapath.bpfsource import TC_FUNC, XDP_FUNC, compile_datapath
+from pyflow.datapath.flowtable import FlowTable
+from pyflow.datapath.testrun import TEST_IFINDEX, run
 
 FRAME = 96  # bytes restored per run; every template frame is exactly this long
 MAX_TEMPLATES = 16384

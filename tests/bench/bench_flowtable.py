@@ -29,12 +29,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pyflow import abi
 from pyflow._native import ffi
-from pyflow.abi import FLOW_SIZE, KEY_SIZE, FlowAction, FlowKey
-from pyflow.bpfsource import EBPF_DIR
+from pyflow.datapath import abi
+from pyflow.datapath.abi import FLOW_SIZE, KEY_SIZE, FlowAction, FlowKey
+from pyflow.datapath.bpfsource import EBPF_DIR
+from pyflow.datapath.flowtable import COUNTERS_SIZE, COUNTERS_TYPE, FlowTable, pack, struct_format
 from pyflow.errors import DatapathError
-from pyflow.flowtable import COUNTERS_SIZE, COUNTERS_TYPE, FlowTable, pack, struct_format
 
 FALLBACK_SRC = r"""
 #include "pyflow_abi.h"
@@ -52,7 +52,7 @@ def flow_key(i: int) -> FlowKey:
 
 def open_map(max_flows: int):
     """The bcc object holding pyflow_flows, and where it came from."""
-    from pyflow.bpfsource import compile_datapath
+    from pyflow.datapath.bpfsource import compile_datapath
 
     try:
         return compile_datapath(defines={"PYFLOW_MAX_FLOWS": max_flows}), "datapath"

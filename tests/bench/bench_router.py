@@ -93,7 +93,7 @@ class Bench:
         with netns.inside(net.rt):
             # a devmap resolves ifindexes in the updating thread's namespace
             self.floor["floor_tx"][ct.c_int(0)] = ct.c_int(net.ifindex[UP])
-        from pyflow.loader import Datapath
+        from pyflow.datapath.loader import Datapath
 
         self.pin = f"/sys/fs/bpf/pft-bench-router-{os.getpid()}"
         with netns.inside(net.rt):
@@ -207,10 +207,10 @@ class Bench:
                 self.floor.remove_xdp(LAN.encode(), 0)
 
     def pyflow(self, family: int, flows: int) -> dict:
-        from pyflow.abi import MAP_FLOWS
         from pyflow.control.engine import EngineConfig
         from pyflow.control.runner import ControlConfig, ControlPlane
-        from pyflow.flowtable import FlowTable
+        from pyflow.datapath.abi import MAP_FLOWS
+        from pyflow.datapath.flowtable import FlowTable
 
         with netns.inside(self.net.rt):
             for dev in (LAN, UP):

@@ -56,7 +56,7 @@ class Router:
     """pyflow on the router, attached and started per run, in the mode asked for."""
 
     def __init__(self, net: benchnet.Net):
-        from pyflow.loader import Datapath
+        from pyflow.datapath.loader import Datapath
 
         self.net = net
         self.pin = f"/sys/fs/bpf/pft-bench-tcp-{os.getpid()}"

@@ -121,6 +121,6 @@ def in_netns(ns: str) -> list[str]:
 
 
 def ctl(sock: str, *args: str, user: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [*(user or []), sys.executable, "-m", "pyflow.ctl", "--socket", sock, *args]
+    argv = [*(user or []), sys.executable, "-m", "pyflow.cli", "--socket", sock, *args]
     return subprocess.run(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
                           text=True, timeout=60)

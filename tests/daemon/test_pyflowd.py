@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from pyflow.abi import MAP_FLOWS
+from pyflow.datapath.abi import MAP_FLOWS
 from tests import netns
 from tests.daemon.process import METRICS_PORT, ROOT, Pyflowd, ctl, in_netns
 from tests.integration.topology import LAN, UP, UP2, V4, V6, payload, tcp_transfer, topology, wait_for

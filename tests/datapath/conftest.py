@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from pyflow import abi
 from pyflow._native import ffi
-from pyflow.bpfsource import TC_FUNC, XDP_FUNC, compile_datapath
-from pyflow.testrun import TEST_IFINDEX, RunResult, run
+from pyflow.datapath import abi
+from pyflow.datapath.bpfsource import TC_FUNC, XDP_FUNC, compile_datapath
+from pyflow.datapath.testrun import TEST_IFINDEX, RunResult, run
 
 # Small maps: the packet tests need a handful of entries, not 256k preallocated ones.
 # (bcc wants function and map names as bytes.)

@@ -29,8 +29,8 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.layers.ppp import PPP, PPPoE, PPPoED
 from scapy.packet import Packet, Raw
 
-from pyflow.abi import ETH_P_8021AD, ETH_P_8021Q, PROTO_TCP, PROTO_UDP, FlowAction, FlowKey
-from pyflow.testrun import TEST_IFINDEX
+from pyflow.datapath.abi import ETH_P_8021AD, ETH_P_8021Q, PROTO_TCP, PROTO_UDP, FlowAction, FlowKey
+from pyflow.datapath.testrun import TEST_IFINDEX
 
 # The router under test: frames arrive on IN_MAC from PEER_MAC and leave from OUT_MAC to NEXTHOP_MAC.
 PEER_MAC = "02:00:00:00:00:01"

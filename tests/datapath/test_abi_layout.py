@@ -16,9 +16,9 @@ import subprocess
 
 import pytest
 
-from pyflow import abi
 from pyflow._native import ffi, lib
-from pyflow.loader import Datapath
+from pyflow.datapath import abi
+from pyflow.datapath.loader import Datapath
 
 pytestmark = pytest.mark.root
 

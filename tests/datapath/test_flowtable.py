@@ -15,9 +15,17 @@ import tempfile
 import pytest
 
 from pyflow._native import ffi, lib
-from pyflow.abi import FLOW_SIZE, FLOW_TYPE, KEY_SIZE, KEY_TYPE, FlowAction, FlowKey, flow_value, key_bytes
-from pyflow.errors import MapError
-from pyflow.flowtable import (
+from pyflow.datapath.abi import (
+    FLOW_SIZE,
+    FLOW_TYPE,
+    KEY_SIZE,
+    KEY_TYPE,
+    FlowAction,
+    FlowKey,
+    flow_value,
+    key_bytes,
+)
+from pyflow.datapath.flowtable import (
     BPF_MAP_TYPE_HASH,
     BatchError,
     Counters,
@@ -27,6 +35,7 @@ from pyflow.flowtable import (
     pack,
     pack_keys,
 )
+from pyflow.errors import MapError
 
 pytestmark = pytest.mark.root
 

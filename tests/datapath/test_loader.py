@@ -1,4 +1,4 @@
-"""pyflow.loader against real devices: veth pairs in namespaces this test creates.
+"""pyflow.datapath.loader against real devices: veth pairs in namespaces this test creates.
 
 The kernel's view is read independently of the loader wherever it matters:
 ``ip -j -d link`` for XDP, ``tc -j filter/qdisc`` for TC, ``bpftool map dump``
@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pyflow import abi, bpfsource, netdev
-from pyflow.errors import DatapathError, DeviceError
-from pyflow.loader import (
+from pyflow.datapath import abi, bpfsource, netdev
+from pyflow.datapath.loader import (
     PIN_TC,
     PIN_XDP,
     TC_HANDLE,
@@ -29,6 +28,7 @@ from pyflow.loader import (
     TC_PRIO,
     Datapath,
 )
+from pyflow.errors import DatapathError, DeviceError
 from tests import netns
 
 pytestmark = pytest.mark.root
@@ -697,7 +697,7 @@ def test_udp_through_the_fast_path(routed, mode):
 def test_bpffs_is_mounted_when_missing():
     """In a private mount namespace (the host's mount stays), unmount bpffs and let
     the loader find it missing in /proc/mounts and mount it again."""
-    code = ("from pyflow.loader import bpffs_mounted, ensure_bpffs\n"
+    code = ("from pyflow.datapath.loader import bpffs_mounted, ensure_bpffs\n"
             "assert not bpffs_mounted(), 'still mounted'\n"
             "ensure_bpffs()\n"
             "assert bpffs_mounted()\n"

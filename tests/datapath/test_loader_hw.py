@@ -1,4 +1,4 @@
-"""Mode "hw" in pyflow.loader, on veth pairs in a namespace this test creates.
+"""Mode "hw" in pyflow.datapath.loader, on veth pairs in a namespace this test creates.
 
 veth has no flower offload (hw-tc-offload is "off [fixed]"), which is exactly the device
 hw must refuse; hw_skip_hw (software flower rules, for labs and tests) lets it through.

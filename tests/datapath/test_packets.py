@@ -16,7 +16,7 @@ from scapy.layers.inet import IP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from pyflow import abi
+from pyflow.datapath import abi
 
 XDP_PASS, XDP_REDIRECT = 2, 4
 TC_ACT_UNSPEC, TC_ACT_REDIRECT = 0xFFFFFFFF, 7  # test run reports -1 as u32
@@ -133,7 +133,7 @@ def test_maps_pin_and_are_adopted():
     from bcc import BPF
     from packets import CASES
 
-    from pyflow.bpfsource import XDP_FUNC, compile_datapath
+    from pyflow.datapath.bpfsource import XDP_FUNC, compile_datapath
 
     pin_dir = f"/sys/fs/bpf/pft-packets-{os.getpid()}"
     os.makedirs(pin_dir)

@@ -30,8 +30,8 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from pyflow import abi
-from pyflow.loader import Datapath
+from pyflow.datapath import abi
+from pyflow.datapath.loader import Datapath
 from tests import netns
 from tests.pins import remove_pin_dir
 

@@ -78,7 +78,7 @@ from scapy.layers.ppp import PPP, PPPoE, PPPoED
 from scapy.packet import Packet, Raw
 from test_packets import VERDICTS, first_difference
 
-from pyflow import abi
+from pyflow.datapath import abi
 from pyflow.errors import DatapathError
 
 SEED = int(os.environ.get("PYFLOW_FUZZ_SEED", "1624"))

@@ -18,7 +18,7 @@ import pytest
 
 from pyflow.control.engine import EngineConfig
 from pyflow.control.runner import ControlConfig, ControlPlane
-from pyflow.loader import Datapath
+from pyflow.datapath.loader import Datapath
 from tests import netns
 from tests.integration.topology import (
     LAN,

@@ -3,7 +3,7 @@
 Run as a program inside a test network namespace, usually under ``setpriv`` with a
 reduced capability set (tests/packaging/test_privileges.py); prints one line per step,
 ``ok <step>`` or ``FAIL <step>: <error>``, then exits 0 when every step passed. The
-steps are the daemon's own calls (pyflow.loader, pyflow.control), except where those
+steps are the daemon's own calls (pyflow.datapath.loader, pyflow.control), except where those
 fall back quietly when a privilege is missing (SO_RCVBUFFORCE, the conntrack events
 sysctl): those are tried directly, so that a missing privilege shows as a failure.
 
@@ -55,7 +55,7 @@ class Probe:
     # -- the datapath --------------------------------------------------------
 
     def load(self) -> None:
-        from pyflow.loader import Datapath
+        from pyflow.datapath.loader import Datapath
 
         # compiles with bcc (reads kernel headers), creates and pins the maps, loads
         # both programs (XDP and SCHED_CLS) and pins them
@@ -69,7 +69,7 @@ class Probe:
 
     def adopt(self) -> None:
         """A restarted daemon: a second Datapath on the same pins (BPF_OBJ_GET of every pin)."""
-        from pyflow.loader import Datapath
+        from pyflow.datapath.loader import Datapath
 
         assert self.dp is not None, "no datapath"
         self.dp.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from pyflow.metrics import declared
+from pyflow.daemon.metrics import declared
 from tests.packaging.unitfile import REPO
 
 DASHBOARD = REPO / "packaging" / "grafana" / "pyflow-dashboard.json"
@@ -13,7 +13,7 @@ GRID_WIDTH = 24
 
 
 def families() -> dict[str, str]:
-    """Metric family -> Counter | Gauge | Histogram, as pyflow/metrics.py's collector exposes them."""
+    """Metric family -> Counter | Gauge | Histogram, as pyflow/daemon/metrics.py's collector exposes them."""
     found = {name: kind.capitalize() for name, kind in declared().items()}
     assert len(found) > 10, "the metrics collector exposes fewer families than the dashboard was built on"
     return found

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pyflow.config import DaemonConfig, DeviceConfig, OffloadConfig, load
+from pyflow.daemon.config import DaemonConfig, DeviceConfig, OffloadConfig, load
 from tests.packaging.unitfile import REPO
 
 EXAMPLE = REPO / "packaging" / "pyflowd.toml"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pyflow.abi import MAP_FLOWS
+from pyflow.datapath.abi import MAP_FLOWS
 from tests import netns
 from tests.packaging.sdns import SystemdNamespace
 from tests.packaging.unitfile import REPO, UNIT, capabilities

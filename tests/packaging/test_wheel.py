@@ -46,7 +46,7 @@ def test_wheel_installs_a_datapath_that_compiles(tmp_path):
     subprocess.run([str(venv / "bin/pip"), "install", "-q", "--no-deps", str(wheel)], check=True,
                    capture_output=True, text=True, timeout=120)
     assert (venv / "bin/pyflowd").exists() and (venv / "bin/pyflowctl").exists()
-    code = ("from pyflow import bpfsource\n"
+    code = ("from pyflow.datapath import bpfsource\n"
             "print(bpfsource.EBPF_DIR)\n"
             "bpfsource.compile_datapath(defines={'PYFLOW_MAX_FLOWS': 16})\n"
             "print('compiled')\n")

@@ -10,8 +10,8 @@ import struct
 
 import pytest
 
-from pyflow import abi
 from pyflow._native import ffi, lib
+from pyflow.datapath import abi
 
 
 def test_key_bytes_follow_header_order():

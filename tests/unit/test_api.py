@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from pyflow import ctl
-from pyflow.api import MAX_REQUEST, PROTOCOL_VERSION, ControlServer, parse_request
+from pyflow.cli import main as ctl
+from pyflow.daemon.api import MAX_REQUEST, PROTOCOL_VERSION, ControlServer, parse_request
 from pyflow.errors import RequestError
 
 
@@ -145,7 +145,7 @@ def test_table_aligns_columns():
 
 
 def test_notifier_speaks_sd_notify(tmp_path):
-    from pyflow.daemon import Notifier
+    from pyflow.daemon.main import Notifier
 
     path = str(tmp_path / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pyflow.config import DEVICE_MODES, Config, ConfigError, load, parse, parse_address
+from pyflow.daemon.config import DEVICE_MODES, Config, ConfigError, load, parse, parse_address
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "packaging" / "pyflowd.toml"
 
@@ -62,7 +62,7 @@ def test_overrides_are_validated_too():
 
 
 def test_missing_default_file_is_defaults_but_a_named_file_must_exist(tmp_path, monkeypatch):
-    monkeypatch.setattr("pyflow.config.DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setattr("pyflow.daemon.config.DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
     assert load(None) == Config()
     with pytest.raises(ConfigError, match="no such file"):
         load(str(tmp_path / "absent.toml"))

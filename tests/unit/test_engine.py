@@ -12,7 +12,6 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from pyflow.abi import FlowAction, FlowKey, key_bytes, mac_bytes
 from pyflow.control.engine import Engine, EngineConfig, ManagedDevice
 from pyflow.control.model import (
     IPS_ASSURED,
@@ -27,6 +26,7 @@ from pyflow.control.model import (
     NotYet,
     Tuple,
 )
+from pyflow.datapath.abi import FlowAction, FlowKey, key_bytes, mac_bytes
 from pyflow.errors import MapError
 
 LAN, WAN, OTHER = 2, 3, 9

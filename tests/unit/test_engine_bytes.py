@@ -16,7 +16,6 @@ import socket
 from dataclasses import replace
 
 from pyflow._native import ffi
-from pyflow.abi import FLOW_SIZE, KEY_SIZE, key_bytes, value_bytes
 from pyflow.control.engine import BATCH, Engine, EngineConfig, ManagedDevice
 from pyflow.control.model import (
     IPS_SEEN_REPLY,
@@ -27,7 +26,8 @@ from pyflow.control.model import (
     EventType,
     Tuple,
 )
-from pyflow.flowtable import pack, pack_keys
+from pyflow.datapath.abi import FLOW_SIZE, KEY_SIZE, key_bytes, value_bytes
+from pyflow.datapath.flowtable import pack, pack_keys
 from tests.unit.test_engine import (
     CLIENT_MAC,
     GW2_MAC,

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from pyflow.abi import key_bytes
 from pyflow.control.engine import Engine, EngineConfig
 from pyflow.control.model import HwRefused
+from pyflow.datapath.abi import key_bytes
 from tests.unit.test_engine import (
     GW2_MAC,
     LAN,

@@ -15,7 +15,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 
-from pyflow.abi import FlowAction, FlowKey
+from pyflow.datapath.abi import FlowAction, FlowKey
 from pyflow.hw import flower as F
 from pyflow.hw import rules
 
@@ -214,7 +214,7 @@ def test_guards_pass_ttl_zero_and_one_to_the_kernel_ahead_of_flow_rules():
     guards = rules.guard_filters(4, flags=F.SKIP_HW)
     assert [(p.protocol, f.match.ip_ttl, f.actions) for p, f in guards] == [
         (F.ETH_P_IP, (0, 0xFE), (F.Gact(F.TC_ACT_OK),)), (F.ETH_P_IPV6, (0, 0xFE), (F.Gact(F.TC_ACT_OK),))]
-    from pyflow.loader import TC_PRIO
+    from pyflow.datapath.loader import TC_PRIO
 
     assert all(p.prio < rules.RULE_PRIO < TC_PRIO for p, _f in guards)
     for place, f in guards:

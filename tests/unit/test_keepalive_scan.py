@@ -19,7 +19,7 @@ import pytest
 
 from pyflow._native import ffi, lib
 from pyflow.control.engine import Engine, EngineConfig
-from pyflow.flowtable import COUNTERS_TYPE, Counters
+from pyflow.datapath.flowtable import COUNTERS_TYPE, Counters
 from tests.unit.test_engine import SEC, Clock, Devices, FakeConntrack, FakeFlows, FakePaths, masq_conn
 
 KEY_TYPE = "struct pyflow_flow_key"

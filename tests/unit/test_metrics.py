@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from pyflow.metrics import declared, registry_for
+from pyflow.daemon.metrics import declared, registry_for
 
 STATS = {
     "offloaded": {"ipv4": {"software": 3, "hardware": 1}, "ipv6": {"software": 0, "hardware": 0}},

@@ -30,10 +30,10 @@ import time
 
 import pytest
 
-from pyflow.abi import datapath_clock_ns, key_bytes
 from pyflow.control.conntrack import CtNetlink
 from pyflow.control.engine import Engine, EngineConfig, ManagedDevice
 from pyflow.control.paths import PathWatcher, RtPaths
+from pyflow.datapath.abi import datapath_clock_ns, key_bytes
 from pyflow.hw.offload import FlowerOffload
 from tests import netns
 from tests.integration.topology import LAN, UP, UP2, V4, V6, payload, tcp_transfer, topology, wait_for

@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .errors import PyflowError
+from pyflow.errors import PyflowError
 
 DEFAULT_CONFIG = "/etc/pyflow/pyflowd.toml"
 DEFAULT_METRICS_PORT = 9469

@@ -14,7 +14,7 @@ import struct
 import time
 from dataclasses import dataclass, fields
 
-from ._native import ffi, lib
+from pyflow._native import ffi, lib
 
 KEY_TYPE = "struct pyflow_flow_key"
 FLOW_TYPE = "struct pyflow_flow"

@@ -7,7 +7,7 @@ and attaches them to devices in one of three modes:
 ``native``   XDP in the driver (IFLA_XDP with XDP_FLAGS_DRV_MODE)
 ``generic``  XDP after the skb is built (XDP_FLAGS_SKB_MODE), for any device
 ``tc``       a cls_bpf direct-action filter on the device's clsact ingress hook
-``auto``     chosen per device by :func:`pyflow.netdev.choose_mode`; hw as well
+``auto``     chosen per device by :func:`pyflow.datapath.netdev.choose_mode`; hw as well
              when the device reports hw-tc-offload on
 ``hw``       flower rules in the NIC (pyflow.hw), plus the software hook ``auto``
              would pick, which carries every flow the NIC refuses. Refused on a
@@ -49,10 +49,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bpfsource, netdev
-from ._native import ffi, lib
-from .abi import MAP_FLOWS, MAP_STATS, MAP_TX_PORTS, REASONS
-from .errors import DatapathError, DeviceError
+from pyflow._native import ffi, lib
+from pyflow.datapath import bpfsource, netdev
+from pyflow.datapath.abi import MAP_FLOWS, MAP_STATS, MAP_TX_PORTS, REASONS
+from pyflow.errors import DatapathError, DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -733,7 +733,7 @@ class Datapath:
     def _hw_choice(self, ifname: str, *, asked: bool) -> tuple[bool, str]:
         """(place flower rules on ifname, why) for mode hw (asked) or auto. hw on a device
         without hw-tc-offload is refused, unless hw_skip_hw makes the rules software ones."""
-        from .hw.capability import tc_offload
+        from pyflow.hw.capability import tc_offload
 
         try:
             cap = tc_offload(ifname)
@@ -881,7 +881,7 @@ class Datapath:
         return out
 
     def reason_counts(self) -> dict[str, tuple[int, int]]:
-        """(packets, bytes) per verdict reason, summed over CPUs (names: pyflow.abi.REASONS)."""
+        """(packets, bytes) per verdict reason, summed over CPUs (names: pyflow.datapath.abi.REASONS)."""
         out = {}
         for i, name in enumerate(REASONS):
             per_cpu = self.stats[self.stats.Key(i)]

@@ -33,9 +33,18 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from ._native import ffi, lib
-from .abi import FLOW_SIZE, FLOW_TYPE, KEY_SIZE, KEY_TYPE, FlowAction, FlowKey, key_bytes, value_bytes
-from .errors import MapError
+from pyflow._native import ffi, lib
+from pyflow.datapath.abi import (
+    FLOW_SIZE,
+    FLOW_TYPE,
+    KEY_SIZE,
+    KEY_TYPE,
+    FlowAction,
+    FlowKey,
+    key_bytes,
+    value_bytes,
+)
+from pyflow.errors import MapError
 
 COUNTERS_TYPE = "struct pyflow_flow_counters"
 COUNTERS_SIZE = ffi.sizeof(COUNTERS_TYPE)

@@ -39,7 +39,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .errors import RequestError
+from pyflow.errors import RequestError
 
 log = logging.getLogger(__name__)
 

@@ -33,12 +33,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import Config, ConfigError, check_device
-from .control.engine import EngineConfig, Offloaded
-from .control.runner import ControlConfig, ControlPlane
-from .errors import DeviceError, PyflowError, RequestError
-from .loader import Datapath, DeviceStatus
+from pyflow import __version__
+from pyflow.control.engine import EngineConfig, Offloaded
+from pyflow.control.runner import ControlConfig, ControlPlane
+from pyflow.daemon.config import Config, ConfigError, check_device
+from pyflow.datapath.loader import Datapath, DeviceStatus
+from pyflow.errors import DeviceError, PyflowError, RequestError
 
 log = logging.getLogger(__name__)
 

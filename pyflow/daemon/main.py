@@ -40,9 +40,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
-from .config import DEFAULT_CONFIG, LOG_LEVELS, Config, ConfigError, load
-from .errors import PyflowError, RequestError
+from pyflow import __version__
+from pyflow.daemon.config import DEFAULT_CONFIG, LOG_LEVELS, Config, ConfigError, load
+from pyflow.errors import PyflowError, RequestError
 
 log = logging.getLogger("pyflowd")
 
@@ -157,10 +157,10 @@ class Daemon:
         self.metrics: Any = None
 
     def start(self) -> None:
-        from .api import ControlServer
-        from .loader import Datapath
-        from .manager import Manager
-        from .metrics import MetricsServer, registry_for
+        from pyflow.daemon.api import ControlServer
+        from pyflow.daemon.manager import Manager
+        from pyflow.daemon.metrics import MetricsServer, registry_for
+        from pyflow.datapath.loader import Datapath
 
         d = self.config.daemon
         os.makedirs(d.state_dir, mode=0o755, exist_ok=True)
@@ -204,7 +204,7 @@ class Daemon:
     def _datapath_options(self) -> dict[str, Any]:
         import inspect
 
-        from .loader import Datapath
+        from pyflow.datapath.loader import Datapath
 
         if "hw_skip_hw" in inspect.signature(Datapath).parameters:
             return {"hw_skip_hw": self.config.offload.hw_skip_hw}
@@ -216,7 +216,7 @@ class Daemon:
         handler = self.manager.handlers().get(command)
         if handler is None:
             raise RequestError("unknown_command", f"unknown command {command!r}")
-        from .control.runner import LoopStopped
+        from pyflow.control.runner import LoopStopped
 
         try:
             return self.manager.cp.call(lambda: handler(args))
@@ -241,7 +241,7 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s", exc)
         else:
             _set_log_level(new.daemon.log_level)
-            from .control.runner import LoopStopped
+            from pyflow.control.runner import LoopStopped
 
             try:
                 self.manager.cp.call(lambda: self.manager.reload(new))
@@ -305,7 +305,7 @@ def _warn_private_bpffs(bpffs_dir: str) -> None:
     """Say so when pins would die with the process: a mount namespace of our own (as `ip netns
     exec` makes, with a fresh /sys) without bpffs at /sys/fs/bpf. The loader then mounts a
     bpffs that only this process sees, and a restart finds nothing to adopt."""
-    from .loader import BPFFS_ROOT, bpffs_mounted
+    from pyflow.datapath.loader import BPFFS_ROOT, bpffs_mounted
 
     if not (bpffs_dir == BPFFS_ROOT or bpffs_dir.startswith(BPFFS_ROOT + "/")) or bpffs_mounted():
         return
@@ -362,6 +362,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         daemon.shutdown()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,9 +14,9 @@ import socket
 import sys
 from typing import Any
 
-from . import __version__
-from .api import PROTOCOL_VERSION
-from .config import DEVICE_MODES, DaemonConfig
+from pyflow import __version__
+from pyflow.daemon.api import PROTOCOL_VERSION
+from pyflow.daemon.config import DEVICE_MODES, DaemonConfig
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 TIMEOUT = 60.0
@@ -207,6 +207,3 @@ def main(argv: list[str] | None = None) -> int:
         print(SHOW[args.command](result))
     return EXIT_OK
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Prometheus metrics: every value read from the datapath and the engine at scrape time.
 
-One custom collector turns a stats snapshot (:meth:`pyflow.manager.Manager.stats`, taken
+One custom collector turns a stats snapshot (:meth:`pyflow.daemon.manager.Manager.stats`, taken
 inside the control loop) into metric families: prefix ``pyflow_``, base units, ``_total``
 on counters, no per-flow labels. The registry is a parameter so tests and embedders can
 use their own. The list of metrics is in the README ("Running pyflowd").
@@ -21,9 +21,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .config import parse_address
-from .errors import PyflowError
+from pyflow import __version__
+from pyflow.daemon.config import parse_address
+from pyflow.errors import PyflowError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .errors import DeviceError
+from pyflow.errors import DeviceError
 
 MODES = ("native", "generic", "tc")
 ALL_MODES = (*MODES, "hw", "auto")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._native import ffi, lib
-from .errors import DatapathError
+from pyflow._native import ffi, lib
+from pyflow.errors import DatapathError
 
 TEST_IFINDEX = 1
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import DatapathError
+from pyflow.errors import DatapathError
 
 
 def _ebpf_dir() -> Path:
@@ -26,9 +26,9 @@ def _ebpf_dir() -> Path:
     top-level ebpf/ (an editable install or a checkout)."""
     if "PYFLOW_EBPF_DIR" in os.environ:
         return Path(os.environ["PYFLOW_EBPF_DIR"])
-    here = Path(__file__).resolve().parent
-    packaged = here / "ebpf"
-    return packaged if (packaged / "pyflow_xdp.c").is_file() else here.parent / "ebpf"
+    package = Path(__file__).resolve().parent.parent  # pyflow/
+    packaged = package / "ebpf"
+    return packaged if (packaged / "pyflow_xdp.c").is_file() else package.parent / "ebpf"
 
 
 EBPF_DIR = _ebpf_dir()

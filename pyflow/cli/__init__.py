@@ -1,0 +1,1 @@
+"""pyflowctl: the command line that talks to pyflowd over its control socket."""

@@ -1,4 +1,5 @@
-"""Fixtures for the datapath tests: the compiled datapath, loaded once per session."""
+"""Fixtures for the datapath tests: the compiled datapath, loaded once per session, and the
+loader's fixtures (a namespace with veths, a pin directory, Datapath instances, a routed line)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pyflow._native import ffi
 from pyflow.datapath import abi
 from pyflow.datapath.bpfsource import TC_FUNC, XDP_FUNC, compile_datapath
 from pyflow.datapath.testrun import TEST_IFINDEX, RunResult, run
+from tests.support.datapath import make_dp, ns, pin_dir, routed  # noqa: F401 - offered to this directory
 
 # Small maps: the packet tests need a handful of entries, not 256k preallocated ones.
 # (bcc wants function and map names as bytes.)

@@ -5,15 +5,13 @@ hw must refuse; hw_skip_hw (software flower rules, for labs and tests) lets it t
 A device reporting hw-tc-offload on is simulated by replacing the capability reader.
 """
 
-# ruff: noqa: F811 - the fixtures (ns, make_dp, pin_dir) come from test_loader by import
-
 from __future__ import annotations
 
 import pytest
 
 from pyflow.errors import DeviceError
 from pyflow.hw import capability
-from tests.datapath.test_loader import devmap, link_xdp, make_dp, ns, our_filter, pin_dir  # noqa: F401
+from tests.support.datapath import devmap, link_xdp, our_filter
 
 pytestmark = pytest.mark.root
 

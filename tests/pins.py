@@ -18,3 +18,8 @@ def remove_pin_dir(path: str) -> bool:
         os.unlink(os.path.join(path, entry))
     os.rmdir(path)
     return True
+
+
+def pin_dir(tag: str) -> str:
+    """A pin directory name of this process for ``tag`` (made by whoever loads there)."""
+    return f"/sys/fs/bpf/pft-{tag}-{os.getpid()}"

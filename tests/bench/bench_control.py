@@ -4,7 +4,7 @@ Run as root: ``python tests/bench/bench_control.py [--quick] [--profile]``. Prin
 writes bench-results/control.json (and, with --profile, the cProfile top list to
 bench-results/control-profile.txt). Whole run under 3 minutes, --quick under 1.
 
-Everything runs in the integration topology (tests/integration/topology.py: namespaces
+Everything runs in the integration topology (tests/support/topology.py: namespaces
 cl - r1 - r2 - sv, nftables masquerade on r1); the datapath is attached to r1's three ports
 and pyflow's ControlPlane runs in r1. Traffic comes from two helper processes started from
 this same file (``--role client`` in cl, ``--role echo`` in sv), so that neither competes
@@ -426,7 +426,9 @@ def bench(args: argparse.Namespace) -> int:
     from pyflow.datapath.flowtable import FlowTable
     from pyflow.datapath.loader import Datapath
     from tests import netns
-    from tests.integration.topology import LAN, UP, UP2, V4, pin_dir, topology, wait_for
+    from tests.pins import pin_dir
+    from tests.support.topology import LAN, UP, UP2, V4, topology
+    from tests.support.traffic import wait_for
 
     for name in ("pack", "pack_keys"):
         if hasattr(flowtable_mod, name):

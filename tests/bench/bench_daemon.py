@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests import netns  # noqa: E402 - after the path set-up above
 from tests.daemon.process import METRICS_PORT, Pyflowd, ctl  # noqa: E402
-from tests.integration.topology import topology  # noqa: E402
+from tests.support.topology import topology  # noqa: E402
 
 
 def _ms(samples: list[float]) -> dict[str, float]:

@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 from tests import netns
-from tests.integration.topology import LAN, UP, UP2
 from tests.pins import remove_pin_dir
+from tests.support.topology import LAN, UP, UP2
 
 ROOT = Path(__file__).resolve().parents[2]
 METRICS_PORT = 9469

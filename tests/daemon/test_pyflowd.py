@@ -1,5 +1,5 @@
 """pyflowd as operators run it: a real process in router r1's namespace of the integration
-topology (tests/integration/topology.py), driven only through pyflowctl, raw socket
+topology (tests/support/topology.py), driven only through pyflowctl, raw socket
 requests and HTTP scrapes of /metrics.
 
 One daemon serves the first group of tests (commands, errors, permissions, metrics,
@@ -31,7 +31,8 @@ import pytest
 from pyflow.datapath.abi import MAP_FLOWS
 from tests import netns
 from tests.daemon.process import METRICS_PORT, ROOT, Pyflowd, ctl, in_netns
-from tests.integration.topology import LAN, UP, UP2, V4, V6, payload, tcp_transfer, topology, wait_for
+from tests.support.topology import LAN, UP, UP2, V4, V6, topology
+from tests.support.traffic import payload, tcp_transfer, wait_for
 
 pytestmark = pytest.mark.root
 

@@ -20,19 +20,10 @@ from pyflow.control.engine import EngineConfig
 from pyflow.control.runner import ControlConfig, ControlPlane
 from pyflow.datapath.loader import Datapath
 from tests import netns
-from tests.integration.test_offload import MIB, Router, forwarded_bytes
-from tests.integration.topology import (
-    LAN,
-    UP,
-    UP2,
-    V4,
-    V6,
-    payload,
-    pin_dir,
-    tcp_transfer,
-    topology,
-    wait_for,
-)
+from tests.pins import pin_dir
+from tests.support.router import MIB, Router, forwarded_bytes
+from tests.support.topology import LAN, UP, UP2, V4, V6, topology
+from tests.support.traffic import payload, tcp_transfer, wait_for
 
 pytestmark = pytest.mark.root
 

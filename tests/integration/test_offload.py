@@ -1,6 +1,6 @@
 """The control plane end to end: real kernel, real sockets, pyflow on router r1.
 
-Topology in topology.py. Each test builds it fresh, attaches the datapath to r1's
+Topology in tests/support/topology.py. Each test builds it fresh, attaches the datapath to r1's
 three ports (auto mode: TC ingress on veth) and runs the control loop in a thread
 inside r1's namespace. Bulk data is sent only after the connection is offloaded
 (``gate``), so the proof of bypass is exact: r1's nftables forward-chain counter
@@ -17,70 +17,12 @@ import time
 import pytest
 
 from pyflow.control.engine import EngineConfig
-from pyflow.control.runner import ControlConfig, ControlPlane
-from pyflow.datapath.loader import Datapath
+from pyflow.control.runner import ControlConfig
 from tests import netns
-from tests.integration.topology import (
-    LAN,
-    UP,
-    UP2,
-    V4,
-    V6,
-    payload,
-    pin_dir,
-    tcp_transfer,
-    topology,
-    wait_for,
-)
-
-MIB = 1 << 20
-
-
-class Router:
-    """pyflow running on r1: datapath + control loop, with helpers to look at it."""
-
-    def __init__(self, topo, config: ControlConfig, *, start: bool = True):
-        self.topo = topo
-        self.pin = pin_dir("r1")
-        with netns.inside(topo.r1):
-            self.dp = Datapath(pin_dir=self.pin, state_file=f"/run/{self.pin.rsplit('/', 1)[1]}.json")
-            for dev in (LAN, UP, UP2):
-                self.dp.attach(dev, "auto")
-            self.cp = ControlPlane(self.dp, config)
-        if start:
-            self.start()
-
-    def start(self):
-        with netns.inside(self.topo.r1):
-            self.cp.start()
-
-    @property
-    def engine(self):
-        return self.cp.engine
-
-    def offloaded_with(self, port: int):
-        """The Offloaded record whose original tuple has ``port`` as a port, if any."""
-        for off in list(self.engine.offloaded.values()):
-            if port in (off.conn.orig.sport, off.conn.orig.dport):
-                return off
-        return None
-
-    def wait_offloaded(self, port: int, timeout: float = 5.0):
-        off = wait_for(lambda: self.offloaded_with(port), timeout)
-        assert off, f"connection on port {port} not offloaded; refused: {self.engine.stats.refused}"
-        return off
-
-    def flow_counters(self, off) -> list[tuple[int, ...]]:
-        counters = self.cp.flows.read_counters().as_dict()
-        return [counters[kb] for kb in off.key_bytes]
-
-    def stats(self) -> dict[str, int]:
-        return {name: packets for name, (packets, _) in self.dp.reason_counts().items()}
-
-    def close(self):
-        with netns.inside(self.topo.r1):
-            self.cp.stop(hand_back=True)
-            self.dp.destroy()
+from tests.support.capture import Capture, checksums_valid
+from tests.support.router import MIB, Router, forwarded_bytes
+from tests.support.topology import UP, UP2, V4, V6, topology
+from tests.support.traffic import payload, tcp_transfer, wait_for
 
 
 @contextlib.contextmanager
@@ -101,10 +43,6 @@ def _transfer(topo, r, family, port, size, *, upload, seen=None, **kw):
     seen = seen if seen is not None else []
     return tcp_transfer(topo.sv, addrs["sv"], port, topo.cl, addrs["sv"], port, payload(size, port),
                         upload=upload, gate=lambda: seen.append(r.wait_offloaded(port)), **kw)
-
-
-def forwarded_bytes(r) -> int:
-    return r.dp.reason_counts()["forwarded"][1]
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -335,62 +273,6 @@ def test_mark_opt_out_keeps_the_flow_on_the_kernel_path():
         assert r.engine.stats.refused.get("excluded_by_mark", 0) >= 1
 
 
-class Capture:
-    """Frames of one TCP destination port seen on a device in a namespace (AF_PACKET), with
-    arrival times. The reader only stores; parsing happens afterwards, so it keeps up."""
-
-    SO_RCVBUFFORCE = 33
-
-    def __init__(self, ns: str, ifname: str, port: int):
-        with netns.inside(ns):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-        self.sock.setsockopt(socket.SOL_SOCKET, self.SO_RCVBUFFORCE, 64 << 20)
-        self.sock.bind((ifname, 0))
-        self.sock.settimeout(0.2)
-        self.port = port
-        self._raw: list[tuple[float, bytes]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                frame, addr = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            if addr[2] != socket.PACKET_OUTGOING:  # not the server's own ACKs
-                self._raw.append((time.monotonic(), frame))
-
-    def stop(self) -> list[tuple[float, bytes]]:
-        """Stop and return (time, frame) of the TCP frames to the port."""
-        from scapy.layers.inet import TCP
-        from scapy.layers.l2 import Ether
-
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
-        out = []
-        for t, frame in self._raw:
-            pkt = Ether(frame)
-            if TCP in pkt and pkt[TCP].dport == self.port:
-                out.append((t, frame))
-        return out
-
-
-def _checksums_valid(frame: bytes) -> bool:
-    from scapy.layers.inet import IP, TCP
-    from scapy.layers.l2 import Ether
-
-    pkt = Ether(frame)
-    ip = pkt[IP]
-    fresh = IP(bytes(ip))
-    del fresh.chksum
-    del fresh[TCP].chksum
-    rebuilt = IP(bytes(fresh))
-    return rebuilt.chksum == ip.chksum and rebuilt[TCP].chksum == ip[TCP].chksum
-
-
 def test_differential_slow_and_fast_path_packets_look_the_same_at_the_server():
     """The same connection's data segments captured at the server while they took the kernel
     path (before offload) and after (fast path on r1) differ only in what a TCP stream varies
@@ -435,7 +317,7 @@ def test_differential_slow_and_fast_path_packets_look_the_same_at_the_server():
         assert len(slow_shapes) == 1 and slow_shapes == fast_shapes, (slow_shapes, fast_shapes)
         (only,) = slow_shapes
         assert only[5] == 62 and only[7] == V4["r1_up"], "two router hops, masqueraded to r1's uplink"
-        bad = [f.hex() for f in slow + fast if not _checksums_valid(f)]
+        bad = [f.hex() for f in slow + fast if not checksums_valid(f)]
         assert not bad, f"{len(bad)} frames with a wrong checksum, first {bad[0][:200]}"
 
 

@@ -16,7 +16,7 @@ import pytest
 from tests import netns
 from tests.bench import benchnet, trafficgen
 from tests.bench.benchnet import GEN_IF, LAN, SNK_IF, V4, V6
-from tests.integration.topology import wait_for
+from tests.support.traffic import wait_for
 
 pytestmark = pytest.mark.root
 if os.geteuid() != 0:

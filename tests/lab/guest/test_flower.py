@@ -36,7 +36,8 @@ from pyflow.control.paths import PathWatcher, RtPaths
 from pyflow.datapath.abi import datapath_clock_ns, key_bytes
 from pyflow.hw.offload import FlowerOffload
 from tests import netns
-from tests.integration.topology import LAN, UP, UP2, V4, V6, payload, tcp_transfer, topology, wait_for
+from tests.support.topology import LAN, UP, UP2, V4, V6, topology
+from tests.support.traffic import payload, tcp_transfer, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -275,7 +276,7 @@ def _fwd_bytes(topo) -> int:
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_flower_rules_carry_nated_tcp_both_directions_byte_exact(lab, family):
-    from tests.integration.test_offload import Capture, _checksums_valid  # scapy: loaded when needed
+    from tests.support.capture import Capture, checksums_valid  # scapy: loaded when needed
 
     topo, r = lab
     size = 384 * KIB
@@ -315,7 +316,7 @@ def test_flower_rules_carry_nated_tcp_both_directions_byte_exact(lab, family):
             assert len(data) > 50
             assert {Ether(f)[l3].src for f in data} == {addrs["r1_up"]}
             if family == 4:
-                bad = [f for f in data if not _checksums_valid(f)]
+                bad = [f for f in data if not checksums_valid(f)]
                 assert not bad, f"{len(bad)} of {len(data)} segments with a wrong checksum"
     st = r.engine.stats
     assert st.hw_failures == 0 and r.flows.inserted == 0, (st.hw_refused, r.flows.entries)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import pytest
 
 from tests import netns
-from tests.integration.topology import LAN, UP, UP2, V4, V6, payload, tcp_transfer, topology, wait_for
 from tests.lab.guest.test_flower import FlowerRouter, flower_kernel  # noqa: F401 - the module's skip
+from tests.support.topology import LAN, UP, UP2, V4, V6, topology
+from tests.support.traffic import payload, tcp_transfer, wait_for
 
 pytestmark = pytest.mark.root
 KIB = 1024

@@ -1,6 +1,6 @@
 """The kernel's nf flowtable and pyflow side by side, on the control-plane topology.
 
-The same scenarios run twice, each time on a fresh copy of tests/integration/topology.py
+The same scenarios run twice, each time on a fresh copy of tests/support/topology.py
 (client - r1 - r2 - server, plus a VLAN uplink added here): once with r1 offloading
 through an nftables flowtable (``flow add @ft`` in the forward chain), once with pyflow's
 datapath and control plane on r1. Offload is judged the same way for both: the bytes
@@ -35,9 +35,10 @@ import pytest
 from pyflow.control.engine import EngineConfig
 from pyflow.control.runner import ControlConfig
 from tests import netns
-from tests.integration.test_offload import Router
-from tests.integration.topology import LAN, UP, UP2, V4, V6, payload, tcp_transfer, topology, wait_for
 from tests.lab.guest.lab import lab_log
+from tests.support.router import Router
+from tests.support.topology import LAN, UP, UP2, V4, V6, topology
+from tests.support.traffic import payload, tcp_transfer, wait_for
 
 MIB = 1 << 20
 SIZE = 4 * MIB

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab.guest.lab import lab_missing, module_loaded, require_modules  # noqa: F401 (also offered here)
+from tests.support.flower import flower_missing
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,3 +32,12 @@ def results_dir() -> Path:
     path = Path(os.environ.get("PYFLOW_LAB_RESULTS", "bench-results"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def flower_kernel():
+    """Skips the module's tests unless the flower classifier and its actions load."""
+    why = flower_missing()
+    if why is not None:
+        pytest.skip(f"this kernel has no TC flower and its actions ({why}); run through the kernel lab")
+

@@ -16,11 +16,11 @@ from __future__ import annotations
 import pytest
 
 from tests import netns
-from tests.lab.guest.test_flower import FlowerRouter, flower_kernel  # noqa: F401 - the module's skip
+from tests.support.flower import FlowerRouter
 from tests.support.topology import LAN, UP, UP2, V4, V6, topology
 from tests.support.traffic import payload, tcp_transfer, wait_for
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("flower_kernel")]
 KIB = 1024
 
 

@@ -1,4 +1,4 @@
-"""The datapath's packet table (packets.py), run through BPF_PROG_TEST_RUN for both hooks.
+"""The datapath's packet table (tests/support/packets.py), run through BPF_PROG_TEST_RUN for both hooks.
 
 Each row installs its flows, runs its packet once, and checks: the return code
 (redirect for a forward, pass otherwise), the frame that came out (byte for
@@ -11,19 +11,17 @@ otherwise).
 from __future__ import annotations
 
 import pytest
-from packets import CASES, GSO_CASES, Case, Expect, action, eth, key_of, tcp4
 from scapy.layers.inet import IP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from pyflow.datapath import abi
+from tests.support.packets import CASES, GSO_CASES, Case, Expect, action, eth, key_of, tcp4
+from tests.support.testrun import VERDICTS, first_difference
 
-XDP_PASS, XDP_REDIRECT = 2, 4
-TC_ACT_UNSPEC, TC_ACT_REDIRECT = 0xFFFFFFFF, 7  # test run reports -1 as u32
-VERDICTS = {"xdp": (XDP_PASS, XDP_REDIRECT), "tc": (TC_ACT_UNSPEC, TC_ACT_REDIRECT)}
 HOOKS = ("xdp", "tc")
 
-# XDP_PASS/XDP_REDIRECT/TC_ACT_* are UAPI; the reason names come from the ABI header.
+# The verdict codes are UAPI (tests/support/testrun.py); the reason names come from the ABI header.
 REASON_INDEX = {name: i for i, name in enumerate(abi.REASONS)}
 
 
@@ -43,13 +41,6 @@ def l3_length(frame: bytes) -> int:
     if IP in p:
         return p[IP].len
     return 40 + p[IPv6].plen
-
-
-def first_difference(got: bytes, want: bytes) -> str:
-    for i, (a, b) in enumerate(zip(got, want, strict=False)):
-        if a != b:
-            return f"first difference at byte {i}: got {got[i:i + 8].hex()} want {want[i:i + 8].hex()}"
-    return f"lengths differ: got {len(got)} want {len(want)}"
 
 
 @pytest.fixture
@@ -131,7 +122,6 @@ def test_maps_pin_and_are_adopted():
     import shutil
 
     from bcc import BPF
-    from packets import CASES
 
     from pyflow.datapath.bpfsource import XDP_FUNC, compile_datapath
 

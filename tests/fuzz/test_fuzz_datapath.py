@@ -31,7 +31,21 @@ from dataclasses import dataclass, field
 from functools import cache
 
 import pytest
-from packets import (
+from reference import FORWARDED, Model, ipv4_header_checksum, model_flow
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6EchoRequest,
+    IPv6,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+)
+from scapy.layers.l2 import ARP, LLC, Dot1AD, Dot1Q, Dot3, Ether
+from scapy.layers.ppp import PPP, PPPoE, PPPoED
+from scapy.packet import Packet, Raw
+
+from pyflow.datapath import abi
+from pyflow.errors import DatapathError
+from tests.support.packets import (
     CLIENT4,
     CLIENT6,
     CPORT,
@@ -65,21 +79,7 @@ from packets import (
     udp6,
     vlan,
 )
-from reference import FORWARDED, Model, ipv4_header_checksum, model_flow
-from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import (
-    ICMPv6EchoRequest,
-    IPv6,
-    IPv6ExtHdrFragment,
-    IPv6ExtHdrHopByHop,
-)
-from scapy.layers.l2 import ARP, LLC, Dot1AD, Dot1Q, Dot3, Ether
-from scapy.layers.ppp import PPP, PPPoE, PPPoED
-from scapy.packet import Packet, Raw
-from test_packets import VERDICTS, first_difference
-
-from pyflow.datapath import abi
-from pyflow.errors import DatapathError
+from tests.support.testrun import VERDICTS, first_difference
 
 SEED = int(os.environ.get("PYFLOW_FUZZ_SEED", "1624"))
 GSO_EVERY = 7  # every 7th frame also runs on TC as a GSO super-packet

@@ -72,8 +72,6 @@ Choices a reader should know:
 from __future__ import annotations
 
 import errno as _errno
-import os
-import select
 import socket
 import struct
 import time
@@ -84,96 +82,132 @@ from typing import Any, NamedTuple
 
 from pyflow.control.model import Egress, NoPath, NotYet, PathListener
 from pyflow.errors import DeviceError
+from pyflow.netlink.errors import error_text
+from pyflow.netlink.sock import NetlinkSocket, group_mask
+from pyflow.netlink.uapi import (
+    ARPHRD_ETHER,
+    ARPHRD_PPP,
+    ETH_P_8021AD,
+    ETH_P_8021Q,
+    IFF_RUNNING,
+    IFF_UP,
+    IFLA_ADDRESS,
+    IFLA_IFNAME,
+    IFLA_INFO_KIND,
+    IFLA_LINK,
+    IFLA_LINKINFO,
+    IFLA_MASTER,
+    IFLA_MTU,
+    NDA_DST,
+    NDA_LLADDR,
+    NETCONFA_FORWARDING,
+    NETCONFA_IFINDEX,
+    NETCONFA_IFINDEX_ALL,
+    NETLINK_ROUTE,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLMSG_HDRLEN,
+    NTF_USE,
+    NUD_DELAY,
+    NUD_FAILED,
+    NUD_INCOMPLETE,
+    NUD_NOARP,
+    NUD_PERMANENT,
+    NUD_PROBE,
+    NUD_REACHABLE,
+    NUD_STALE,
+    RTA_DPORT,
+    RTA_DST,
+    RTA_ENCAP_TYPE,
+    RTA_GATEWAY,
+    RTA_IIF,
+    RTA_IP_PROTO,
+    RTA_MARK,
+    RTA_METRICS,
+    RTA_MULTIPATH,
+    RTA_OIF,
+    RTA_SPORT,
+    RTA_SRC,
+    RTA_TABLE,
+    RTA_VIA,
+    RTAX_MTU,
+    RTM_DELLINK,
+    RTM_DELNEIGH,
+    RTM_DELNETCONF,
+    RTM_DELROUTE,
+    RTM_DELRULE,
+    RTM_GETNEIGH,
+    RTM_GETNETCONF,
+    RTM_GETROUTE,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWNETCONF,
+    RTM_NEWROUTE,
+    RTM_NEWRULE,
+    RTN_ANYCAST,
+    RTN_BLACKHOLE,
+    RTN_BROADCAST,
+    RTN_LOCAL,
+    RTN_MULTICAST,
+    RTN_NAT,
+    RTN_PROHIBIT,
+    RTN_THROW,
+    RTN_UNICAST,
+    RTN_UNREACHABLE,
+    RTN_XRESOLVE,
+    RTNLGRP_IPV4_NETCONF,
+    RTNLGRP_IPV4_ROUTE,
+    RTNLGRP_IPV4_RULE,
+    RTNLGRP_IPV6_NETCONF,
+    RTNLGRP_IPV6_ROUTE,
+    RTNLGRP_IPV6_RULE,
+    RTNLGRP_LINK,
+    RTNLGRP_NEIGH,
+)
+from pyflow.netlink.wire import (
+    BE16,
+    I32,
+    U16,
+    U32,
+    Buffer,
+    attrs,
+    messages,
+    nested,
+    nla,
+    nla_header,
+    payload,
+    value,
+)
 
 # ---------------------------------------------------------------------------
-# rtnetlink numbers (<linux/netlink.h>, <linux/rtnetlink.h>, <linux/neighbour.h>,
-# <linux/if_link.h>, <linux/if_arp.h>). UAPI: they never change.
+# rtnetlink: the numbers are pyflow.netlink.uapi's; what follows is derived from them
 
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_CREATE = 0x400
-
-RTM_NEWLINK, RTM_DELLINK = 16, 17
-RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
-RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
-RTM_NEWRULE, RTM_DELRULE = 32, 33
-RTM_NEWNETCONF, RTM_DELNETCONF, RTM_GETNETCONF = 80, 81, 82
-
-RTA_DST, RTA_SRC, RTA_IIF, RTA_OIF, RTA_GATEWAY = 1, 2, 3, 4, 5
-RTA_METRICS, RTA_MULTIPATH, RTA_TABLE, RTA_MARK = 8, 9, 15, 16
-RTA_VIA, RTA_ENCAP_TYPE, RTA_ENCAP = 18, 21, 22
-RTA_IP_PROTO, RTA_SPORT, RTA_DPORT = 27, 28, 29
-RTAX_MTU = 2
-
-RTN_UNICAST, RTN_LOCAL, RTN_BROADCAST, RTN_ANYCAST, RTN_MULTICAST = 1, 2, 3, 4, 5
-RTN_BLACKHOLE, RTN_UNREACHABLE, RTN_PROHIBIT, RTN_THROW, RTN_NAT = 6, 7, 8, 9, 10
 _RTN_NAMES = {
     0: "unspecified", RTN_UNICAST: "unicast", RTN_LOCAL: "local", RTN_BROADCAST: "broadcast",
     RTN_ANYCAST: "anycast", RTN_MULTICAST: "multicast", RTN_BLACKHOLE: "blackhole",
     RTN_UNREACHABLE: "unreachable", RTN_PROHIBIT: "prohibit", RTN_THROW: "throw", RTN_NAT: "nat",
-    11: "xresolve",
+    RTN_XRESOLVE: "xresolve",
 }
 
-NDA_DST, NDA_LLADDR = 1, 2
-NUD_INCOMPLETE, NUD_REACHABLE, NUD_STALE, NUD_DELAY = 0x01, 0x02, 0x04, 0x08
-NUD_PROBE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x10, 0x20, 0x40, 0x80
 NUD_USABLE = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT | NUD_NOARP
 _NUD_NAMES = {0: "NONE", NUD_INCOMPLETE: "INCOMPLETE", NUD_REACHABLE: "REACHABLE", NUD_STALE: "STALE",
               NUD_DELAY: "DELAY", NUD_PROBE: "PROBE", NUD_FAILED: "FAILED", NUD_NOARP: "NOARP",
               NUD_PERMANENT: "PERMANENT"}
-NTF_USE = 0x01
 
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 4, 5, 10, 18
-IFLA_INFO_KIND = 1
-IFF_UP, IFF_RUNNING = 0x1, 0x40
-ARPHRD_ETHER, ARPHRD_PPP = 1, 512
-ETH_P_8021Q, ETH_P_8021AD = 0x8100, 0x88A8
-
-NETCONFA_IFINDEX, NETCONFA_FORWARDING = 1, 2
-NETCONFA_IFINDEX_ALL = -1
-
-# rtnetlink multicast groups (enum rtnetlink_groups); bind() takes 1 << (group - 1)
-RTNLGRP_LINK, RTNLGRP_NEIGH = 1, 3
-RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV4_RULE = 7, 8
-RTNLGRP_IPV6_ROUTE, RTNLGRP_IPV6_RULE = 11, 19
-RTNLGRP_IPV4_NETCONF, RTNLGRP_IPV6_NETCONF = 24, 25
 WATCH_GROUPS = (RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_ROUTE,
                 RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_RULE, RTNLGRP_IPV4_NETCONF, RTNLGRP_IPV6_NETCONF)
 
-_NLH = struct.Struct("=IHHII")        # nlmsghdr
 _RTMSG = struct.Struct("=BBBBBBBBI")  # struct rtmsg
 _NDMSG = struct.Struct("=BxxxiHBB")   # struct ndmsg
 _IFINFO = struct.Struct("=BxHiII")    # struct ifinfomsg
-_NLA = struct.Struct("=HH")
-_U32 = struct.Struct("=I")
-_I32 = struct.Struct("=i")
-_U16 = struct.Struct("=H")
+_NETCONFMSG = struct.Struct("=Bxxx")  # struct netconfmsg: one family byte, padded
+_LEN_TYPE = struct.Struct("=IH")  # the start of struct nlmsghdr
 _ALEN: dict[int, int] = {int(socket.AF_INET): 4, int(socket.AF_INET6): 16}
 
-REPLY_TIMEOUT_MS = 1000  # rtnetlink answers inside our send(); this only guards a wedged kernel
+REPLY_TIMEOUT = 1.0  # rtnetlink answers inside our send(); this only guards a wedged kernel
 RESOLVE_INTERVAL_S = 1.0
 ROUTE_CACHE_SIZE = 65536
 NEIGH_CACHE_SIZE = 16384
-
-
-def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
-    """Attributes in data[off:end] by type (flag bits masked off; the last one wins)."""
-    out: dict[int, bytes] = {}
-    while off + 4 <= end:
-        alen, atype = _NLA.unpack_from(data, off)
-        if alen < 4:
-            break
-        out[atype & 0x3FFF] = data[off + 4:off + alen]
-        off += (alen + 3) & ~3
-    return out
-
-
-def _nla(atype: int, payload: bytes) -> bytes:
-    head = _NLA.pack(4 + len(payload), atype)
-    pad = b"\0" * (-(4 + len(payload)) & 3)
-    return head + payload + pad
 
 
 def _ntop(family: int, packed: bytes) -> str:
@@ -202,35 +236,30 @@ class RouteReply(NamedTuple):
     multipath: bool
 
 
-def parse_route(data: bytes) -> RouteReply:
+def parse_route(data: Buffer) -> RouteReply:
     """Decode one RTM_NEWROUTE message (a route lookup's answer or a route event)."""
-    length, mtype = struct.unpack_from("=IH", data, 0)
+    length, mtype = _LEN_TYPE.unpack_from(data, 0)
     if mtype not in (RTM_NEWROUTE, RTM_DELROUTE):
         raise ValueError(f"not a route message: nlmsg type {mtype}")
-    family, _dlen, _slen, _tos, table, _proto, _scope, rtype, _flags = _RTMSG.unpack_from(data, 16)
-    a = _attrs(data, 16 + _RTMSG.size, min(length, len(data)))
-    mtu = 0
-    if RTA_METRICS in a:
-        m = a[RTA_METRICS]
-        metrics = _attrs(m, 0, len(m))
-        if RTAX_MTU in metrics:
-            mtu = _U32.unpack_from(metrics[RTAX_MTU])[0]
+    family, _dlen, _slen, _tos, table, _proto, _scope, rtype, _flags = _RTMSG.unpack_from(data, NLMSG_HDRLEN)
+    get = attrs(data, NLMSG_HDRLEN + _RTMSG.size, min(length, len(data))).get
     via_family, via = 0, None
-    if RTA_VIA in a:
-        v = a[RTA_VIA]
-        via_family = _U16.unpack_from(v)[0]
-        via = bytes(v[2:2 + _ALEN.get(via_family, 0)])
+    v = get(RTA_VIA)
+    if v is not None:  # struct rtvia: a family, then the address
+        via_family = value(data, v, U16) or 0
+        via = bytes(data[v[0] + 2:min(v[0] + 2 + _ALEN.get(via_family, 0), v[1])])
+    rta_table = value(data, get(RTA_TABLE), U32)
     return RouteReply(
         family=family,
         type=rtype,
-        table=_U32.unpack_from(a[RTA_TABLE])[0] if RTA_TABLE in a else table,
-        oif=_U32.unpack_from(a[RTA_OIF])[0] if RTA_OIF in a else 0,
-        gateway=bytes(a[RTA_GATEWAY]) if RTA_GATEWAY in a else None,
+        table=table if rta_table is None else rta_table,
+        oif=value(data, get(RTA_OIF), U32) or 0,
+        gateway=payload(data, get(RTA_GATEWAY)),
         via_family=via_family,
         via=via,
-        mtu=mtu,
-        encap_type=_U16.unpack_from(a[RTA_ENCAP_TYPE])[0] if RTA_ENCAP_TYPE in a else 0,
-        multipath=RTA_MULTIPATH in a,
+        mtu=value(data, nested(data, get(RTA_METRICS)).get(RTAX_MTU), U32) or 0,
+        encap_type=value(data, get(RTA_ENCAP_TYPE), U16) or 0,
+        multipath=get(RTA_MULTIPATH) is not None,
     )
 
 
@@ -243,17 +272,14 @@ class NeighReply:
     lladdr: bytes | None
 
 
-def parse_neigh(data: bytes) -> NeighReply:
+def parse_neigh(data: Buffer) -> NeighReply:
     """Decode one RTM_NEWNEIGH / RTM_DELNEIGH message."""
-    length, mtype = struct.unpack_from("=IH", data, 0)
+    length, mtype = _LEN_TYPE.unpack_from(data, 0)
     if mtype not in (RTM_NEWNEIGH, RTM_DELNEIGH):
         raise ValueError(f"not a neighbour message: nlmsg type {mtype}")
-    family, ifindex, state, _flags, _ntype = _NDMSG.unpack_from(data, 16)
-    a = _attrs(data, 16 + _NDMSG.size, min(length, len(data)))
-    dst = a.get(NDA_DST)
-    ll = a.get(NDA_LLADDR)
-    return NeighReply(family, ifindex, state, bytes(dst) if dst is not None else None,
-                      bytes(ll) if ll is not None else None)
+    family, ifindex, state, _flags, _ntype = _NDMSG.unpack_from(data, NLMSG_HDRLEN)
+    a = attrs(data, NLMSG_HDRLEN + _NDMSG.size, min(length, len(data)))
+    return NeighReply(family, ifindex, state, payload(data, a.get(NDA_DST)), payload(data, a.get(NDA_LLADDR)))
 
 
 def nud_name(state: int) -> str:
@@ -484,50 +510,11 @@ def decode_egress(family: int, dst: str, route_msg: bytes, links: Mapping[int, A
 # ---------------------------------------------------------------------------
 # Requests over a plain NETLINK_ROUTE socket
 
-
-class _Rtnl:
-    """One request socket: send a request, read its answer (matched by sequence number)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                  socket.NETLINK_ROUTE)
-        self.sock.bind((0, 0))
-        self.sock.setblocking(False)
-        self._poll = select.poll()
-        self._poll.register(self.sock.fileno(), select.POLLIN)
-        self.seq = 0
-
-    def request(self, mtype: int, flags: int, body: bytes) -> bytes | None:
-        """The answer message, None for a positive ACK; OSError(errno) for a refusal."""
-        self.seq = seq = (self.seq + 1) & 0xFFFFFFFF or 1
-        self.sock.send(_NLH.pack(16 + len(body), mtype, flags | NLM_F_REQUEST, seq, 0) + body)
-        while True:
-            try:
-                data = self.sock.recv(16384)
-            except BlockingIOError:
-                # rtnetlink answers inside send(), so this is reached only if the kernel is slow
-                if not self._poll.poll(REPLY_TIMEOUT_MS):
-                    raise TimeoutError(f"rtnetlink gave no answer to request type {mtype}") from None
-                continue
-            _len, rtype, _fl, rseq, _pid = _NLH.unpack_from(data)
-            if rseq != seq:
-                continue  # the answer to an earlier request whose caller was interrupted
-            if rtype == NLMSG_ERROR:
-                err = -_I32.unpack_from(data, 16)[0]
-                if err:
-                    raise OSError(err, os.strerror(err))
-                return None
-            return data
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 # attribute headers of the per-call request, packed once (this is the hot path)
-_HDR_DST = {f: _NLA.pack(4 + n, RTA_DST) for f, n in _ALEN.items()}
-_HDR_SRC = {f: _NLA.pack(4 + n, RTA_SRC) for f, n in _ALEN.items()}
-_HDR_IIF = _NLA.pack(8, RTA_IIF)
-_HDR_MARK = _NLA.pack(8, RTA_MARK)
+_HDR_DST = {f: nla_header(RTA_DST, n) for f, n in _ALEN.items()}
+_HDR_SRC = {f: nla_header(RTA_SRC, n) for f, n in _ALEN.items()}
+_HDR_IIF = nla_header(RTA_IIF, 4)
+_HDR_MARK = nla_header(RTA_MARK, 4)
 
 
 def _route_request(family: int, src: bytes | None, dst: bytes, iif: int | None, mark: int,
@@ -538,15 +525,15 @@ def _route_request(family: int, src: bytes | None, dst: bytes, iif: int | None, 
     if src is not None:
         parts += (_HDR_SRC[family], src)
     if iif:
-        parts += (_HDR_IIF, _U32.pack(iif))
+        parts += (_HDR_IIF, U32.pack(iif))
     if mark:
-        parts += (_HDR_MARK, _U32.pack(mark))
+        parts += (_HDR_MARK, U32.pack(mark))
     if proto is not None:
-        parts.append(_nla(RTA_IP_PROTO, bytes((proto,))))
+        parts.append(nla(RTA_IP_PROTO, bytes((proto,))))
     if sport is not None:
-        parts.append(_nla(RTA_SPORT, struct.pack("!H", sport)))
+        parts.append(nla(RTA_SPORT, BE16.pack(sport)))
     if dport is not None:
-        parts.append(_nla(RTA_DPORT, struct.pack("!H", dport)))
+        parts.append(nla(RTA_DPORT, BE16.pack(dport)))
     return b"".join(parts)
 
 
@@ -578,7 +565,7 @@ def _refusal(err: int, where: str, iif: int | None) -> str:
         return f"no device with ifindex {iif}"
     if err == _errno.EAGAIN:
         return f"throw route to {where} and no later table has one"
-    return f"route lookup for {where} failed: {os.strerror(err)}"
+    return f"route lookup for {where} failed: {error_text(err)}"
 
 
 def _verdict_or_transient(exc: OSError, where: str, iif: int | None) -> str:
@@ -611,6 +598,10 @@ Change = tuple[str, int, str | None]
 """
 
 
+# the link attributes whose change can change a path (the rest is statistics and the like)
+_LINK_SIG = (IFLA_MTU, IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MASTER)
+
+
 class PathWatcher:
     """Route / neighbour / link / rule / netconf change notifications from rtnetlink.
 
@@ -621,21 +612,10 @@ class PathWatcher:
     """
 
     def __init__(self, *, rcvbuf: int = 4 << 20) -> None:
-        groups = 0
-        for g in WATCH_GROUPS:
-            groups |= 1 << (g - 1)
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                  socket.NETLINK_ROUTE)
-        try:
-            # SO_RCVBUFFORCE goes past rmem_max (we are root); a short burst of
-            # neighbour churn must not overrun the socket.
-            self.sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE
-        except OSError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.bind((0, groups))
-        self.sock.setblocking(False)
-        self._poll = select.poll()
-        self._poll.register(self.sock.fileno(), select.POLLIN)
+        # A large buffer (SO_RCVBUFFORCE past rmem_max when we may): a short burst
+        # of neighbour churn must not overrun the socket.
+        self._nl = NetlinkSocket(NETLINK_ROUTE, group_mask(*WATCH_GROUPS), rcvbuf=rcvbuf)
+        self.sock = self._nl.sock
         self.lost_events = 0  # overruns seen (each one reported as a 'resync')
         self._neigh: dict[tuple[int, int, bytes], tuple[bool, bytes | None]] = {}
         self._links: dict[int, tuple] = {}
@@ -653,12 +633,13 @@ class PathWatcher:
         self.close()
 
     def poll(self, timeout: float) -> list[Change]:
-        if not self._poll.poll(max(0, int(timeout * 1000))):
+        nl = self._nl
+        if not nl.wait(timeout):
             return []
         out: list[Change] = []
         while True:
             try:
-                data = self.sock.recv(65536)
+                n = nl.recv()
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -670,7 +651,7 @@ class PathWatcher:
                 self._links.clear()
                 out.append(("resync", 0, None))
                 continue
-            self._decode(data, out)
+            self._decode(memoryview(nl.buf)[:n], out)
         return list(dict.fromkeys(out))  # one report per distinct change, first-seen order
 
     def notify(self, listener: PathListener, timeout: float) -> int:
@@ -680,14 +661,9 @@ class PathWatcher:
             listener(kind, ifindex)
         return len(changes)
 
-    def _decode(self, data: bytes, out: list[Change]) -> None:
-        off = 0
-        while off + 16 <= len(data):
-            length, mtype = struct.unpack_from("=IH", data, off)
-            if length < 16:
-                break
-            msg = data[off:off + length]
-            off += (length + 3) & ~3
+    def _decode(self, data: Buffer, out: list[Change]) -> None:
+        for mtype, _flags, _seq, _pid, off, length in messages(data):
+            msg = bytes(data[off:off + length])
             try:
                 self._one(mtype, msg, out)
             except (struct.error, ValueError, KeyError):
@@ -695,13 +671,13 @@ class PathWatcher:
 
     def _one(self, mtype: int, msg: bytes, out: list[Change]) -> None:
         if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
-            family, dlen = msg[16], msg[17]
+            family, dlen = msg[NLMSG_HDRLEN], msg[NLMSG_HDRLEN + 1]
             if family not in _ALEN:
                 return
-            a = _attrs(msg, 16 + _RTMSG.size, len(msg))
-            dst = a.get(RTA_DST, b"\0" * _ALEN[family])
-            oif = _U32.unpack_from(a[RTA_OIF])[0] if RTA_OIF in a and RTA_MULTIPATH not in a else 0
-            out.append(("route", oif, f"{_ntop(family, bytes(dst))}/{dlen}"))
+            a = attrs(msg, NLMSG_HDRLEN + _RTMSG.size, len(msg))
+            dst = payload(msg, a.get(RTA_DST)) or bytes(_ALEN[family])
+            oif = value(msg, a.get(RTA_OIF), U32) or 0 if RTA_MULTIPATH not in a else 0
+            out.append(("route", oif, f"{_ntop(family, dst)}/{dlen}"))
         elif mtype in (RTM_NEWNEIGH, RTM_DELNEIGH):
             n = parse_neigh(msg)
             if n.family not in _ALEN or n.dst is None:
@@ -717,18 +693,17 @@ class PathWatcher:
                 self._neigh[key] = now
             out.append(("neigh", n.ifindex, _ntop(n.family, n.dst)))
         elif mtype in (RTM_NEWLINK, RTM_DELLINK):
-            _fam, _type, index, flags, _change = _IFINFO.unpack_from(msg, 16)
-            a = _attrs(msg, 16 + _IFINFO.size, len(msg))
-            info = a.get(IFLA_LINKINFO, b"")
+            _fam, _type, index, flags, _change = _IFINFO.unpack_from(msg, NLMSG_HDRLEN)
+            a = attrs(msg, NLMSG_HDRLEN + _IFINFO.size, len(msg))
+            info = payload(msg, a.get(IFLA_LINKINFO)) or b""
             lower = None
-            kinfo = _attrs(info, 0, len(info))
-            if kinfo.get(IFLA_INFO_KIND, b"").rstrip(b"\0") == b"vlan" and IFLA_LINK in a:
-                lower = _U32.unpack_from(a[IFLA_LINK])[0]
+            kind = payload(msg, nested(msg, a.get(IFLA_LINKINFO)).get(IFLA_INFO_KIND)) or b""
+            if kind.rstrip(b"\0") == b"vlan":
+                lower = value(msg, a.get(IFLA_LINK), U32)
             if mtype == RTM_DELLINK:
                 self._links.pop(index, None)
             else:
-                sig = (flags & (IFF_UP | IFF_RUNNING), a.get(IFLA_MTU), a.get(IFLA_ADDRESS),
-                       a.get(IFLA_IFNAME), a.get(IFLA_LINK), a.get(IFLA_MASTER), info)
+                sig = (flags & (IFF_UP | IFF_RUNNING), *(payload(msg, a.get(t)) for t in _LINK_SIG), info)
                 if self._links.get(index) == sig:
                     return  # statistics, promiscuity, XDP attach ...: nothing a path depends on
                 self._links[index] = sig
@@ -738,8 +713,8 @@ class PathWatcher:
         elif mtype in (RTM_NEWRULE, RTM_DELRULE):
             out.append(("rule", 0, None))
         elif mtype in (RTM_NEWNETCONF, RTM_DELNETCONF):
-            a = _attrs(msg, 16 + 4, len(msg))  # struct netconfmsg is one family byte, padded
-            ifindex = _I32.unpack_from(a[NETCONFA_IFINDEX])[0] if NETCONFA_IFINDEX in a else 0
+            a = attrs(msg, NLMSG_HDRLEN + _NETCONFMSG.size, len(msg))
+            ifindex = value(msg, a.get(NETCONFA_IFINDEX), I32) or 0
             out.append(("netconf", max(ifindex, 0), None))
 
 
@@ -760,7 +735,7 @@ class RtPaths:
         from pyroute2 import IPRoute
 
         self._watch = PathWatcher()  # first, so no change between it and our first query is missed
-        self._rt = _Rtnl()
+        self._rt = NetlinkSocket(NETLINK_ROUTE)
         self._ipr = IPRoute(groups=0)  # link details only; groups=0: it must not queue events
         self._cache = cache
         self._resolve = resolve
@@ -834,12 +809,11 @@ class RtPaths:
         """net.ipv6.conf.all.forwarding, asked over our socket (RTM_GETNETCONF): /proc/sys/net
         would show the namespace of whichever thread calls, not the one our sockets live in."""
         if self._v6_forwarding is None:
-            body = struct.pack("=Bxxx", socket.AF_INET6) + _nla(NETCONFA_IFINDEX,
-                                                                 _I32.pack(NETCONFA_IFINDEX_ALL))
+            body = _NETCONFMSG.pack(socket.AF_INET6) + nla(NETCONFA_IFINDEX, I32.pack(NETCONFA_IFINDEX_ALL))
             try:
-                data = self._rt.request(RTM_GETNETCONF, 0, body)
-                a = _attrs(data, 16 + 4, len(data)) if data is not None else {}
-                on = NETCONFA_FORWARDING in a and _I32.unpack_from(a[NETCONFA_FORWARDING])[0] != 0
+                data = self._rt.request(RTM_GETNETCONF, 0, body, REPLY_TIMEOUT)
+                a = attrs(data, NLMSG_HDRLEN + _NETCONFMSG.size, len(data)) if data is not None else {}
+                on = bool(value(data, a.get(NETCONFA_FORWARDING), I32)) if data is not None else False
             except OSError:
                 on = False  # unknown: do not offload (the kernel path stays right)
             if not self._cache:
@@ -851,7 +825,8 @@ class RtPaths:
                 proto: int | None, sport: int | None, dport: int | None) -> RouteReply:
         self.lookups += 1
         data = self._rt.request(RTM_GETROUTE, 0,
-                                _route_request(family, src, dst, iif, mark, proto, sport, dport))
+                                _route_request(family, src, dst, iif, mark, proto, sport, dport),
+                                REPLY_TIMEOUT)
         if data is None:
             raise OSError(_errno.EPROTO, "route lookup answered with a bare ACK")
         return parse_route(data)
@@ -927,14 +902,14 @@ class RtPaths:
             routes.popitem(last=False)
 
     def _neighbour(self, plan: Plan) -> bytes:
-        body = (_NDMSG.pack(plan.nh_family, plan.oif, 0, 0, 0) + _nla(NDA_DST, plan.nh_addr))
+        body = _NDMSG.pack(plan.nh_family, plan.oif, 0, 0, 0) + nla(NDA_DST, plan.nh_addr)
         try:
-            data = self._rt.request(RTM_GETNEIGH, 0, body)
+            data = self._rt.request(RTM_GETNEIGH, 0, body, REPLY_TIMEOUT)
             n = parse_neigh(data) if data is not None else None
         except OSError as exc:
             if exc.errno != _errno.ENOENT:
                 raise NotYet(f"neighbour {plan.nkey[1]} on ifindex {plan.oif}: lookup failed: "
-                             f"{os.strerror(exc.errno or 0)}") from None
+                             f"{error_text(exc.errno or 0)}") from None
             n = None
         try:
             mac = neigh_mac(plan, n)
@@ -958,9 +933,9 @@ class RtPaths:
         if len(self._asked) > 4096:
             self._asked.clear()
         self._asked[plan.nkey] = now
-        body = _NDMSG.pack(plan.nh_family, plan.oif, 0, NTF_USE, 0) + _nla(NDA_DST, plan.nh_addr)
+        body = _NDMSG.pack(plan.nh_family, plan.oif, 0, NTF_USE, 0) + nla(NDA_DST, plan.nh_addr)
         try:
-            self._rt.request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_ACK, body)
+            self._rt.request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_ACK, body, REPLY_TIMEOUT)
         except OSError:
             pass  # best effort: the kernel resolves on the next slow-path packet anyway
 

@@ -34,6 +34,7 @@ from pyflow.control.model import (
     Tuple,
 )
 from pyflow.errors import PyflowError
+from pyflow.netlink import uapi, wire
 from tests import netns
 
 pytestmark = pytest.mark.root
@@ -462,7 +463,7 @@ def test_unexpected_errors_raise_conntrack_error(lab: Lab) -> None:
         with lab.ct(subscribe=False) as ct:
             c = find(ct.dump(), socket.AF_INET, 6, tcp.sport, 5401)
             # the kernel refuses NAT changes on an existing entry (EOPNOTSUPP)
-            nat = ctmod._nest(ctmod._CTA["CTA_NAT_SRC"], ctmod._nla(1, socket.inet_aton("198.18.2.1")))
+            nat = wire.nest(uapi.CTA_NAT_SRC, wire.nla(1, socket.inet_aton("198.18.2.1")))
             with pytest.raises(ConntrackError) as e:
                 ct._change(c, nat, "nat")
             assert issubclass(ConntrackError, PyflowError)
@@ -501,7 +502,7 @@ def test_parse_tolerates_missing_and_broken_attributes() -> None:
     assert c == Conn(socket.AF_INET, 6, T1, T2)  # status/mark/zone 0, the rest None
     assert c.timeout is None and c.tcp_state is None and c.helper is None and c.ct_id is None
 
-    helper = ctmod._nest(ctmod.CTA_HELP, ctmod._nla(ctmod.CTA_HELP_NAME, b"ftp\0"))
+    helper = wire.nest(ctmod.CTA_HELP, wire.nla(ctmod.CTA_HELP_NAME, b"ftp\0"))
     h = _msg(socket.AF_INET, _tup(ctmod.CTA_TUPLE_ORIG, T1), _tup(ctmod.CTA_TUPLE_REPLY, T2), helper)
     parsed = ctmod._parse(h, 0, len(h))
     assert parsed is not None and parsed.helper == "ftp"
@@ -517,11 +518,11 @@ def test_parse_tolerates_missing_and_broken_attributes() -> None:
     assert ctmod._parse(v6, 0, len(v6)) is None
 
     # every truncation of a full entry parses to a Conn or None, never raises
-    state = ctmod._nla(ctmod.CTA_PROTOINFO_TCP_STATE, b"\3")
+    state = wire.nla(ctmod.CTA_PROTOINFO_TCP_STATE, b"\3")
     full = _msg(socket.AF_INET, _tup(ctmod.CTA_TUPLE_ORIG, T1), _tup(ctmod.CTA_TUPLE_REPLY, T2),
-                ctmod._nla(ctmod.CTA_STATUS, struct.pack(">I", 0x19e)),
-                ctmod._nest(ctmod.CTA_PROTOINFO, ctmod._nest(ctmod.CTA_PROTOINFO_TCP, state)),
-                ctmod._nla(ctmod.CTA_TIMEOUT, struct.pack(">I", 300)), helper)
+                wire.nla(ctmod.CTA_STATUS, struct.pack(">I", 0x19e)),
+                wire.nest(ctmod.CTA_PROTOINFO, wire.nest(ctmod.CTA_PROTOINFO_TCP, state)),
+                wire.nla(ctmod.CTA_TIMEOUT, struct.pack(">I", 300)), helper)
     whole = ctmod._parse(full, 0, len(full))
     assert whole is not None and (whole.tcp_state, whole.timeout, whole.helper) == (3, 300, "ftp")
     for cut in range(len(full)):

@@ -1,0 +1,197 @@
+"""The kernel UAPI numbers pyflow's raw netlink code uses, written out.
+
+Each group names the header it comes from. They are part of the kernel's stable
+ABI, so they are spelled here rather than read from a library's tables (whose
+positions can drift from the kernel's enums). tests/unit/test_netlink_wire.py
+checks them against the installed kernel headers when a C compiler is present.
+"""
+
+from __future__ import annotations
+
+# -- <asm-generic/socket.h> (Python's socket module has SO_RCVBUF but not this) --------
+SO_RCVBUFFORCE = 33
+
+# -- <linux/netlink.h> -------------------------------------------------------------------
+NETLINK_ROUTE = 0
+NETLINK_NETFILTER = 12
+
+NLM_F_REQUEST = 0x01
+NLM_F_MULTI = 0x02
+NLM_F_ACK = 0x04
+NLM_F_ROOT = 0x100  # modifiers of GET requests
+NLM_F_MATCH = 0x200
+NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
+NLM_F_EXCL = 0x200  # modifiers of NEW requests (same bits as ROOT/MATCH, other meaning)
+NLM_F_CREATE = 0x400
+
+NLMSG_NOOP = 0x1
+NLMSG_ERROR = 0x2
+NLMSG_DONE = 0x3
+NLMSG_OVERRUN = 0x4
+
+NLMSG_ALIGNTO = 4
+NLMSG_HDRLEN = 16  # struct nlmsghdr
+NLA_ALIGNTO = 4
+NLA_HDRLEN = 4  # struct nlattr
+NLA_F_NESTED = 1 << 15
+NLA_F_NET_BYTEORDER = 1 << 14
+NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xFFFF
+
+# -- <linux/rtnetlink.h> -----------------------------------------------------------------
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+RTM_NEWROUTE = 24
+RTM_DELROUTE = 25
+RTM_GETROUTE = 26
+RTM_NEWNEIGH = 28
+RTM_DELNEIGH = 29
+RTM_GETNEIGH = 30
+RTM_NEWRULE = 32
+RTM_DELRULE = 33
+RTM_NEWNETCONF = 80
+RTM_DELNETCONF = 81
+RTM_GETNETCONF = 82
+
+# enum rtattr_type_t
+RTA_DST = 1
+RTA_SRC = 2
+RTA_IIF = 3
+RTA_OIF = 4
+RTA_GATEWAY = 5
+RTA_METRICS = 8
+RTA_MULTIPATH = 9
+RTA_TABLE = 15
+RTA_MARK = 16
+RTA_VIA = 18
+RTA_ENCAP_TYPE = 21
+RTA_ENCAP = 22
+RTA_IP_PROTO = 27
+RTA_SPORT = 28
+RTA_DPORT = 29
+
+RTAX_MTU = 2  # inside RTA_METRICS
+
+# route types (rtm_type)
+RTN_UNSPEC = 0
+RTN_UNICAST = 1
+RTN_LOCAL = 2
+RTN_BROADCAST = 3
+RTN_ANYCAST = 4
+RTN_MULTICAST = 5
+RTN_BLACKHOLE = 6
+RTN_UNREACHABLE = 7
+RTN_PROHIBIT = 8
+RTN_THROW = 9
+RTN_NAT = 10
+RTN_XRESOLVE = 11
+
+# enum rtnetlink_groups; bind() takes group n as bit n-1
+RTNLGRP_LINK = 1
+RTNLGRP_NEIGH = 3
+RTNLGRP_IPV4_ROUTE = 7
+RTNLGRP_IPV4_RULE = 8
+RTNLGRP_IPV6_ROUTE = 11
+RTNLGRP_IPV6_RULE = 19
+RTNLGRP_IPV4_NETCONF = 24
+RTNLGRP_IPV6_NETCONF = 25
+
+# -- <linux/neighbour.h> -----------------------------------------------------------------
+NDA_DST = 1
+NDA_LLADDR = 2
+
+NUD_INCOMPLETE = 0x01
+NUD_REACHABLE = 0x02
+NUD_STALE = 0x04
+NUD_DELAY = 0x08
+NUD_PROBE = 0x10
+NUD_FAILED = 0x20
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+NUD_NONE = 0x00
+
+NTF_USE = 0x01
+
+# -- <linux/if_link.h> -------------------------------------------------------------------
+IFLA_ADDRESS = 1
+IFLA_IFNAME = 3
+IFLA_MTU = 4
+IFLA_LINK = 5
+IFLA_MASTER = 10
+IFLA_LINKINFO = 18
+IFLA_LINK_NETNSID = 37
+IFLA_INFO_KIND = 1  # inside IFLA_LINKINFO
+
+# -- <linux/if.h> (enum net_device_flags) ------------------------------------------------
+IFF_UP = 0x1
+IFF_RUNNING = 0x40
+
+# -- <linux/if_arp.h> --------------------------------------------------------------------
+ARPHRD_ETHER = 1
+ARPHRD_PPP = 512
+
+# -- <linux/if_ether.h> ------------------------------------------------------------------
+ETH_P_8021Q = 0x8100
+ETH_P_8021AD = 0x88A8
+
+# -- <linux/netconf.h> -------------------------------------------------------------------
+NETCONFA_IFINDEX = 1
+NETCONFA_FORWARDING = 2
+NETCONFA_IFINDEX_ALL = -1
+
+# -- <linux/netfilter/nfnetlink.h> -------------------------------------------------------
+NFNETLINK_V0 = 0
+NFNL_SUBSYS_CTNETLINK = 1
+# enum nfnetlink_groups
+NFNLGRP_CONNTRACK_NEW = 1
+NFNLGRP_CONNTRACK_UPDATE = 2
+NFNLGRP_CONNTRACK_DESTROY = 3
+
+# -- <linux/netfilter/nfnetlink_conntrack.h> ---------------------------------------------
+# enum cntl_msg_types (the low byte of nlmsg_type; the subsystem is the high byte)
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_GET = 1
+IPCTNL_MSG_CT_DELETE = 2
+
+# enum ctattr_type
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_PROTOINFO = 4
+CTA_HELP = 5
+CTA_NAT_SRC = 6
+CTA_TIMEOUT = 7
+CTA_MARK = 8
+CTA_ID = 12
+CTA_NAT_DST = 13
+CTA_ZONE = 18
+CTA_MARK_MASK = 21
+
+# enum ctattr_tuple
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_TUPLE_ZONE = 3
+
+# enum ctattr_ip
+CTA_IP_V4_SRC = 1
+CTA_IP_V4_DST = 2
+CTA_IP_V6_SRC = 3
+CTA_IP_V6_DST = 4
+
+# enum ctattr_l4proto
+CTA_PROTO_NUM = 1
+CTA_PROTO_SRC_PORT = 2
+CTA_PROTO_DST_PORT = 3
+
+# enum ctattr_protoinfo / ctattr_protoinfo_tcp
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_TCP_STATE = 1
+CTA_PROTOINFO_TCP_WSCALE_ORIGINAL = 2
+CTA_PROTOINFO_TCP_WSCALE_REPLY = 3
+CTA_PROTOINFO_TCP_FLAGS_ORIGINAL = 4
+CTA_PROTOINFO_TCP_FLAGS_REPLY = 5
+
+# enum ctattr_help
+CTA_HELP_NAME = 1
+
+# -- <linux/netfilter/nf_conntrack_tcp.h> ------------------------------------------------
+IP_CT_TCP_FLAG_BE_LIBERAL = 0x08

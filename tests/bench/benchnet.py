@@ -6,9 +6,9 @@
 - gen <-> rt:  198.18.1.0/24, 2001:2:1::/64
 - rt <-> snk:  198.18.2.0/24, 2001:2:2::/64
 rt masquerades everything leaving through "up" (IPv4 and IPv6), so conntrack tracks
-every flow as a real home router does. Every veth has GRO on (a redirect into a veth
-delivers only when the peer runs NAPI, DESIGN.md) and transmit checksum offload off
-(XDP loses CHECKSUM_PARTIAL; real NICs hand over complete checksums).
+every flow as a real home router does. Every veth has GRO on and transmit checksum
+offload off, as in every test network (tests/support/topology.py builds it; why:
+docs/testing.md).
 
 With ``threaded`` every veth's NAPI runs in a kernel thread of its own
 (/sys/class/net/IF/threaded): the router's work is then exactly what its two ports'
@@ -22,11 +22,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tests import netns
+from tests.support import topology
+from tests.support.topology import Spec, Veth
 
 V4 = {"gen": "198.18.1.2", "lan": "198.18.1.1", "up": "198.18.2.1", "snk": "198.18.2.2"}
 V6 = {"gen": "2001:2:1::2", "lan": "2001:2:1::1", "up": "2001:2:2::1", "snk": "2001:2:2::2"}
@@ -40,22 +41,6 @@ table inet pftbench {
     }
 }
 """
-
-
-def napi_threads() -> dict[int, str]:
-    """pid -> name of every threaded-NAPI kernel thread on the host."""
-    out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                comm = f.read().strip()
-        except OSError:
-            continue
-        if comm.startswith("napi/"):
-            out[int(pid)] = comm
-    return out
 
 
 def thread_cpu_ns(pids: list[int]) -> int:
@@ -134,53 +119,42 @@ class Net:
     def set_nat(self, on: bool) -> None:
         netns.run(self.rt, "nft delete table inet pftbench", check=False)
         if on:
-            res = subprocess.run(["ip", "netns", "exec", self.rt, "nft", "-f", "-"], input=NFT_NAT,
-                                 capture_output=True, text=True, timeout=30)
-            if res.returncode != 0:
-                raise RuntimeError(f"nft rules failed: {res.stderr.strip()}")
+            topology.nft_load(self.rt, NFT_NAT)
 
 
-def _set_threaded(ns: str, ifname: str) -> None:
-    # ip netns exec remounts /sys for the namespace, so the path names the right device
-    netns.run(ns, ["sh", "-c", f"echo 1 > /sys/class/net/{ifname}/threaded"])
+def spec(*, threaded: bool) -> Spec:
+    ports = ((GEN_IF, "gen", "gen"), (LAN, "rt", "lan"), (UP, "rt", "up"), (SNK_IF, "snk", "snk"))
+    return Spec(
+        namespaces={"gen": "bgen", "rt": "brt", "snk": "bsnk"},
+        veths=(Veth("gen", GEN_IF, "rt", LAN), Veth("rt", UP, "snk", SNK_IF)),
+        addrs=[a for ifname, role, key in ports
+               for a in ((role, ifname, f"{V4[key]}/24"), (role, ifname, f"{V6[key]}/64"))],
+        # UDP conntrack entries outlive the whole benchmark of one flow count (the kernel's
+        # defaults, 30 s and 120 s, let early flows expire while 100,000 are being set up)
+        sysctls=(("rt", "net.netfilter.nf_conntrack_udp_timeout=300"),
+                 ("rt", "net.netfilter.nf_conntrack_udp_timeout_stream=300")),
+        forwarding=("rt",),
+        routes=(("gen", "default", V4["lan"]), ("gen", "default", V6["lan"]),
+                ("snk", "default", V4["up"]), ("snk", "default", V6["up"])),
+        # the router's threads first, so that they can be told from the sender's and receiver's
+        threaded={"router": (("rt", LAN), ("rt", UP)), "hosts": (("gen", GEN_IF), ("snk", SNK_IF))}
+        if threaded else {},
+    )
 
 
 @contextlib.contextmanager
 def network(*, threaded: bool = True, nat: bool = True) -> Iterator[Net]:
-    with netns.namespaces("bgen", "brt", "bsnk") as (gen, rt, snk):
-        net = Net(gen, rt, snk)
-        netns.veth(gen, GEN_IF, rt, LAN)
-        netns.veth(rt, UP, snk, SNK_IF)
-        where = {GEN_IF: gen, LAN: rt, UP: rt, SNK_IF: snk}
-        for ifname, ns in where.items():
-            netns.run(ns, f"ethtool -K {ifname} gro on tx off", check=False)
-        for ifname, key, plen in ((GEN_IF, "gen", 24), (LAN, "lan", 24), (UP, "up", 24), (SNK_IF, "snk", 24)):
-            netns.addr(where[ifname], ifname, f"{V4[key]}/{plen}")
-            netns.run(where[ifname], ["ip", "-6", "addr", "add", f"{V6[key]}/64", "dev", ifname, "nodad"])
-            net.ifindex[ifname] = netns.ifindex(where[ifname], ifname)
-            net.mac[ifname] = netns.mac(where[ifname], ifname)
-        # UDP conntrack entries outlive the whole benchmark of one flow count (the kernel's
-        # defaults, 30 s and 120 s, let early flows expire while 100,000 are being set up)
-        netns.run(rt, "sysctl -qw net.netfilter.nf_conntrack_udp_timeout=300")
-        netns.run(rt, "sysctl -qw net.netfilter.nf_conntrack_udp_timeout_stream=300")
-        netns.run(rt, "sysctl -qw net.ipv4.ip_forward=1")
-        netns.run(rt, "sysctl -qw net.ipv6.conf.all.forwarding=1")
-        for ns, gw in ((gen, "lan"), (snk, "up")):
-            netns.run(ns, f"ip route add default via {V4[gw]}")
-            netns.run(ns, f"ip -6 route add default via {V6[gw]}")
+    with topology.network(spec(threaded=threaded)) as built:
+        net = Net(built.ns["gen"], built.ns["rt"], built.ns["snk"])
+        for ifname, role in ((GEN_IF, "gen"), (LAN, "rt"), (UP, "rt"), (SNK_IF, "snk")):
+            net.ifindex[ifname] = netns.ifindex(built.ns[role], ifname)
+            net.mac[ifname] = netns.mac(built.ns[role], ifname)
         net.set_nat(nat)
         # Neighbours resolved before any measurement (the router needs both hosts' MACs).
         for dst in (V4["gen"], V4["snk"], V6["gen"], V6["snk"]):
-            netns.run(rt, f"ping -c1 -W2 {dst}", check=False)
+            netns.run(net.rt, f"ping -c1 -W2 {dst}", check=False)
         if threaded:
-            before = set(napi_threads())
-            for ifname in (LAN, UP):
-                _set_threaded(rt, ifname)
-            net.router_napi = sorted(set(napi_threads()) - before)
+            net.router_napi, net.host_napi = built.napi["router"], built.napi["hosts"]
             if not net.router_napi:
                 raise RuntimeError("threaded NAPI on the router's veths made no kernel thread")
-            before = set(napi_threads())
-            for ifname in (GEN_IF, SNK_IF):
-                _set_threaded(where[ifname], ifname)
-            net.host_napi = sorted(set(napi_threads()) - before)
         yield net

@@ -34,6 +34,7 @@ from pyflow.datapath import abi
 from pyflow.datapath.loader import Datapath
 from tests import netns
 from tests.pins import remove_pin_dir
+from tests.support.datapath import line
 
 pytestmark = pytest.mark.root
 
@@ -53,15 +54,7 @@ def topo():
     """h1 (198.18.1.2) -- pft-r1 [r] pft-r2 -- h2, pyflow in TC mode on pft-r1, the
     router's own forwarding off: whatever reaches h2 went through the fast path."""
     pin_dir = f"/sys/fs/bpf/pft-vlan-{os.getpid()}-{next(_pins)}"
-    with netns.namespaces("h1", "r", "h2") as (h1, r, h2):
-        netns.veth(h1, "pft-h1", r, "pft-r1")
-        netns.veth(r, "pft-r2", h2, "pft-h2")
-        netns.addr(h1, "pft-h1", "198.18.1.2/24")
-        netns.addr(r, "pft-r1", "198.18.1.1/24")
-        netns.run(h1, "ip route add default via 198.18.1.1")
-        netns.run(r, "sysctl -qw net.ipv4.ip_forward=0")
-        netns.run(h1, ["ip", "neigh", "replace", "198.18.1.1", "lladdr", netns.mac(r, "pft-r1"),
-                       "dev", "pft-h1", "nud", "permanent"])
+    with line(far_side=False) as (h1, r, h2):
         with netns.inside(r):
             dp = Datapath(pin_dir)
             try:

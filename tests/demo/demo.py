@@ -35,6 +35,7 @@ from pathlib import Path
 from tests import netns
 from tests.packaging.unitfile import REPO, capabilities, setpriv_argv
 from tests.pins import remove_pin_dir
+from tests.support import topology
 
 BIN = Path(sys.executable).parent
 ADDR = {"cl": ("198.18.10.2", "2001:2:10::2"), "lan": ("198.18.10.1", "2001:2:10::1"),
@@ -50,6 +51,18 @@ NAT_RULES = """table inet pft_demo {
     }
 }
 """
+_PORTS = (("client", "pft-cl0", "cl"), ("router", "pft-lan", "lan"), ("router", "pft-wan", "wan"),
+          ("server", "pft-sv0", "sv"))
+SPEC = topology.Spec(
+    namespaces={"client": "client", "router": "router", "server": "server"},  # named by Demo
+    veths=(topology.Veth("client", "pft-cl0", "router", "pft-lan"),
+           topology.Veth("router", "pft-wan", "server", "pft-sv0")),
+    addrs=[(role, dev, f"{ADDR[key][0]}/24") for role, dev, key in _PORTS]
+    + [(role, dev, f"{ADDR[key][1]}/64") for role, dev, key in _PORTS],
+    routes=(("client", "default", ADDR["lan"][0]), ("client", "default", ADDR["lan"][1])),
+    forwarding=("router",),
+    nft={"router": NAT_RULES},
+)
 PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the forked child only calls it
 # the metrics excerpt: these series, those that are zero left out
@@ -91,24 +104,8 @@ class Demo:
         cl, rt, sv = self.ns["client"], self.ns["router"], self.ns["server"]
         for name in (cl, rt, sv):
             netns.create(name)
-        netns.veth(cl, "pft-cl0", rt, "pft-lan")
-        netns.veth(rt, "pft-wan", sv, "pft-sv0")
-        for ns, dev, key in ((cl, "pft-cl0", "cl"), (rt, "pft-lan", "lan"), (rt, "pft-wan", "wan"),
-                             (sv, "pft-sv0", "sv")):
-            v4, v6 = ADDR[key]
-            netns.addr(ns, dev, f"{v4}/24")
-            netns.run(ns, ["ip", "-6", "addr", "add", f"{v6}/64", "dev", dev, "nodad"])
-            # redirects into a veth need GRO on the peer; local senders' partial checksums
-            # would reach the fast path unfinished (DESIGN.md)
-            netns.run(ns, ["ethtool", "-K", dev, "gro", "on", "tx", "off"], check=False)
-        netns.run(cl, ["ip", "route", "add", "default", "via", ADDR["lan"][0]])
-        netns.run(cl, ["ip", "-6", "route", "add", "default", "via", ADDR["lan"][1]])
-        netns.run(rt, "sysctl -qw net.ipv4.ip_forward=1")
-        netns.run(rt, "sysctl -qw net.ipv6.conf.all.forwarding=1")
-        res = subprocess.run(["ip", "netns", "exec", rt, "nft", "-f", "-"], input=NAT_RULES,
-                             capture_output=True, text=True, timeout=30)
-        if res.returncode != 0:
-            raise RuntimeError(f"nft: {res.stderr.strip()}")
+        # every veth with the test networks' offload settings (tests/support/topology.py)
+        topology.build(SPEC, {"client": cl, "router": rt, "server": sv})
         say(f"namespaces {cl}, {rt}, {sv}; the router masquerades what leaves on pft-wan")
 
     # ---- pyflowd -----------------------------------------------------------------------------

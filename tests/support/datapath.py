@@ -8,6 +8,7 @@ loader reports with what the kernel holds.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -19,6 +20,8 @@ from pyflow.datapath import abi
 from pyflow.datapath.loader import TC_PRIO, Datapath
 from tests import netns
 from tests.pins import remove_pin_dir
+from tests.support import topology
+from tests.support.topology import Spec, Veth
 
 _pins = itertools.count()
 
@@ -99,29 +102,39 @@ def make_dp(ns, pin_dir, tmp_path):
         dp.close()
 
 
+def line_spec(*, far_side: bool) -> Spec:
+    """h1 (198.18.1.2) -- pft-r1 [r] pft-r2 -- h2, the router's own forwarding off: whatever
+    reaches h2 went through the fast path. With ``far_side`` the far link is addressed too
+    (198.18.2.0/24, h2 routing back through r), h1 sends with transmit checksum offload off
+    (local sockets leave CHECKSUM_PARTIAL, which XDP loses) and h2 runs GRO (an XDP redirect
+    into a veth is delivered only with NAPI on the peer); without it both ends keep veth's
+    defaults, as a test of those offloads needs."""
+    near = [("h1", "pft-h1", "198.18.1.2/24"), ("r", "pft-r1", "198.18.1.1/24")]
+    far = [("r", "pft-r2", "198.18.2.1/24"), ("h2", "pft-h2", "198.18.2.2/24")] if far_side else []
+    return Spec(
+        namespaces={"h1": "h1", "r": "r", "h2": "h2"},
+        veths=(Veth("h1", "pft-h1", "r", "pft-r1", ethtool=("tx off" if far_side else None, None)),
+               Veth("r", "pft-r2", "h2", "pft-h2", ethtool=(None, "gro on" if far_side else None))),
+        addrs=near + far,
+        routes=(("h1", "default", "198.18.1.1"),) + ((("h2", "default", "198.18.2.1"),) if far_side else ()),
+        sysctls=(("r", "net.ipv4.ip_forward=0"),),
+    )
+
+
+@contextlib.contextmanager
+def line(*, far_side: bool) -> Iterator[tuple[str, str, str]]:
+    """The namespaces (h1, r, h2) of :func:`line_spec`, h1 sending to r's MAC without ARP."""
+    with topology.network(line_spec(far_side=far_side)) as net:
+        topology.static_neighbour(net, "h1", "pft-h1", "198.18.1.1", "r", "pft-r1")
+        yield net.ns["h1"], net.ns["r"], net.ns["h2"]
+
+
 @pytest.fixture
 def routed(pin_dir, tmp_path):
-    """h1 (198.18.1.2) -- pft-r1 [r] pft-r2 -- h2 (198.18.2.2), with forwarding OFF on
-    the router: whatever reaches h2 went through the fast path."""
-    with netns.namespaces("h1", "r", "h2") as (h1, r, h2):
-        netns.veth(h1, "pft-h1", r, "pft-r1")
-        netns.veth(r, "pft-r2", h2, "pft-h2")
-        netns.addr(h1, "pft-h1", "198.18.1.2/24")
-        netns.addr(r, "pft-r1", "198.18.1.1/24")
-        netns.addr(r, "pft-r2", "198.18.2.1/24")
-        netns.addr(h2, "pft-h2", "198.18.2.2/24")
-        netns.run(h1, "ip route add default via 198.18.1.1")
-        netns.run(h2, "ip route add default via 198.18.2.1")
-        netns.run(r, "sysctl -qw net.ipv4.ip_forward=0")
-        # local sockets leave CHECKSUM_PARTIAL that XDP loses -> tx csum off;
-        # an XDP redirect into a veth is delivered only with NAPI (GRO) on the peer
-        netns.run(h1, "ethtool -K pft-h1 tx off")
-        netns.run(h2, "ethtool -K pft-h2 gro on")
-        netns.run(h1, ["ip", "neigh", "replace", "198.18.1.1", "lladdr", netns.mac(r, "pft-r1"),
-                       "dev", "pft-h1", "nud", "permanent"])
-        with netns.inside(r):
-            dp = Datapath(pin_dir, state_file=str(tmp_path / "state.json"))
-            try:
-                yield h1, r, h2, dp
-            finally:
-                dp.close()
+    """The line (line_spec) with a Datapath made in r: h1, r, h2 and the Datapath."""
+    with line(far_side=True) as (h1, r, h2), netns.inside(r):
+        dp = Datapath(pin_dir, state_file=str(tmp_path / "state.json"))
+        try:
+            yield h1, r, h2, dp
+        finally:
+            dp.close()

@@ -17,8 +17,10 @@ import pytest
 
 from tests import netns
 from tests.lab.guest.lab import module_loaded
+from tests.support import topology
 
-# The capabilities the lab exists for (DESIGN.md): without them it is not the lab kernel.
+# The capabilities the lab exists for (the host kernel lacks them: flower and its actions,
+# the nf flowtable, 802.1Q): without them it is not the lab kernel.
 LAB_MODULES = ("cls_flower", "act_pedit", "act_csum", "act_mirred", "act_vlan", "act_gact",
                "nf_flow_table", "nf_flow_table_inet", "nft_flow_offload", "8021q", "veth")
 
@@ -53,16 +55,17 @@ def _ping(ns: str, dst: str, count: int) -> bool:
 
 @pytest.fixture
 def three_namespaces():
-    with netns.namespaces("left", "mid", "right") as (left, mid, right):
-        netns.veth(left, "pft-l0", mid, "pft-m-l")
-        netns.veth(mid, "pft-m-r", right, "pft-r0")
-        netns.addr(left, "pft-l0", "198.18.10.1/24")
-        netns.addr(right, "pft-r0", "198.18.10.2/24")
+    spec = topology.Spec(
+        namespaces={"left": "left", "mid": "mid", "right": "right"},
+        veths=(topology.Veth("left", "pft-l0", "mid", "pft-m-l", ethtool=(None, None)),
+               topology.Veth("mid", "pft-m-r", "right", "pft-r0", ethtool=(None, None))),
+        addrs=(("left", "pft-l0", "198.18.10.1/24"), ("right", "pft-r0", "198.18.10.2/24")),
+    )
+    with topology.network(spec) as net:
         # static neighbours: only IPv4 frames need to cross, no ARP
-        netns.run(left, ["ip", "neigh", "add", "198.18.10.2", "lladdr", netns.mac(right, "pft-r0"),
-                         "dev", "pft-l0"])
-        netns.run(right, ["ip", "neigh", "add", "198.18.10.1", "lladdr", netns.mac(left, "pft-l0"),
-                          "dev", "pft-r0"])
+        topology.static_neighbour(net, "left", "pft-l0", "198.18.10.2", "right", "pft-r0")
+        topology.static_neighbour(net, "right", "pft-r0", "198.18.10.1", "left", "pft-l0")
+        left, mid, right = net.ns["left"], net.ns["mid"], net.ns["right"]
         yield left, mid, right
 
 

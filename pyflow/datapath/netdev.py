@@ -11,7 +11,7 @@ The ``auto`` attach rule, kept deliberately simple:
 * a device with a link kind (veth, bridge, bond, vlan, macvlan, ifb, tun ...)
   is virtual: its packets arrive as skbs, so XDP must copy each one into an
   XDP buffer, which measured slower than the kernel path on veth while a TC
-  ingress redirect matched it (DESIGN.md) -> ``tc``;
+  ingress redirect matched it (docs/testing.md) -> ``tc``;
 * a device with a parent bus device (PCI, virtio, platform ...) is a NIC whose
   driver fills DMA buffers that native XDP reads in place -> ``native``, and if
   the driver turns out to have no native XDP the loader falls back to ``tc``

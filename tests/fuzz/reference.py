@@ -1,11 +1,11 @@
 """A reference model of the datapath's decision, the fuzz test's oracle.
 
-Written from the specification (DESIGN.md, the ABI header's reason enum and the
-documented order of checks in ebpf/pyflow_xdp.c and ebpf/lib/parse.h), in plain
-Python, without calling any of pyflow's C code: given a frame, the installed
-flows and the hook, it says whether the test run accepts the frame at all, the
-reason the datapath must count, and for a forward the exact frame that must
-leave and what the flow's counters must gain.
+Written from the specification (the README's "How a connection is offloaded" and its
+known limits of the fast path, the ABI header's reason enum and the documented order of
+checks in ebpf/pyflow_xdp.c and ebpf/lib/parse.h), in plain Python, without calling any
+of pyflow's C code: given a frame, the installed flows and the hook, it says whether the
+test run accepts the frame at all, the reason the datapath must count, and for a forward
+the exact frame that must leave and what the flow's counters must gain.
 
 Order of checks (the first that fails names the reason):
   L2:  Ethernet header present (malformed) -> up to two VLAN tags, the outer

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +26,10 @@ from pyflow.control.model import HwRefused
 from pyflow.datapath.abi import FlowAction, FlowKey
 from pyflow.hw import flower as F
 from pyflow.hw import rules
+from pyflow.netlink import tc
+from pyflow.netlink.errors import errno_name, error_text
 
 log = logging.getLogger(__name__)
-
-TC_PARENT_INGRESS = 0xFFFFFFF2
-TC_CLSACT_HANDLE = 0xFFFF0000
 
 F.register()
 
@@ -61,10 +59,8 @@ class _Device:
 
 
 def _reason(exc: Exception) -> tuple[str, str]:
-    code = getattr(exc, "code", 0)
-    name = "EOPNOTSUPP" if code == errno.EOPNOTSUPP else errno.errorcode.get(code, str(code))
-    text = exc.args[-1] if exc.args and isinstance(exc.args[-1], str) else os.strerror(code)
-    return name.lower(), f"{text} ({name})"
+    """(reason counted, message) of a refused netlink request: "enospc", "... (ENOSPC)"."""
+    return errno_name(getattr(exc, "code", 0)).lower(), error_text(exc)
 
 
 class FlowerOffload:
@@ -104,12 +100,12 @@ class FlowerOffload:
         dev = _Device(ifname, mtu, False)
         self._devices[ifindex] = dev
         try:
-            if self._qdisc_kind(ifindex) is None:
-                try:
-                    self._ipr.tc("add", "clsact", ifindex)
-                    dev.own_clsact = True
-                except NetlinkError as exc:
-                    raise HwRefused(*_reason(exc)) from None
+            try:
+                # a legacy ingress qdisc at the hook serves as well: flower rules hang on
+                # its ingress parent just as on clsact's
+                _kind, dev.own_clsact = tc.ensure_clsact(self._ipr, ifindex)
+            except NetlinkError as exc:
+                raise HwRefused(*_reason(exc)) from None
             self._clear_stale(ifindex)
             placed: list[RuleId] = []
             try:
@@ -136,9 +132,8 @@ class FlowerOffload:
         for protocol in rules.PROTOCOLS:
             for guard in (True, False):
                 with contextlib.suppress(NetlinkError):
-                    self._ipr.tc("del-filter", F.KIND, ifindex, 0, parent=TC_PARENT_INGRESS,
-                                 prio=rules.prio_of(protocol, guard=guard), protocol=protocol,
-                                 filter=F.NO_OPTIONS)
+                    tc.delete_filter(self._ipr, F.KIND, ifindex, 0, prio=rules.prio_of(protocol, guard=guard),
+                                     protocol=protocol, filter=F.NO_OPTIONS)
 
     def device_ifindexes(self) -> set[int]:
         return set(self._devices)
@@ -156,20 +151,9 @@ class FlowerOffload:
     def capable(self, ifindex: int) -> bool:
         return ifindex in self._devices
 
-    def _qdisc_kind(self, ifindex: int) -> str | None:
-        for q in self._ipr.get_qdiscs(ifindex):
-            if q["handle"] == TC_CLSACT_HANDLE:
-                return q.get_attr("TCA_KIND")
-        return None
-
     def _drop_clsact(self, ifindex: int, own: bool) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        if not own:
-            return
-        with contextlib.suppress(NetlinkError):
-            if not any(m["handle"] for m in self._ipr.get_filters(ifindex, parent=TC_PARENT_INGRESS)):
-                self._ipr.tc("del", "clsact", ifindex)
+        if own:
+            tc.remove_clsact_if_unused(self._ipr, ifindex)
 
     # ---- rules --------------------------------------------------------------------
 
@@ -184,7 +168,7 @@ class FlowerOffload:
             if rid in self._rules:
                 continue
             try:
-                self._ipr.tc("add-filter", F.KIND, place.ifindex, handle, parent=TC_PARENT_INGRESS,
+                self._ipr.tc("add-filter", F.KIND, place.ifindex, handle, parent=tc.PARENT_INGRESS,
                              prio=place.prio, protocol=place.protocol, filter=filt)
             except NetlinkError as exc:
                 if exc.code == errno.EEXIST:
@@ -200,8 +184,8 @@ class FlowerOffload:
         for rid in ids:
             self._rules.discard(rid)
             try:
-                self._ipr.tc("del-filter", F.KIND, rid.ifindex, rid.handle, parent=TC_PARENT_INGRESS,
-                             prio=rid.prio, protocol=rid.protocol, filter=F.NO_OPTIONS)
+                tc.delete_filter(self._ipr, F.KIND, rid.ifindex, rid.handle, prio=rid.prio,
+                                 protocol=rid.protocol, filter=F.NO_OPTIONS)
             except NetlinkError as exc:
                 if exc.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
                     log.warning("cannot delete flower rule %s: %s", rid, _reason(exc)[1])
@@ -243,7 +227,7 @@ class FlowerOffload:
             if dev.refused is not None:
                 continue
             try:
-                msgs = self._ipr.get_filters(ifindex, parent=TC_PARENT_INGRESS)
+                msgs = tc.filters(self._ipr, ifindex)
             except NetlinkError as exc:
                 log.warning("cannot dump flower rules of ifindex %d: %s", ifindex, _reason(exc)[1])
                 continue

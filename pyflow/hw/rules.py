@@ -63,7 +63,7 @@ class Placement:
 
 # Priorities on clsact ingress: guards first, then flow rules by protocol (one flower
 # instance per priority, and all filters of one priority share its protocol), all
-# ahead of the datapath's own cls_bpf hook (pyflow.datapath.loader.TC_PRIO = 0x2F10).
+# ahead of the datapath's own cls_bpf hook (pyflow.datapath.attach.tc.TC_PRIO = 0x2F10).
 GUARD_PRIO = 0x2E00
 RULE_PRIO = 0x2E10
 PROTOCOLS = (F.ETH_P_IP, F.ETH_P_IPV6, F.ETH_P_8021Q, F.ETH_P_8021AD)

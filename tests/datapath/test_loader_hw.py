@@ -10,18 +10,18 @@ from __future__ import annotations
 import pytest
 
 from pyflow.errors import DeviceError
-from pyflow.hw import capability
+from pyflow.netlink import ethtool
 from tests.support.datapath import devmap, link_xdp, our_filter
 
 pytestmark = pytest.mark.root
 
 
 def test_capability_of_a_veth_is_read_over_ethtool_netlink(ns):
-    cap = capability.tc_offload("pft-a")
-    assert cap == capability.TcOffload("pft-a", supported=False, active=False)
+    cap = ethtool.tc_offload("pft-a")
+    assert cap == ethtool.TcOffload("pft-a", supported=False, active=False)
     assert cap.why_not() == "hw-tc-offload is unsupported"
     with pytest.raises(DeviceError, match=r"^no such device: eth9$"):
-        capability.tc_offload("eth9")
+        ethtool.tc_offload("eth9")
 
 
 def test_hw_on_a_device_that_cannot_offload_is_refused_and_nothing_changes(make_dp, ns):
@@ -51,8 +51,8 @@ def test_hw_with_skip_hw_attaches_the_software_hook_and_marks_the_device(make_dp
 def test_auto_picks_hw_only_where_hw_tc_offload_is_on(make_dp, ns, monkeypatch):
     dp = make_dp()
     assert dp.attach("pft-a", "auto").hw is False
-    monkeypatch.setattr(capability, "tc_offload",
-                        lambda name: capability.TcOffload(name, supported=True, active=name == "pft-b"))
+    monkeypatch.setattr(ethtool, "tc_offload",
+                        lambda name: ethtool.TcOffload(name, supported=True, active=name == "pft-b"))
     st = dp.attach("pft-b", "auto")
     assert (st.mode, st.hw) == ("tc", True) and "hw-tc-offload is on" in st.reason
     assert dp.attach("pft-a", "auto").hw is False

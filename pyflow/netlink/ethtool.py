@@ -1,4 +1,5 @@
-"""Can a device run flower rules in hardware? Its ``hw-tc-offload`` feature says.
+"""ethtool over generic netlink: can a device run flower rules in hardware? Its
+``hw-tc-offload`` feature says.
 
 Read over ethtool netlink (ETHTOOL_MSG_FEATURES_GET, the genetlink family
 "ethtool"), the same source as ``ethtool -k``: NETIF_F_HW_TC is listed under
@@ -9,6 +10,7 @@ off accepts no skip_sw rule, so "can offload" means *active*.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 from pyroute2.netlink import NLM_F_REQUEST, genlmsg
@@ -74,7 +76,7 @@ def tc_offload(ifname: str) -> TcOffload:
         msg["attrs"].append(("ETHTOOL_A_FEATURES_HEADER", {"attrs": [["ETHTOOL_A_HEADER_DEV_NAME", ifname]]}))
         replies = list(sock.nlm_request(msg, msg_type=sock.prid, msg_flags=NLM_F_REQUEST))
     except NetlinkError as exc:
-        if exc.code == 19:
+        if exc.code == errno.ENODEV:
             raise DeviceError(f"no such device: {ifname}") from None
         raise DeviceError(f"{ifname}: cannot read device features over ethtool netlink: {exc}") from None
     finally:

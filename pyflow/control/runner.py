@@ -8,7 +8,6 @@ operators' failover cases need), and the keep-alive tick runs every
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import queue
@@ -20,9 +19,20 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pyflow.control.conntrack import CtNetlink
-from pyflow.control.engine import Engine, EngineConfig, ManagedDevice
-from pyflow.control.model import EventType
+from pyflow.control.engine import Engine, EngineConfig, ManagedDevice, Offloaded
+from pyflow.control.model import EventType, Tuple
 from pyflow.control.paths import PathWatcher, RtPaths
+from pyflow.control.stats import (
+    FAMILY_NAMES,
+    ConntrackStats,
+    Direction,
+    EngineCounters,
+    FlowMapStats,
+    FlowRecord,
+    LatencyHistogram,
+    LoopStats,
+    Traffic,
+)
 from pyflow.datapath.abi import MAP_FLOWS
 from pyflow.datapath.flowtable import FlowTable
 from pyflow.datapath.loader import Datapath
@@ -31,33 +41,8 @@ from pyflow.hw.offload import FlowerOffload
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Buckets of the event-to-offload latency histogram, in seconds: one loop turn is
-# sub-millisecond when idle, a batch of BATCH connections a few milliseconds.
 # How often stop() reports a hand-back that is still going on.
 STOP_REPORT_INTERVAL_S = 10.0
-
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-
-
-class LatencyHistogram:
-    """Cumulative-bucket histogram written by the loop thread, read by anyone (a copy)."""
-
-    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, seconds: float, times: int = 1) -> None:
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += times
-        self.sum += seconds * times
-
-    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
-        """([(upper bound, cumulative count)], sum, count); the last bound is +Inf."""
-        out, total = [], 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            total += n
-            out.append((bound, total))
-        return out, self.sum, total
 
 
 class LoopStopped(Exception):
@@ -288,6 +273,79 @@ class ControlPlane:
         """What ended the loop thread, if it ended by an exception."""
         return self._error
 
+    # ---- what the daemon asks of the loop (each call runs inside it, through call()) ----
+
+    def reconfigure(self, config: ControlConfig) -> None:
+        """Apply re-read settings: the engine's at its next decision, the keep-alive period
+        at the next tick. The conntrack socket's settings (buffer, offload mark) were used
+        at set-up and stay as they were."""
+        self.config = config
+        self.engine.config = config.engine
+
+    def snapshot(self) -> LoopStats:
+        """Every counter of the loop, the engine and the datapath's verdicts, as one copy."""
+        engine, es = self.engine, self.engine.stats
+        offloaded = {name: {"software": 0, "hardware": 0} for name in FAMILY_NAMES.values()}
+        for off in engine.offloaded.values():
+            family = FAMILY_NAMES.get(off.conn.family)
+            if family is not None:
+                offloaded[family]["hardware" if off.hw else "software"] += 1
+        reasons = self.dp.reason_counts()
+        fast = reasons.pop("forwarded", (0, 0))
+        return LoopStats(
+            offloaded=offloaded,
+            flow_map=FlowMapStats.of(len(self.flows.read_counters()), self.flows.max_entries),
+            fast_path=Traffic(*fast),
+            slow_path={name: Traffic(p, b) for name, (p, b) in reasons.items()},
+            conntrack=ConntrackStats(events=dict(self.ct_events), lost_events=self.ct.lost_events,
+                                     discarded_events=self.ct.discarded_events, resyncs=es.resyncs,
+                                     refreshes=es.refreshes),
+            engine=EngineCounters(offloads=es.offloaded, removed=dict(es.removed), refused=dict(es.refused),
+                                  pending=len(engine.pending), install_errors=es.install_errors,
+                                  rewritten=es.rewritten, hw_offloads=es.hw_offloaded,
+                                  hw_failures=es.hw_failures),
+            latency=self.latency.snapshot(),
+        )
+
+    def offloaded(self) -> list[FlowRecord]:
+        """Every connection on the fast path with its counters (one dump of the flow map)."""
+        counters = self.flows.read_counters().as_dict()
+        now = self.engine.clock()
+        return [_record(off, counters, now) for off in self.engine.offloaded.values()]
+
+    @property
+    def offloaded_count(self) -> int:
+        """How many connections are on the fast path (a plain read: any thread may ask)."""
+        return len(self.engine.offloaded)
+
+    def flush(self) -> int:
+        """Hand every connection back to the kernel path; returns how many there were."""
+        n = len(self.engine.offloaded)
+        self.engine.flush()
+        return n
+
+    def devices_changed(self) -> None:
+        """A device was attached: connections through it that already exist become
+        eligible, so re-read the registry and reconcile with a full conntrack dump."""
+        self.devices.refresh()
+        self.engine.resync()
+
+    def release_device(self, ifindex: int) -> int:
+        """Take every connection through ``ifindex`` off the fast path before the device is
+        detached (so no packet meets a half-removed device); returns how many."""
+        before = len(self.engine.offloaded)
+        self.devices.leaving.add(ifindex)
+        try:
+            self.devices.refresh()
+            self.engine.paths_changed()  # connections through it no longer resolve: handed back
+            return before - len(self.engine.offloaded)
+        finally:
+            self.devices.leaving.discard(ifindex)
+
+    def refresh_devices(self) -> None:
+        """Re-read the device registry after a device went away."""
+        self.devices.refresh()
+
     def _paths_changed(self) -> None:
         changes = self.watcher.poll(0)
         if not changes:
@@ -333,3 +391,25 @@ class ControlPlane:
             close = getattr(part, "close", None)
             if close is not None:
                 close()
+
+
+def _record(off: Offloaded, counters: dict[bytes, tuple[int, ...]], now_ns: int) -> FlowRecord:
+    """One offloaded connection as reported; ``counters``: the flow map's (packets, bytes,
+    last_seen_ns, ...) by key."""
+    conn = off.conn
+    in_o, in_r, eg_o, eg_r = off.path[:4]
+    co: tuple[int, ...] | None = counters.get(off.key_bytes[0])
+    cr: tuple[int, ...] | None = counters.get(off.key_bytes[1])
+    if off.hw_counters:  # a hardware flow counts in its rules, not in the map
+        (po, bo), (pr, br) = off.hw_counters
+        co, cr = (po, bo, 0, 0), (pr, br, 0, 0)
+    last = max(off.last_seen_ns, co[2] if co else 0, cr[2] if cr else 0)
+
+    def direction(t: Tuple, ingress: Any, egress: Any, c: tuple[int, ...] | None) -> Direction:
+        return Direction(t, ingress.ifindex, egress.ifindex, Traffic(c[0], c[1]) if c else None)
+
+    return FlowRecord(family=conn.family, proto=conn.proto, hardware=off.hw,
+                      original=direction(conn.orig, in_o, eg_o, co),
+                      reply=direction(conn.reply, in_r, eg_r, cr),
+                      mark=conn.mark, zone=conn.zone, age_ns=max(0, now_ns - off.since_ns),
+                      idle_ns=max(0, now_ns - last))

@@ -14,7 +14,7 @@ Lifecycle:
   starts with a full conntrack dump that re-offloads live connections and removes stale
   entries; then the control socket and /metrics open and systemd hears READY=1.
 - SIGHUP: the file is re-read; if it is invalid the daemon keeps its running config and
-  logs why; if valid, offload settings and the device list are applied (manager.py).
+  logs why; if valid, offload settings and the device list are applied (operations.py).
 - SIGTERM / SIGINT: socket and metrics close; with ``on_stop = "hand-back"`` (default)
   every connection goes back to the kernel path, then the hooks are removed and the pins
   deleted: packets of live connections take the kernel path from the moment their entry
@@ -152,14 +152,14 @@ class Daemon:
         self.overrides = overrides
         self.notifier = notifier
         self.signals = _Signals()
-        self.manager: Any = None
+        self.ops: Any = None
         self.server: Any = None
         self.metrics: Any = None
 
     def start(self) -> None:
         from pyflow.daemon.api import ControlServer
-        from pyflow.daemon.manager import Manager
         from pyflow.daemon.metrics import MetricsServer, registry_for
+        from pyflow.daemon.operations import Operations
         from pyflow.datapath.loader import Datapath
 
         d = self.config.daemon
@@ -172,17 +172,16 @@ class Daemon:
         _warn_private_bpffs(d.bpffs_dir)
         dp = Datapath(pin_dir=d.bpffs_dir, state_file=os.path.join(d.state_dir, "datapath.json"),
                       **self._datapath_options())
-        self.manager = Manager(self.config, dp)
-        self.manager.apply_devices(live=False)
-        self.manager.cp.start()
+        ops = self.ops = Operations(self.config, dp)
+        ops.apply_devices(live=False)
+        ops.cp.start()
         self.server.start()
         if d.metrics_address:
-            cp = self.manager.cp
-            self.metrics = MetricsServer(
-                d.metrics_address, registry_for(lambda: cp.call(lambda: (self.manager.stats(),
-                                                                         cp.latency.snapshot()), 10.0)))
+            # the snapshot is taken inside the loop, where the engine lives
+            self.metrics = MetricsServer(d.metrics_address,
+                                         registry_for(lambda: ops.cp.call(ops.stats, 10.0)))
         log.info("pyflowd %s ready: %d device(s), socket %s, metrics %s", __version__,
-                 len(self.manager._attached()), d.socket, d.metrics_address or "off")
+                 len(ops.attached()), d.socket, d.metrics_address or "off")
 
     def _lock_state_dir(self, state_dir: str) -> None:
         """Hold an exclusive lock on STATE_DIR/pyflowd.pid while running (released by the
@@ -213,13 +212,13 @@ class Daemon:
         return {}
 
     def _request(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
-        handler = self.manager.handlers().get(command)
+        handler = self.ops.handlers().get(command)
         if handler is None:
             raise RequestError("unknown_command", f"unknown command {command!r}")
         from pyflow.control.runner import LoopStopped
 
         try:
-            return self.manager.cp.call(lambda: handler(args))
+            return self.ops.cp.call(lambda: handler(args))
         except LoopStopped:
             raise RequestError("stopping", "pyflowd is stopping") from None
         except TimeoutError:
@@ -230,8 +229,8 @@ class Daemon:
             raise RequestError("failed", str(exc)) from None
 
     def _status_line(self) -> str:
-        m = self.manager
-        return f"STATUS={len(m.cp.engine.offloaded)} flows offloaded on {len(m.requested)} device(s)"
+        ops = self.ops
+        return f"STATUS={ops.cp.offloaded_count} flows offloaded on {len(ops.devices.requested)} device(s)"
 
     def reload(self) -> None:
         self.notifier.notify("RELOADING=1", _monotonic_usec())
@@ -244,8 +243,8 @@ class Daemon:
             from pyflow.control.runner import LoopStopped
 
             try:
-                self.manager.cp.call(lambda: self.manager.reload(new))
-                self.config = self.manager.config
+                self.ops.cp.call(lambda: self.ops.reload(new))
+                self.config = self.ops.config
                 log.info("reloaded %s", new.path or "built-in defaults")
             except (PyflowError, LoopStopped, TimeoutError) as exc:
                 log.error("reload failed: %s", exc)
@@ -258,7 +257,7 @@ class Daemon:
         ping_every = wd / 2 if wd else None
         next_ping = 0.0
         next_status = 0.0
-        cp = self.manager.cp
+        cp = self.ops.cp
         while True:
             self.signals.wake.wait(0.5 if ping_every is None else min(0.5, ping_every))
             self.signals.wake.clear()
@@ -287,17 +286,17 @@ class Daemon:
             self.metrics.stop()
         if self.server is not None:
             self.server.stop()
-        m = self.manager
-        if m is None:
+        ops = self.ops
+        if ops is None:
             return
         hand_back = self.config.daemon.on_stop == "hand-back"
-        if m.cp.running:
-            m.cp.stop(hand_back=hand_back)
+        if ops.cp.running:
+            ops.cp.stop(hand_back=hand_back)
         if hand_back:
-            m.detach_all()
+            ops.detach_all()
             log.info("every flow handed back to the kernel path; devices detached")
         else:
-            m.dp.close()
+            ops.dp.close()
             log.info("datapath left running (on_stop = keep): the next start adopts it")
 
 

@@ -1,16 +1,18 @@
 """Prometheus metrics: every value read from the datapath and the engine at scrape time.
 
-One custom collector turns a stats snapshot (:meth:`pyflow.daemon.manager.Manager.stats`, taken
-inside the control loop) into metric families: prefix ``pyflow_``, base units, ``_total``
-on counters, no per-flow labels. The registry is a parameter so tests and embedders can
-use their own. The list of metrics is in the README ("Running pyflowd").
+Each metric is declared once, in ``METRICS``: its name, type, help and where its value
+comes from in the stats snapshot (:class:`pyflow.daemon.stats.Stats`, taken inside the
+control loop; ``pyflowctl stats`` answers from the same snapshot). Names carry the prefix
+``pyflow_`` and base units; counters get ``_total`` from the client; no per-flow labels.
+The registry is a parameter so tests and embedders can use their own. The list of
+metrics is in the README ("Running pyflowd").
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 from prometheus_client.core import (
     CollectorRegistry,
@@ -22,110 +24,129 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pyflow import __version__
+from pyflow.control.stats import Latency
 from pyflow.daemon.config import parse_address
+from pyflow.daemon.stats import Stats
 from pyflow.errors import PyflowError
 
 log = logging.getLogger(__name__)
 
-# (stats, latency histogram snapshot: ([(upper bound, cumulative count)], sum, count))
-Snapshot = tuple[dict[str, Any], tuple[list[tuple[float, int]], float, int]]
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+_FAMILY = {COUNTER: CounterMetricFamily, GAUGE: GaugeMetricFamily}
+
+# A metric's value: one number, samples by label values, or a histogram's state
+Value = float | Mapping[tuple[str, ...], float] | Latency
 
 
-# Plain counters: (name without _total, help, stats section, key in it)
-_COUNTERS = (
-    ("pyflow_fastpath_packets", "Packets forwarded by the fast path", "fast_path", "packets"),
-    ("pyflow_fastpath_bytes", "Bytes forwarded by the fast path", "fast_path", "bytes"),
-    ("pyflow_conntrack_event_overruns", "Conntrack event socket overruns (ENOBUFS): events were lost",
-     "conntrack", "lost_events"),
-    ("pyflow_conntrack_discarded_events",
-     "Queued conntrack events dropped after an overrun (older than the resync)",
-     "conntrack", "discarded_events"),
-    ("pyflow_resyncs", "Full conntrack dumps reconciled with the fast path", "conntrack", "resyncs"),
-    ("pyflow_conntrack_refreshes", "Conntrack timeouts refreshed for connections the fast path carries",
-     "conntrack", "refreshes"),
-    ("pyflow_offloads", "Connections put on the fast path", "engine", "offloads"),
-    ("pyflow_hw_offloads", "Connections placed in hardware", "engine", "hw_offloads"),
-    ("pyflow_hw_offload_failures", "Hardware placements that failed (software fast path used)", "engine",
-     "hw_failures"),
-    ("pyflow_install_errors", "Flow-map writes that failed", "engine", "install_errors"),
+@dataclass(frozen=True)
+class MetricDef:
+    name: str  # without _total: the client adds it to counters
+    kind: str  # COUNTER, GAUGE or HISTOGRAM
+    help: str
+    value: Callable[[Stats], Value]
+    labels: tuple[str, ...] = ()
+
+
+def _by(values: Mapping[str, int]) -> dict[tuple[str, ...], float]:
+    """Samples labelled by the keys of ``values`` (one label)."""
+    return {(key,): n for key, n in values.items()}
+
+
+def _by_family_placement(s: Stats) -> dict[tuple[str, ...], float]:
+    return {(family, place): n for family, by_place in s.offloaded.items() for place, n in by_place.items()}
+
+
+UP = MetricDef("pyflow_up", GAUGE, "1 when the control loop answered this scrape, else 0", lambda s: 1)
+
+METRICS: tuple[MetricDef, ...] = (
+    MetricDef("pyflow_build_info", GAUGE, "pyflow version",
+              lambda s: {(__version__,): 1}, ("version",)),
+    MetricDef("pyflow_offloaded_flows", GAUGE,
+              "Connections on the fast path (each holds two flow-map entries)",
+              _by_family_placement, ("family", "placement")),
+    MetricDef("pyflow_flow_map_entries", GAUGE, "Entries in the flow map",
+              lambda s: s.flow_map.entries),
+    MetricDef("pyflow_flow_map_capacity", GAUGE, "Size of the flow map in entries",
+              lambda s: s.flow_map.capacity),
+    MetricDef("pyflow_flow_map_pressure_ratio", GAUGE, "Flow map fill level, entries / capacity (0..1)",
+              lambda s: s.flow_map.pressure),
+    MetricDef("pyflow_fastpath_packets", COUNTER, "Packets forwarded by the fast path",
+              lambda s: s.fast_path.packets),
+    MetricDef("pyflow_fastpath_bytes", COUNTER, "Bytes forwarded by the fast path",
+              lambda s: s.fast_path.bytes),
+    MetricDef("pyflow_conntrack_event_overruns", COUNTER,
+              "Conntrack event socket overruns (ENOBUFS): events were lost",
+              lambda s: s.conntrack.lost_events),
+    MetricDef("pyflow_conntrack_discarded_events", COUNTER,
+              "Queued conntrack events dropped after an overrun (older than the resync)",
+              lambda s: s.conntrack.discarded_events),
+    MetricDef("pyflow_resyncs", COUNTER, "Full conntrack dumps reconciled with the fast path",
+              lambda s: s.conntrack.resyncs),
+    MetricDef("pyflow_conntrack_refreshes", COUNTER,
+              "Conntrack timeouts refreshed for connections the fast path carries",
+              lambda s: s.conntrack.refreshes),
+    MetricDef("pyflow_offloads", COUNTER, "Connections put on the fast path",
+              lambda s: s.engine.offloads),
+    MetricDef("pyflow_hw_offloads", COUNTER, "Connections placed in hardware",
+              lambda s: s.engine.hw_offloads),
+    MetricDef("pyflow_hw_offload_failures", COUNTER,
+              "Hardware placements that failed (software fast path used)",
+              lambda s: s.engine.hw_failures),
+    MetricDef("pyflow_install_errors", COUNTER, "Flow-map writes that failed",
+              lambda s: s.engine.install_errors),
+    MetricDef("pyflow_slowpath_packets", COUNTER, "Packets the fast path handed to the kernel, by reason",
+              lambda s: {(r,): t.packets for r, t in s.slow_path.items()}, ("reason",)),
+    MetricDef("pyflow_slowpath_bytes", COUNTER, "Bytes the fast path handed to the kernel, by reason",
+              lambda s: {(r,): t.bytes for r, t in s.slow_path.items()}, ("reason",)),
+    MetricDef("pyflow_conntrack_events", COUNTER, "Conntrack events received, by type",
+              lambda s: _by(s.conntrack.events), ("type",)),
+    MetricDef("pyflow_offload_removals", COUNTER, "Connections taken off the fast path, by cause",
+              lambda s: _by(s.engine.removed), ("cause",)),
+    MetricDef("pyflow_offload_refusals", COUNTER, "Conntrack reports of connections not offloaded, by reason",
+              lambda s: _by(s.engine.refused), ("reason",)),
+    MetricDef("pyflow_pending_flows", GAUGE, "Connections waiting for a neighbour to resolve",
+              lambda s: s.engine.pending),
+    MetricDef("pyflow_offload_latency_seconds", HISTOGRAM,
+              "Time from reading a conntrack event to its flow entries being written",
+              lambda s: s.latency),
+    MetricDef("pyflow_managed_devices", GAUGE, "Devices running the datapath, by attach mode",
+              lambda s: _by(s.devices.by_mode), ("mode",)),
+    MetricDef("pyflow_failed_devices", GAUGE, "Wanted devices that could not be attached",
+              lambda s: s.devices.failed),
 )
 
 
+def family(metric: MetricDef, stats: Stats) -> Metric:
+    """``metric``'s family with its samples from ``stats`` (labelled samples sorted)."""
+    value = metric.value(stats)
+    if isinstance(value, Latency):
+        hist = HistogramMetricFamily(metric.name, metric.help)
+        hist.add_metric([], [(_le(b), n) for b, n in value.buckets], value.sum)
+        return hist
+    fam = _FAMILY[metric.kind](metric.name, metric.help, labels=list(metric.labels))
+    if isinstance(value, Mapping):
+        for labels, n in sorted(value.items()):
+            fam.add_metric(list(labels), n)
+    else:
+        fam.add_metric([], value)
+    return fam
+
+
 class PyflowCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Snapshot]):
+    def __init__(self, snapshot: Callable[[], Stats]):
         self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("pyflow_up", "1 when the control loop answered this scrape, else 0")
         try:
-            stats, (buckets, lat_sum, _lat_count) = self.snapshot()
+            stats = self.snapshot()
         except Exception as exc:  # noqa: BLE001 - a scrape must say "down", not fail
             log.warning("metrics: no snapshot from the control loop: %s", exc)
+            up = GaugeMetricFamily(UP.name, UP.help)
             up.add_metric([], 0)
             yield up
             return
-        up.add_metric([], 1)
-        yield up
-        info = GaugeMetricFamily("pyflow_build_info", "pyflow version", labels=["version"])
-        info.add_metric([__version__], 1)
-        yield info
-
-        flows = GaugeMetricFamily("pyflow_offloaded_flows",
-                                  "Connections on the fast path (each holds two flow-map entries)",
-                                  labels=["family", "placement"])
-        for family, by_place in sorted(stats["offloaded"].items()):
-            for place, n in sorted(by_place.items()):
-                flows.add_metric([family, place], n)
-        yield flows
-
-        fm = stats["flow_map"]
-        yield GaugeMetricFamily("pyflow_flow_map_entries", "Entries in the flow map", value=fm["entries"])
-        yield GaugeMetricFamily("pyflow_flow_map_capacity", "Size of the flow map in entries",
-                                value=fm["capacity"])
-        yield GaugeMetricFamily("pyflow_flow_map_pressure_ratio",
-                                "Flow map fill level, entries / capacity (0..1)", value=fm["pressure"])
-
-        for name, text, section, key in _COUNTERS:
-            yield CounterMetricFamily(name, text, value=stats[section][key])
-        sp_p = CounterMetricFamily("pyflow_slowpath_packets",
-                                   "Packets the fast path handed to the kernel, by reason", labels=["reason"])
-        sp_b = CounterMetricFamily("pyflow_slowpath_bytes",
-                                   "Bytes the fast path handed to the kernel, by reason", labels=["reason"])
-        for reason, c in sorted(stats["slow_path"].items()):
-            sp_p.add_metric([reason], c["packets"])
-            sp_b.add_metric([reason], c["bytes"])
-        yield sp_p
-        yield sp_b
-
-        ct = stats["conntrack"]
-        yield _by_label(CounterMetricFamily, "pyflow_conntrack_events", "Conntrack events received, by type",
-                        "type", ct["events"])
-
-        eng = stats["engine"]
-        yield _by_label(CounterMetricFamily, "pyflow_offload_removals",
-                        "Connections taken off the fast path, by cause", "cause", eng["removed"])
-        yield _by_label(CounterMetricFamily, "pyflow_offload_refusals",
-                        "Conntrack reports of connections not offloaded, by reason", "reason", eng["refused"])
-        yield GaugeMetricFamily("pyflow_pending_flows", "Connections waiting for a neighbour to resolve",
-                                value=eng["pending"])
-
-        hist = HistogramMetricFamily("pyflow_offload_latency_seconds",
-                                     "Time from reading a conntrack event to its flow entries being written")
-        hist.add_metric([], [(_le(b), n) for b, n in buckets], lat_sum)
-        yield hist
-
-        yield _by_label(GaugeMetricFamily, "pyflow_managed_devices",
-                        "Devices running the datapath, by attach mode", "mode", stats["devices"]["by_mode"])
-        yield GaugeMetricFamily("pyflow_failed_devices", "Wanted devices that could not be attached",
-                                value=stats["devices"]["failed"])
-
-
-def _by_label(kind: Any, name: str, text: str, label: str, values: dict[str, int]) -> Metric:
-    """A family with one sample per key of ``values``, the key as the label's value."""
-    family = kind(name, text, labels=[label])
-    for key, n in sorted(values.items()):
-        family.add_metric([key], n)
-    return family
+        for metric in (UP, *METRICS):
+            yield family(metric, stats)
 
 
 def _le(bound: float) -> str:
@@ -133,22 +154,12 @@ def _le(bound: float) -> str:
 
 
 def declared() -> dict[str, str]:
-    """Every metric family the collector exposes -> its type (counter, gauge, histogram), as
-    collected from an all-zero snapshot (dashboards and tests check themselves against it)."""
-    zero = {"packets": 0, "bytes": 0}
-    stats = {
-        "offloaded": {}, "flow_map": {"entries": 0, "capacity": 0, "pressure": 0.0}, "fast_path": zero,
-        "slow_path": {}, "conntrack": {"events": {}, "lost_events": 0, "discarded_events": 0, "resyncs": 0,
-                                       "refreshes": 0},
-        "engine": {"offloads": 0, "removed": {}, "refused": {}, "pending": 0, "install_errors": 0,
-                   "hw_offloads": 0, "hw_failures": 0},
-        "devices": {"by_mode": {}, "failed": 0},
-    }
-    collector = PyflowCollector(lambda: (stats, ([(float("inf"), 0)], 0.0, 0)))
-    return {m.name: m.type for m in collector.collect()}
+    """Every metric family the collector exposes -> its type (counter, gauge, histogram)
+    (dashboards and tests check themselves against it)."""
+    return {m.name: m.kind for m in (UP, *METRICS)}
 
 
-def registry_for(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:
+def registry_for(snapshot: Callable[[], Stats]) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PyflowCollector(snapshot))
     return registry

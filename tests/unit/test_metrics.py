@@ -4,20 +4,24 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
+from pyflow.control.stats import ConntrackStats, EngineCounters, FlowMapStats, Latency, LoopStats, Traffic
 from pyflow.daemon.metrics import declared, registry_for
+from pyflow.daemon.stats import DeviceCounts, Stats
 
-STATS = {
-    "offloaded": {"ipv4": {"software": 3, "hardware": 1}, "ipv6": {"software": 0, "hardware": 0}},
-    "flow_map": {"entries": 6, "capacity": 1024, "pressure": 6 / 1024},
-    "fast_path": {"packets": 10, "bytes": 15000},
-    "slow_path": {"miss": {"packets": 4, "bytes": 400}},
-    "conntrack": {"events": {"new": 5, "update": 7, "destroy": 2}, "lost_events": 1, "discarded_events": 9,
-                  "resyncs": 2, "refreshes": 11},
-    "engine": {"offloads": 4, "removed": {"idle": 1}, "refused": {"tcp_not_established": 3}, "pending": 0,
-               "install_errors": 0, "hw_offloads": 1, "hw_failures": 0},
-    "devices": {"by_mode": {"tc": 2}, "failed": 0},
-}
-LATENCY = ([(0.001, 2), (0.01, 3), (float("inf"), 3)], 0.012, 3)
+STATS = Stats.of(
+    LoopStats(
+        offloaded={"ipv4": {"software": 3, "hardware": 1}, "ipv6": {"software": 0, "hardware": 0}},
+        flow_map=FlowMapStats.of(6, 1024),
+        fast_path=Traffic(10, 15000),
+        slow_path={"miss": Traffic(4, 400)},
+        conntrack=ConntrackStats(events={"new": 5, "update": 7, "destroy": 2}, lost_events=1,
+                                 discarded_events=9, resyncs=2, refreshes=11),
+        engine=EngineCounters(offloads=4, removed={"idle": 1}, refused={"tcp_not_established": 3},
+                              hw_offloads=1),
+        latency=Latency(((0.001, 2), (0.01, 3), (float("inf"), 3)), 0.012, 3),
+    ),
+    DeviceCounts(managed=2, by_mode={"tc": 2}),
+)
 
 
 def scrape(snapshot) -> dict[str, float]:
@@ -27,7 +31,7 @@ def scrape(snapshot) -> dict[str, float]:
 
 
 def test_samples_carry_the_snapshot():
-    m = scrape(lambda: (STATS, LATENCY))
+    m = scrape(lambda: STATS)
     assert m["pyflow_up"] == 1
     assert m['pyflow_offloaded_flows{family="ipv4",placement="hardware"}'] == 1
     assert m["pyflow_fastpath_bytes_total"] == 15000
@@ -38,7 +42,8 @@ def test_samples_carry_the_snapshot():
     assert m['pyflow_offload_latency_seconds_bucket{le="0.001"}'] == 2
     assert m['pyflow_offload_latency_seconds_bucket{le="+Inf"}'] == 3
     assert m["pyflow_offload_latency_seconds_sum"] == 0.012
-    assert m["pyflow_flow_map_pressure_ratio"] == 6 / 1024 and m['pyflow_managed_devices{mode="tc"}'] == 2
+    assert m["pyflow_flow_map_pressure_ratio"] == round(6 / 1024, 6)
+    assert m['pyflow_managed_devices{mode="tc"}'] == 2
 
 
 def test_a_failed_snapshot_is_reported_not_raised():
@@ -54,3 +59,23 @@ def test_names_follow_the_conventions():
         assert not name.endswith("_total")  # the client adds it to counters
         assert kind in ("counter", "gauge", "histogram")
     assert declared()["pyflow_offload_latency_seconds"] == "histogram"
+
+
+def test_pyflowctl_stats_reads_the_same_snapshot():
+    """The stats answer: the sections and names pyflowctl prints, from the snapshot /metrics read."""
+    js = STATS.to_json()
+    assert set(js) == {"offloaded", "flow_map", "fast_path", "slow_path", "conntrack", "engine", "devices"}
+    assert js["flow_map"] == {"entries": 6, "capacity": 1024, "pressure": round(6 / 1024, 6)}
+    assert js["slow_path"] == {"miss": {"packets": 4, "bytes": 400}}
+    assert js["fast_path"] == {"packets": 10, "bytes": 15000}
+    assert js["conntrack"] == {"events": {"new": 5, "update": 7, "destroy": 2}, "lost_events": 1,
+                               "discarded_events": 9, "resyncs": 2, "refreshes": 11}
+    assert js["engine"] == {"offloads": 4, "removed": {"idle": 1}, "refused": {"tcp_not_established": 3},
+                            "pending": 0, "install_errors": 0, "rewritten": 0, "hw_offloads": 1,
+                            "hw_failures": 0}
+    assert js["devices"] == {"managed": 2, "failed": 0, "by_mode": {"tc": 2}}
+
+
+def test_every_declared_metric_is_exposed_as_declared():
+    exposed = {m.name: m.type for m in registry_for(lambda: STATS).collect()}
+    assert exposed == declared()

@@ -1,0 +1,209 @@
+"""What pyflowd does when asked: attach and detach devices to match the wanted list,
+add-device, del-device, flush, reload, and the snapshots behind flows, stats and status.
+
+Every operation that touches the engine or the datapath runs inside the control loop's
+thread (:meth:`ControlPlane.call`, the daemon's request handler wraps each one); the one
+exception is the first attach at start, before the loop exists. Removing a device first
+takes every connection through it off the fast path (back to the kernel), then detaches
+it, so no packet meets a half-removed device.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from pyflow.control.engine import EngineConfig
+from pyflow.control.runner import ControlConfig, ControlPlane
+from pyflow.daemon import views
+from pyflow.daemon.config import Config, ConfigError, check_device
+from pyflow.daemon.devices import DeviceList
+from pyflow.daemon.stats import DeviceCounts, Stats
+from pyflow.datapath.loader import Datapath, DeviceStatus
+from pyflow.errors import DeviceError, PyflowError, RequestError
+
+log = logging.getLogger(__name__)
+
+# daemon settings a running pyflowd keeps until restarted (sockets and directories in use)
+RESTART_ONLY = ("socket", "socket_group", "metrics_address", "state_dir", "bpffs_dir")
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def control_config(cfg: Config) -> ControlConfig:
+    o = cfg.offload
+    return ControlConfig(
+        engine=EngineConfig(idle_timeout_s=o.idle_timeout, conntrack_timeout_s=o.conntrack_timeout,
+                            exclude_mark_mask=o.exclude_mark_mask),
+        keepalive_period_s=o.keepalive_interval, offload_mark=o.offload_mark)
+
+
+def reloadable(old: Config, new: Config) -> Config:
+    """``new`` with the settings that need a restart kept from ``old``, each change of
+    those logged by name."""
+    for key in RESTART_ONLY:
+        if getattr(old.daemon, key) != getattr(new.daemon, key):
+            log.warning("reload: daemon.%s changed; it takes effect at the next restart", key)
+    if old.offload.offload_mark != new.offload.offload_mark:
+        log.warning("reload: offload.offload_mark changed; it takes effect at the next restart "
+                    "(offloaded connections carry the old bit)")
+    if old.offload.hw_skip_hw != new.offload.hw_skip_hw:
+        log.warning("reload: offload.hw_skip_hw changed; it takes effect at the next restart")
+    keep = {k: getattr(old.daemon, k) for k in RESTART_ONLY}
+    offload = replace(new.offload, offload_mark=old.offload.offload_mark, hw_skip_hw=old.offload.hw_skip_hw)
+    return replace(new, daemon=replace(new.daemon, **keep), offload=offload)
+
+
+class Operations:
+    def __init__(self, config: Config, datapath: Datapath, *, started: float | None = None):
+        self.config = config
+        self.dp = datapath
+        self.cp = ControlPlane(datapath, control_config(config))
+        self.devices = DeviceList(config.devices, config.daemon.state_dir)
+        self.started = started if started is not None else time.time()
+
+    # ---- the attached devices ---------------------------------------------------------
+
+    def attached(self) -> dict[str, DeviceStatus]:
+        return {st.ifname: st for st in self.dp.status() if st.mode is not None}
+
+    def apply_devices(self, *, live: bool) -> None:
+        """Make the attached devices match the wanted list. ``live``: the loop runs (this
+        is called inside it) and the engine must follow the changes."""
+        devices = self.devices
+        wanted = devices.wanted()
+        attached = self.attached()
+        for name in sorted(attached):
+            if name not in wanted:
+                self._remove(name, live=live)
+        devices.forget_unwanted_failures()
+        changed = False
+        for name, (mode, _source) in sorted(wanted.items()):
+            if name in attached and devices.requested.get(name) == mode:
+                continue
+            try:
+                self.dp.attach(name, mode)
+            except PyflowError as exc:
+                log.error("%s: %s", name, exc)
+                devices.failed[name] = str(exc)
+                continue
+            devices.failed.pop(name, None)
+            devices.requested[name] = mode
+            changed = True
+        if live and changed:
+            self.cp.devices_changed()
+
+    def _remove(self, name: str, *, live: bool) -> int:
+        """Hand back every connection through ``name``, then detach it; returns how many."""
+        handed = 0
+        st = self.attached().get(name)
+        if st is not None and live:
+            handed = self.cp.release_device(st.ifindex)
+        try:
+            self.dp.detach(name)
+        except DeviceError as exc:
+            log.warning("%s: %s", name, exc)
+        self.devices.requested.pop(name, None)
+        if live:
+            self.cp.refresh_devices()
+        return handed
+
+    def detach_all(self) -> None:
+        """At a clean stop (after the loop handed every flow back): no hooks left."""
+        self.dp.destroy()
+
+    # ---- requests (run inside the loop) ------------------------------------------------
+
+    def add_device(self, name: Any, mode: Any) -> dict[str, Any]:
+        try:
+            dev = check_device(name, mode, "add-device")
+        except ConfigError as exc:
+            raise RequestError("bad_request", str(exc)) from None
+        devices = self.devices
+        if dev.name in devices.wanted() or dev.name in self.attached():
+            raise RequestError("already_managed", f"{dev.name} is already managed")
+        try:
+            self.dp.attach(dev.name, dev.mode)
+        except DeviceError as exc:
+            code = "no_such_device" if str(exc).startswith("no such device") else "device_error"
+            raise RequestError(code, str(exc)) from None
+        devices.requested[dev.name] = dev.mode
+        devices.runtime[dev.name] = dev.mode
+        try:
+            devices.save()
+        except OSError as exc:
+            # the list must not silently differ from what runs: undo
+            devices.runtime.pop(dev.name)
+            self._remove(dev.name, live=False)
+            raise RequestError("state_error", f"cannot save the device list in {devices.state_dir}: "
+                                              f"{exc.strerror}") from None
+        self.cp.devices_changed()
+        log.info("%s: added (%s)", dev.name, dev.mode)
+        return views.device_row(dev.name, devices, self.attached())
+
+    def del_device(self, name: Any) -> dict[str, Any]:
+        if not isinstance(name, str) or not name:
+            raise RequestError("bad_request", "del-device: name must be a non-empty string")
+        devices = self.devices
+        if name in devices.configured:
+            raise RequestError("configured", f"{name} is listed in {self.config.path}: remove it there "
+                                             "and reload (SIGHUP)")
+        if name not in devices.runtime:
+            try:
+                socket.if_nametoindex(name)
+            except OSError:
+                raise RequestError("no_such_device", f"no such device: {name}") from None
+            raise RequestError("not_managed", f"{name} is not managed")
+        handed = self._remove(name, live=True)
+        del devices.runtime[name]
+        devices.failed.pop(name, None)
+        devices.save()
+        log.info("%s: removed (%d flows handed back)", name, handed)
+        return {"name": name, "flows_handed_back": handed}
+
+    def flush(self) -> dict[str, Any]:
+        n = self.cp.flush()
+        log.info("flush: %d flows handed back to the kernel path", n)
+        return {"flows_handed_back": n}
+
+    def reload(self, new: Config) -> None:
+        """Apply a re-read config: offload settings, then the device list. Settings that
+        need a restart (socket, metrics address, directories) are kept and named."""
+        self.config = reloadable(self.config, new)
+        self.cp.reconfigure(control_config(self.config))
+        self.devices.set_configured(self.config.devices)
+        self.devices.save()
+        self.apply_devices(live=True)
+
+    def flows(self, args: dict[str, Any]) -> dict[str, Any]:
+        names = {st.ifindex: st.ifname for st in self.dp.status()}
+        return views.flow_list(self.cp.offloaded(), names, args)
+
+    def stats(self) -> Stats:
+        attached = self.attached()
+        modes: dict[str, int] = {}
+        for st in attached.values():
+            modes[st.mode or "none"] = modes.get(st.mode or "none", 0) + 1
+        counts = DeviceCounts(managed=len(attached), failed=len(self.devices.failed), by_mode=modes)
+        return Stats.of(self.cp.snapshot(), counts)
+
+    def status(self) -> dict[str, Any]:
+        return views.status(self.config, uptime_s=time.time() - self.started, attached=len(self.attached()),
+                            failed=self.devices.failed, offloaded=self.cp.offloaded_count,
+                            loop_lag_s=time.monotonic() - self.cp.last_turn)
+
+    def handlers(self) -> dict[str, Handler]:
+        """The control socket's commands: name -> handler of the request's args."""
+        return {
+            "add-device": lambda a: self.add_device(a.get("name"), a.get("mode", "auto")),
+            "del-device": lambda a: self.del_device(a.get("name")),
+            "devices": lambda a: views.device_table(self.devices, self.attached()),
+            "flows": self.flows,
+            "stats": lambda a: self.stats().to_json(),
+            "status": lambda a: self.status(),
+            "flush": lambda a: self.flush(),
+        }

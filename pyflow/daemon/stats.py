@@ -1,0 +1,33 @@
+"""pyflowd's stats snapshot: the one typed value that ``pyflowctl stats`` (its JSON) and
+/metrics (pyflow.daemon.metrics) are both read from, so the two cannot disagree."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from pyflow.control.stats import LoopStats
+
+
+@dataclass(frozen=True)
+class DeviceCounts:
+    managed: int = 0  # attached
+    failed: int = 0  # wanted but not attached
+    by_mode: dict[str, int] = field(default_factory=dict)  # attached, by attach mode
+
+
+@dataclass(frozen=True)
+class Stats(LoopStats):
+    """The control loop's counters with the daemon's device counts."""
+
+    devices: DeviceCounts = field(default_factory=DeviceCounts)
+
+    @classmethod
+    def of(cls, loop: LoopStats, devices: DeviceCounts) -> Stats:
+        return cls(**{f.name: getattr(loop, f.name) for f in fields(loop)}, devices=devices)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``stats`` answer: every section but the latency histogram (a metric only)."""
+        out = asdict(self)
+        del out["latency"]
+        return out

@@ -1,17 +1,24 @@
 """Values the control plane passes between its parts, and the adapters it is given.
 
 The engine (pyflow/control/engine.py) takes its conntrack source, its path
-resolver and its flow map as parameters, so that policy can be tested with fakes
-and without root; the real adapters live in conntrack.py (ctnetlink) and paths.py
-(rtnetlink).
+resolver, its flow map, its device registry and its hardware placer as parameters,
+so that policy can be tested with fakes and without root; the real adapters live in
+conntrack.py (ctnetlink), paths.py (rtnetlink), pyflow.datapath.flowtable
+(the BPF flow map), runner.py (devices) and pyflow.hw.offload (flower).
+
+A connection's two flow entries are a function of the connection and its path
+(``entry_fields``); an ``Offloaded`` record holds what they were written from.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pyflow.datapath.abi import FlowAction, FlowKey
+from pyflow.datapath.flowtable import Counters
 
 # conntrack status bits (<linux/netfilter/nf_conntrack_common.h>, enum ip_conntrack_status)
 IPS_SEEN_REPLY = 1 << 1
@@ -149,3 +156,155 @@ class HwRefused(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+# ---- the devices and maps the engine writes to -------------------------------------------
+
+
+@dataclass(frozen=True)
+class ManagedDevice:
+    ifindex: int
+    tx_port: int  # slot in the XDP devmap
+    mac: bytes
+
+
+class Devices(Protocol):
+    def get(self, ifindex: int) -> ManagedDevice | None: ...
+
+
+class FlowMap(Protocol):
+    """The flow map as the engine uses it: pyflow.datapath.flowtable.FlowTable."""
+
+    def insert(self, items: Any, *, mode: str = "any") -> int:
+        """Items as flowtable.pack takes them: (FlowKey, FlowAction) pairs, or a (key bytes,
+        value bytes) pair of whole structs. Raises MapError (a BatchError) part way."""
+        ...
+
+    def delete(self, keys: Any, *, missing_ok: bool = True) -> list[int]: ...
+
+    def read_counters(self) -> Counters: ...
+
+
+class HwStats(Protocol):
+    @property
+    def packets(self) -> int: ...
+
+    @property
+    def bytes(self) -> int: ...
+
+    @property
+    def idle_ns(self) -> int:
+        """Since the rule last matched."""
+        ...
+
+
+class HwPlacer(Protocol):
+    """Flower rules on NICs that run them (pyflow.hw.offload.FlowerOffload)."""
+
+    def capable(self, ifindex: int) -> bool:
+        """The device is a hardware device: flows arriving there are offered to place()."""
+        ...
+
+    def place(self, keys: tuple[FlowKey, FlowKey], actions: tuple[FlowAction, FlowAction]) -> tuple:
+        """Both directions as rules, or neither: the rules' ids, or HwRefused."""
+        ...
+
+    def remove(self, ids: tuple) -> None: ...
+
+    def stats(self) -> Mapping[Any, HwStats]:
+        """Counters of the placed rules by id (one dump); a rule that is gone is absent."""
+        ...
+
+
+# ---- a connection's two flow entries -----------------------------------------------------
+
+Path = tuple[Any, ...]  # (ingress orig, ingress reply, Egress orig, Egress reply, egress orig, egress reply)
+Keys = tuple[FlowKey, FlowKey]
+Actions = tuple[FlowAction, FlowAction]
+Fields = tuple[tuple, tuple, tuple, tuple]  # FlowKey, FlowKey, FlowAction, FlowAction arguments
+
+
+def entry_fields(conn: Conn, path: Path) -> Fields:
+    """The FlowKey and FlowAction constructor arguments of conn's two entries: (key orig,
+    key reply, action orig, action reply). The one place the entries are decided;
+    entries_of makes objects of them, abi.entry_bytes bytes.
+
+    Original direction: arrives A:a -> B:b, leaves A':a' -> B':b' (reply tuple reversed).
+    Reply direction: arrives B':b' -> A':a', leaves B:b -> A:a.
+    """
+    in_o, in_r, eg_o, eg_r, out_o, out_r = path
+    o, r = conn.orig, conn.reply
+    return ((in_o.ifindex, conn.proto, o.src, o.dst, o.sport, o.dport),
+            (in_r.ifindex, conn.proto, r.src, r.dst, r.sport, r.dport),
+            _action(in_o, out_o, eg_o, snat=_nat((o.src, o.sport), (r.dst, r.dport)),
+                    dnat=_nat((o.dst, o.dport), (r.src, r.sport))),
+            _action(in_r, out_r, eg_r, snat=_nat((r.src, r.sport), (o.dst, o.dport)),
+                    dnat=_nat((r.dst, r.dport), (o.src, o.sport))))
+
+
+def entries_of(conn: Conn, path: Path) -> tuple[Keys, Actions]:
+    """conn's two entries as FlowKey/FlowAction objects."""
+    return entry_objects(entry_fields(conn, path))
+
+
+def entry_objects(fields: Fields) -> tuple[Keys, Actions]:
+    kf_o, kf_r, af_o, af_r = fields
+    return (FlowKey(*kf_o), FlowKey(*kf_r)), (FlowAction(*af_o), FlowAction(*af_r))
+
+
+def _nat(seen: tuple[str, int], wanted: tuple[str, int]) -> tuple[str, int] | None:
+    """The NAT target when the packet must leave with other address/port than it came."""
+    return wanted if wanted != seen else None
+
+
+def _action(ingress: ManagedDevice, egress_dev: ManagedDevice, eg: Egress, *,
+            snat: tuple[str, int] | None, dnat: tuple[str, int] | None) -> tuple:
+    """FlowAction's constructor arguments, in its field order."""
+    return (eg.ifindex, egress_dev.tx_port, eg.mtu, ingress.mac, eg.dmac, eg.smac,
+            snat[0] if snat else None, snat[1] if snat else None,
+            dnat[0] if dnat else None, dnat[1] if dnat else None,
+            eg.vlan_outer_tci, eg.vlan_outer_tpid, eg.vlan_inner_tci, eg.pppoe_sid)
+
+
+@dataclass(eq=False)
+class Offloaded:
+    """A connection on the fast path. Its two entries (original direction, reply direction)
+    are a function of the connection and its path (entry_fields). Bulk installs write them
+    as bytes without building FlowKey/FlowAction objects; ``keys`` and ``actions`` are then
+    built from the connection and path they were written from whenever asked for."""
+
+    conn: Conn
+    path: Path  # what the entries were built from: a path change that leaves it equal changes nothing
+    since_ns: int
+    packets: int = 0  # both directions, at the last tick
+    last_seen_ns: int = 0
+    key_bytes: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)  # as in the map
+    slot: int = field(default=-1, repr=False)  # in the keep-alive slots (keepalive.Slots)
+    _source: Conn | None = field(default=None, repr=False)  # the conn the entries were built from
+    _entries: tuple[Keys, Actions] | None = field(default=None, repr=False)  # when built already
+    hw: bool = False  # both directions are flower rules (hardware, or software flower in a lab)
+    hw_rules: tuple = field(default=(), repr=False)  # the adapter's ids of those rules
+    hw_counters: tuple = field(default=(), repr=False)  # ((packets, bytes) orig, reply) at the last tick
+
+    @property
+    def keys(self) -> Keys:
+        return self.entries()[0]
+
+    @property
+    def actions(self) -> Actions:
+        return self.entries()[1]
+
+    def entries(self) -> tuple[Keys, Actions]:
+        """(keys, actions): the FlowKey/FlowAction objects of both entries."""
+        if self._entries is not None:
+            return self._entries
+        return entries_of(self._source if self._source is not None else self.conn, self.path)
+
+    def written(self, source: Conn, path: Path, kb: tuple[bytes, bytes],
+                entries: tuple[Keys, Actions] | None) -> None:
+        """New entries (or rules) were written for this connection: from source along path."""
+        self._source, self.path, self.key_bytes, self._entries = source, path, kb, entries
+
+    def source_fields(self) -> Fields:
+        """The constructor arguments of the entries as written."""
+        return entry_fields(self._source or self.conn, self.path)

@@ -1,169 +1,52 @@
-"""Offload policy, install, keep-alive, expiry and teardown, with fake adapters (no root).
-
-The topology the fakes describe: a client LAN on ifindex 2 (198.18.0.0/24), an uplink
-on ifindex 3 (198.19.0.0/24, router address 198.19.0.1) and an unmanaged device 9.
-"""
+"""Offload policy, install, keep-alive, expiry and teardown, with fake adapters (no root):
+the topology of tests/support/fakes.py."""
 
 from __future__ import annotations
 
-import ipaddress
 import socket
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import pytest
 
-from pyflow.control.engine import Engine, EngineConfig, ManagedDevice
+from pyflow.control.engine import Engine, EngineConfig
 from pyflow.control.model import (
-    IPS_ASSURED,
     IPS_DYING,
     IPS_SEEN_REPLY,
     TCP_CONNTRACK_ESTABLISHED,
     Conn,
     CtEvent,
-    Egress,
     EventType,
-    NoPath,
-    NotYet,
     Tuple,
 )
-from pyflow.datapath.abi import FlowAction, FlowKey, key_bytes, mac_bytes
-from pyflow.errors import MapError
+from pyflow.datapath.abi import FlowAction, FlowKey, key_bytes, value_bytes
+from tests.support.fakes import (
+    CLIENT_MAC,
+    GW2_MAC,
+    GW_MAC,
+    LAN,
+    MAC,
+    OTHER,
+    SEC,
+    TCP,
+    UDP,
+    WAN,
+    Clock,
+    FakeConntrack,
+    FakeDevices,
+    FakeFlows,
+    FakePaths,
+    masq_conn,
+    offer,
+)
 
-LAN, WAN, OTHER = 2, 3, 9
-MAC = {LAN: mac_bytes("02:00:00:00:02:00"), WAN: mac_bytes("02:00:00:00:03:00")}
-CLIENT_MAC, GW_MAC, GW2_MAC = (mac_bytes(m) for m in ("02:00:00:00:00:0c", "02:00:00:00:00:99",
-                                                      "02:00:00:00:00:98"))
-SEC = 1_000_000_000
-TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
-
-
-def masq_conn(proto=TCP, sport=40000, *, state=TCP_CONNTRACK_ESTABLISHED, status=IPS_SEEN_REPLY | IPS_ASSURED,
-              mark=0, helper=None) -> Conn:
-    """Client 198.18.0.10:sport -> 198.19.0.50:443, masqueraded to 198.19.0.1:61000."""
-    return Conn(socket.AF_INET, proto, Tuple("198.18.0.10", "198.19.0.50", sport, 443),
-                Tuple("198.19.0.50", "198.19.0.1", 443, 61000 + sport % 1000), status=status,
-                tcp_state=state if proto == TCP else None, mark=mark, helper=helper)
-
-
-class FakeConntrack:
-    def __init__(self):
-        self.lost_events = 0
-        self.table: dict[tuple, Conn] = {}
-        self.marked: set[tuple] = set()
-        self.refreshed: list[tuple[tuple, int]] = []
-
-    def dump(self):
-        return list(self.table.values())
-
-    def poll(self, timeout):
-        return []
-
-    def refresh(self, conn, timeout_s):
-        if conn.ident not in self.table:
-            return False
-        self.refreshed.append((conn.ident, timeout_s))
-        return True
-
-    def mark_offloaded(self, conn, offloaded):
-        if conn.ident not in self.table:
-            return False
-        (self.marked.add if offloaded else self.marked.discard)(conn.ident)
-        return True
-
-
-class FakePaths:
-    """198.18.0.0/24 on LAN (on-link), everything else via the gateway on WAN."""
-
-    def __init__(self):
-        self.gw_mac: bytes | None = GW_MAC
-        self.client_mac: bytes | None = CLIENT_MAC
-        self.wan_dev = WAN
-        self.calls = 0
-
-    def device_of(self, family, addr, *, mark):
-        return LAN if ipaddress.ip_address(addr) in ipaddress.ip_network("198.18.0.0/24") else self.wan_dev
-
-    def egress(self, family, src, dst, *, iif, mark):
-        self.calls += 1
-        dev = self.device_of(family, dst, mark=mark)
-        if dev == OTHER:
-            raise NoPath("no_route")
-        mac = self.client_mac if dev == LAN else self.gw_mac
-        if mac is None:
-            raise NotYet()
-        return Egress(ifindex=dev, ifname=f"if{dev}", smac=MAC[dev], dmac=mac, mtu=1500)
-
-    def mac_of(self, ifindex):
-        return MAC[ifindex]
-
-
-@dataclass
-class FakeFlows:
-    entries: dict[bytes, tuple[FlowKey, FlowAction]] = field(default_factory=dict)
-    counters: dict[bytes, tuple[int, int, int, int]] = field(default_factory=dict)
-    fail_inserts: int = 0
-
-    def insert(self, items, *, mode="any"):
-        items = list(items)
-        if self.fail_inserts:
-            self.fail_inserts -= 1
-            k, a = items[0]  # the first lands, then the map is "full"
-            self.entries[key_bytes(k)] = (k, a)
-            self.counters[key_bytes(k)] = (0, 0, 0, 0)
-            raise MapError("pyflow_flows: insert stopped at element 1 of 2 (E2BIG)")
-        for k, a in items:
-            self.entries[key_bytes(k)] = (k, a)
-            self.counters[key_bytes(k)] = (0, 0, 0, 0)
-        return len(items)
-
-    def delete(self, keys, *, missing_ok=True):
-        for k in keys:
-            kb = k if isinstance(k, bytes) else key_bytes(k)
-            self.entries.pop(kb, None)
-            self.counters.pop(kb, None)
-        return []
-
-    def read_counters(self):
-        flows = self
-
-        class _C:
-            def as_dict(self):
-                return dict(flows.counters)
-        return _C()
-
-    def hit(self, key: FlowKey, packets: int, now: int, closing: int = 0):
-        kb = key_bytes(key)
-        p, b, _, c = self.counters[kb]
-        self.counters[kb] = (p + packets, b + 100 * packets, now, c | closing)
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000 * SEC
-
-    def __call__(self):
-        return self.now
-
-
-class Devices:
-    def __init__(self, managed=(LAN, WAN)):
-        self.managed = {i: ManagedDevice(i, tx_port=i * 10, mac=MAC[i]) for i in managed}
-
-    def get(self, ifindex):
-        return self.managed.get(ifindex)
+CONFIG = EngineConfig(idle_timeout_s=30, conntrack_timeout_s=120, exclude_mark_mask=0x10)
 
 
 @pytest.fixture
 def rig():
     ct, paths, flows, clock = FakeConntrack(), FakePaths(), FakeFlows(), Clock()
-    eng = Engine(ct, paths, flows, Devices(), EngineConfig(idle_timeout_s=30, conntrack_timeout_s=120,
-                                                           exclude_mark_mask=0x10), clock=clock)
+    eng = Engine(ct, paths, flows, FakeDevices(), CONFIG, clock=clock)
     return eng, ct, paths, flows, clock
-
-
-def offer(eng, ct, conn, kind=EventType.UPDATE):
-    ct.table[conn.ident] = conn
-    eng.handle([CtEvent(kind, conn)])
 
 
 def test_masqueraded_tcp_gets_both_directions_with_nat_from_the_tuple_pair(rig):
@@ -181,7 +64,7 @@ def test_masqueraded_tcp_gets_both_directions_with_nat_from_the_tuple_pair(rig):
     assert (ar.nat_saddr, ar.nat_sport, ar.nat_daddr, ar.nat_dport) == (None, None, "198.18.0.10", 40000)
     assert (ar.out_ifindex, ar.tx_port, ar.dmac, ar.smac) == (LAN, 20, CLIENT_MAC, MAC[LAN])
     assert ar.in_mac == MAC[WAN]
-    assert set(flows.entries) == {key_bytes(ko), key_bytes(kr)}
+    assert flows.entries == {key_bytes(ko): value_bytes(ao, ko), key_bytes(kr): value_bytes(ar, kr)}
     assert eng.stats.offloaded == 1
 
 
@@ -225,8 +108,8 @@ def test_mark_outside_the_mask_does_not_exclude(rig):
 
 
 def test_unmanaged_device_is_refused(rig):
-    eng, ct, paths, flows, _ = rig
-    eng.devices = Devices(managed=(LAN,))
+    _eng, ct, paths, flows, clock = rig
+    eng = Engine(ct, paths, flows, FakeDevices(managed=(LAN,)), CONFIG, clock=clock)
     offer(eng, ct, masq_conn())
     assert not flows.entries and eng.stats.refused == {"ingress_not_managed": 1}
 
@@ -368,7 +251,7 @@ def test_route_change_rewrites_in_place_and_dead_path_removes(rig):
     eng.paths_changed()
     ao, _ = eng.offloaded[conn.ident].actions
     assert ao.dmac == GW2_MAC and eng.stats.rewritten == 1
-    assert flows.entries[key_bytes(eng.offloaded[conn.ident].keys[0])][1].dmac == GW2_MAC
+    assert bytes(flows.action(eng.offloaded[conn.ident].keys[0]).dmac) == GW2_MAC
     paths.wan_dev = OTHER  # route now leaves through a device pyflow does not manage
     eng.paths_changed()
     assert not eng.offloaded and not flows.entries and eng.stats.removed == {"path_lost": 1}

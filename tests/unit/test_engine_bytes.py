@@ -1,12 +1,13 @@
-"""Bulk installs written as bytes (the real flow table's path) equal those written as objects.
+"""The entries the engine writes as bytes are the entries its records describe.
 
-Against the real FlowTable the engine packs a pass's entries straight from each
-connection's fields (abi.entry_bytes) and builds FlowKey/FlowAction objects only when
-someone asks an Offloaded record for them; against a map that takes objects (the fakes
-of test_engine.py) it hands over objects. Two engines, one of each kind, are fed the same
-connections (NAT of every kind, IPv4 and IPv6, TCP and UDP, VLAN and PPPoE egress) and
-must leave byte-identical maps and equal records, through resync, events, path changes
-and removals. No root: the bytes-taking map is a dict filled through flowtable.pack.
+Bulk installs and rewrites pack each connection's entries straight from its fields
+(abi.entry_bytes), and a record builds FlowKey/FlowAction objects only when asked for
+them. Here the map left behind is held to the objects (abi.key_bytes/value_bytes of
+every record's keys and actions) through resync, events, path changes (VLAN, QinQ and
+PPPoE egress, an uplink that changes the reply key) and removals, for NAT of every kind,
+IPv4 and IPv6, TCP and UDP; and an engine fed the same connections one at a time
+(``consider``: objects, one insert each) must leave the same map and records. No root:
+the map is tests.support.fakes.FakeFlows.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import random
 import socket
 from dataclasses import replace
 
-from pyflow._native import ffi
-from pyflow.control.engine import BATCH, Engine, EngineConfig, ManagedDevice
+from pyflow.control.engine import BATCH, Engine, EngineConfig
 from pyflow.control.model import (
     IPS_SEEN_REPLY,
     TCP_CONNTRACK_ESTABLISHED,
@@ -26,63 +26,22 @@ from pyflow.control.model import (
     EventType,
     Tuple,
 )
-from pyflow.datapath.abi import FLOW_SIZE, KEY_SIZE, key_bytes, value_bytes
-from pyflow.datapath.flowtable import pack, pack_keys
-from tests.unit.test_engine import (
+from pyflow.datapath.abi import key_bytes, value_bytes
+from tests.support.fakes import (
     CLIENT_MAC,
     GW2_MAC,
     LAN,
     MAC,
     WAN,
     Clock,
-    Devices,
     FakeConntrack,
+    FakeDevices,
     FakeFlows,
     FakePaths,
 )
 
-
-class BytesFlows:
-    """A flow map that, like FlowTable, takes (key bytes, value bytes) pairs of whole structs."""
-
-    RAW_INSERT = True
-
-    def __init__(self):
-        self.entries: dict[bytes, bytes] = {}
-        self.calls = 0
-
-    def insert(self, items, *, mode="any"):
-        self.calls += 1
-        b = pack(items)
-        keys = ffi.buffer(b.keys, b.n * KEY_SIZE)[:]
-        values = ffi.buffer(b.values, b.n * FLOW_SIZE)[:]
-        for i in range(b.n):
-            self.entries[keys[i * KEY_SIZE:(i + 1) * KEY_SIZE]] = values[i * FLOW_SIZE:(i + 1) * FLOW_SIZE]
-        return b.n
-
-    def delete(self, keys, *, missing_ok=True):
-        b = pack_keys(keys)
-        raw = ffi.buffer(b.keys, b.n * KEY_SIZE)[:]
-        for i in range(b.n):
-            self.entries.pop(raw[i * KEY_SIZE:(i + 1) * KEY_SIZE], None)
-        return []
-
-    def read_counters(self):
-        entries = self.entries
-
-        class _C:
-            def as_dict(self):
-                return {kb: (0, 0, 0, 0) for kb in entries}
-        return _C()
-
-
 WAN2 = 4  # a second uplink: moving to it changes the reply direction's key (its ingress device)
 MACS = {**MAC, WAN2: bytes.fromhex("020000000400")}
-
-
-class ThreeDevices(Devices):
-    def __init__(self):
-        self.managed = {i: ManagedDevice(i, tx_port=i * 10, mac=MACS[i]) for i in (LAN, WAN, WAN2)}
 
 
 class EncapPaths(FakePaths):
@@ -132,63 +91,77 @@ def conns(n: int, seed: int) -> list[Conn]:
     return out
 
 
-def as_bytes(flows: FakeFlows) -> dict[bytes, bytes]:
-    return {key_bytes(k): value_bytes(a, k) for k, a in flows.entries.values()}
+def described(eng: Engine) -> dict[bytes, bytes]:
+    """The map eng's records describe, packed from FlowKey/FlowAction objects."""
+    out = {}
+    for off in eng.offloaded.values():
+        keys, actions = off.entries()
+        for k, a in zip(keys, actions, strict=True):
+            out[key_bytes(k)] = value_bytes(a, k)
+    return out
 
 
-def pair(seed: int, n: int):
-    rigs = []
-    for flows in (BytesFlows(), FakeFlows()):
-        ct, paths = FakeConntrack(), EncapPaths()
-        eng = Engine(ct, paths, flows, ThreeDevices(), EngineConfig(), clock=Clock())
-        for c in conns(n, seed):
-            ct.table[c.ident] = c
-        rigs.append((eng, ct, paths, flows))
-    return rigs
+def rig(seed: int, n: int):
+    ct, paths, flows = FakeConntrack(), EncapPaths(), FakeFlows()
+    eng = Engine(ct, paths, flows, FakeDevices((LAN, WAN, WAN2), MACS), EngineConfig(), clock=Clock())
+    for c in conns(n, seed):
+        ct.table[c.ident] = c
+    return eng, ct, paths, flows
 
 
-def same(rigs) -> None:
-    (a, _, _, fa), (b, _, _, fb) = rigs
-    assert fa.entries == as_bytes(fb)
+def check(eng: Engine, flows: FakeFlows) -> None:
+    assert flows.entries == described(eng)  # nothing stale, nothing missing, every byte
+    for off in eng.offloaded.values():
+        assert off.key_bytes == tuple(key_bytes(k) for k in off.keys)
+
+
+def same(a: Engine, fa: FakeFlows, b: Engine, fb: FakeFlows) -> None:
+    assert fa.entries == fb.entries
     assert set(a.offloaded) == set(b.offloaded)
-    assert set(fa.entries) == {kb for off in a.offloaded.values() for kb in off.key_bytes}  # nothing stale
     for ident, off in a.offloaded.items():
-        other = b.offloaded[ident]
-        assert off.entries() == other.entries()
-        assert off.key_bytes == other.key_bytes == tuple(key_bytes(k) for k in off.keys)
+        assert off.entries() == b.offloaded[ident].entries()
+        assert off.key_bytes == b.offloaded[ident].key_bytes
     assert a.stats == b.stats
 
 
-def test_resync_path_changes_and_removals_agree():
-    rigs = pair(1, 2 * BATCH + 17)  # three batches, the last one short
-    for eng, *_ in rigs:
-        eng.resync()
-    same(rigs)
-    assert rigs[0][3].calls == 3  # one insert per batch
+def test_resync_path_changes_and_removals_write_what_the_records_say():
+    eng, ct, paths, flows = rig(1, 2 * BATCH + 17)  # three batches, the last one short
+    eng.resync()
+    check(eng, flows)
+    assert flows.inserts == 3  # one insert per batch
     qinq = {"vlan_outer_tci": 7, "vlan_outer_tpid": 0x88A8, "vlan_inner_tci": 9}
     steps = (({"vlan_outer_tci": 7}, WAN), (qinq, WAN2), ({"pppoe_sid": 0x1234}, WAN2), ({}, WAN))
     for encap, uplink in steps:
-        for eng, _ct, paths, _f in rigs:
-            paths.encap = encap
-            paths.wan_dev = uplink
-            paths.gw_mac = GW2_MAC if paths.gw_mac != GW2_MAC else CLIENT_MAC
-            eng.paths_changed()
-        same(rigs)
-    assert rigs[0][0].stats.rewritten == 4 * len(rigs[0][0].offloaded)
-    for eng, ct, _p, _f in rigs:
-        gone = list(ct.table)[::3]  # same insertion order in both
-        eng.handle([CtEvent(EventType.DESTROY, ct.table[i]) for i in gone])
-    same(rigs)
-    for eng, *_ in rigs:
-        eng.flush()
-    same(rigs)
-    assert not rigs[0][3].entries
+        paths.encap = encap
+        paths.wan_dev = uplink
+        paths.gw_mac = GW2_MAC if paths.gw_mac != GW2_MAC else CLIENT_MAC
+        eng.paths_changed()
+        check(eng, flows)
+    assert eng.stats.rewritten == 4 * len(eng.offloaded)
+    gone = list(ct.table)[::3]
+    eng.handle([CtEvent(EventType.DESTROY, ct.table[i]) for i in gone])
+    check(eng, flows)
+    eng.flush()
+    assert not flows.entries and not eng.offloaded
 
 
-def test_events_in_one_poll_agree():
-    rigs = pair(2, 40)
-    for eng, ct, _p, _f in rigs:
-        events = [CtEvent(EventType.NEW, c) for c in ct.table.values()]
-        events.insert(10, CtEvent(EventType.UPDATE, events[3].conn))  # a second event about a queued one
-        eng.handle(events)
-    same(rigs)
+def test_bulk_installs_equal_one_by_one_installs():
+    (a, _ct_a, _pa, fa), (b, ct_b, _pb, fb) = rig(3, 2 * BATCH + 5), rig(3, 2 * BATCH + 5)
+    a.resync()
+    for conn in ct_b.table.values():
+        b.consider(conn)
+    assert fb.inserts == len(ct_b.table) and fa.inserts == 3
+    b.stats.resyncs = a.stats.resyncs  # the only count that differs: b never resynced
+    same(a, fa, b, fb)
+    check(a, fa)
+
+
+def test_events_in_one_poll_equal_one_by_one_installs():
+    (a, ct_a, _pa, fa), (b, _ct_b, _pb, fb) = rig(2, 40), rig(2, 40)
+    events = [CtEvent(EventType.NEW, c) for c in ct_a.table.values()]
+    events.insert(10, CtEvent(EventType.UPDATE, events[3].conn))  # a second event about a queued one
+    a.handle(events)
+    for ev in events:
+        b.consider(ev.conn)
+    same(a, fa, b, fb)
+    check(a, fa)

@@ -4,80 +4,33 @@ drive keep-alive and idle expiry, teardown and path changes remove or rewrite th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from pyflow.control.engine import Engine, EngineConfig
-from pyflow.control.model import HwRefused
+from pyflow.control.model import CtEvent, EventType
 from pyflow.datapath.abi import key_bytes
-from tests.unit.test_engine import (
+from tests.support.fakes import (
     GW2_MAC,
     LAN,
     SEC,
     UDP,
     WAN,
     Clock,
-    Devices,
     FakeConntrack,
+    FakeDevices,
     FakeFlows,
+    FakeHw,
     FakePaths,
+    RuleStats,
     masq_conn,
     offer,
 )
 
 
-@dataclass
-class Stats:
-    packets: int
-    idle_ns: int
-    bytes: int = 0
-
-
-class FakeHw:
-    """Rules by id; refuses while ``refuse`` is set, and the second rule of a pair when
-    ``refuse_second`` is (to check that the first one is taken back)."""
-
-    def __init__(self, devices=(LAN, WAN)):
-        self.devices = set(devices)
-        self.rules: dict[int, tuple] = {}
-        self.counters: dict[int, Stats] = {}
-        self.next_id = 1
-        self.refuse: str | None = None
-        self.refuse_second = False
-        self.stats_calls = 0
-
-    def capable(self, ifindex):
-        return ifindex in self.devices
-
-    def place(self, keys, actions):
-        if self.refuse:
-            raise HwRefused(self.refuse, "fake")
-        ids = []
-        for n, (k, a) in enumerate(zip(keys, actions, strict=True)):
-            if n == 1 and self.refuse_second:
-                self.remove(tuple(ids))
-                raise HwRefused("enospc", "table full")
-            ids.append(self.next_id)
-            self.rules[self.next_id] = (k, a)
-            self.counters[self.next_id] = Stats(0, 0)
-            self.next_id += 1
-        return tuple(ids)
-
-    def remove(self, ids):
-        for i in ids:
-            self.rules.pop(i, None)
-            self.counters.pop(i, None)
-
-    def stats(self):
-        self.stats_calls += 1
-        return dict(self.counters)
-
-
 @pytest.fixture
 def hwrig():
     ct, paths, flows, clock, hw = FakeConntrack(), FakePaths(), FakeFlows(), Clock(), FakeHw()
-    eng = Engine(ct, paths, flows, Devices(), EngineConfig(idle_timeout_s=30, conntrack_timeout_s=120),
+    eng = Engine(ct, paths, flows, FakeDevices(), EngineConfig(idle_timeout_s=30, conntrack_timeout_s=120),
                  clock=clock, hw=hw)
     return eng, ct, paths, flows, clock, hw
 
@@ -125,8 +78,6 @@ def test_refused_placement_falls_back_to_the_map_counted(hwrig, refuse_second):
     conns = [masq_conn(sport=40000 + i) for i in range(3)]
     for c in conns:
         ct.table[c.ident] = c
-    from pyflow.control.model import CtEvent, EventType
-
     eng.handle([CtEvent(EventType.UPDATE, c) for c in conns])  # one batch
     assert all(not eng.offloaded[c.ident].hw for c in conns)
     assert len(flows.entries) == 6
@@ -151,8 +102,8 @@ def test_rule_counters_keep_alive_and_idle_rules_expire(hwrig):
     off = eng.offloaded[conn.ident]
     ro, rr = off.hw_rules
     clock.now += 10 * SEC
-    hw.counters[ro] = Stats(5, 2 * SEC // 10)
-    hw.counters[rr] = Stats(3, 1 * SEC // 10)
+    hw.counters[ro] = RuleStats(5, 2 * SEC // 10)
+    hw.counters[rr] = RuleStats(3, 1 * SEC // 10)
     eng.tick()
     assert ct.refreshed == [(conn.ident, 120)]
     assert off.packets == 8 and off.last_seen_ns == clock.now - SEC // 10
@@ -186,7 +137,7 @@ def test_hw_and_xdp_flows_tick_side_by_side(hwrig):
     offer(eng, ct, sw_conn)
     clock.now += 5 * SEC
     flows.hit(eng.offloaded[sw_conn.ident].keys[0], 4, clock.now)
-    hw.counters[eng.offloaded[hw_conn.ident].hw_rules[0]] = Stats(7, 0)
+    hw.counters[eng.offloaded[hw_conn.ident].hw_rules[0]] = RuleStats(7, 0)
     eng.tick()
     assert {i for i, _t in ct.refreshed} == {hw_conn.ident, sw_conn.ident}
     assert eng.offloaded[hw_conn.ident].hw and not eng.offloaded[sw_conn.ident].hw
@@ -198,12 +149,10 @@ def test_destroy_and_flush_remove_rules(hwrig):
     offer(eng, ct, a)
     offer(eng, ct, b)
     assert len(hw.rules) == 4
-    from pyflow.control.model import CtEvent, EventType
-
     eng.handle([CtEvent(EventType.DESTROY, a)])
-    assert len(hw.rules) == 2 and a.ident not in eng.hw_flows
+    assert len(hw.rules) == 2 and a.ident not in eng.rules.flows
     eng.flush()
-    assert hw.rules == {} and eng.offloaded == {} and eng.hw_flows == {}
+    assert hw.rules == {} and eng.offloaded == {} and eng.rules.flows == {}
     assert b.ident not in ct.marked
 
 
@@ -222,7 +171,7 @@ def test_path_change_rewrites_rules_or_falls_back(hwrig):
     paths.gw_mac = bytes.fromhex("020000000097")
     eng.paths_changed()
     off = eng.offloaded[conn.ident]
-    assert not off.hw and hw.rules == {} and conn.ident not in eng.hw_flows
+    assert not off.hw and hw.rules == {} and conn.ident not in eng.rules.flows
     assert {key_bytes(k) for k in off.keys} == set(flows.entries)
     assert eng.stats.rewritten == 2 and eng.stats.hw_failures == 1
     # and ticks then read its counters from the map
@@ -232,7 +181,7 @@ def test_path_change_rewrites_rules_or_falls_back(hwrig):
 
 def test_no_adapter_means_todays_behaviour(hwrig):
     _eng, ct, paths, flows, clock, _hw = hwrig
-    eng = Engine(ct, paths, flows, Devices(), EngineConfig(), clock=clock)
+    eng = Engine(ct, paths, flows, FakeDevices(), EngineConfig(), clock=clock)
     conn = masq_conn()
     offer(eng, ct, conn)
     assert not eng.offloaded[conn.ident].hw and len(flows.entries) == 2

@@ -120,7 +120,11 @@ class LoaderDevices:
 class ControlPlane:
     """Runs the loop in a thread of its own, in the network namespace of the thread that
     calls start(). The netlink adapters are made inside that thread: pyroute2's
-    synchronous sockets must be used from the thread that created them."""
+    synchronous sockets must be used from the thread that created them.
+
+    What others may use: start(), stop(), call(), running, error, last_turn, and, inside
+    the loop through call(), reconfigure(), snapshot(), offloaded(), flush() and the
+    device calls. The engine, the tables and the adapters stay the loop's own."""
 
     def __init__(self, datapath: Datapath, config: ControlConfig | None = None):
         self.config = config or ControlConfig()

@@ -15,9 +15,10 @@ import time
 from pyflow.control.conntrack import CtNetlink
 from pyflow.control.engine import Engine, EngineConfig, ManagedDevice
 from pyflow.control.paths import PathWatcher, RtPaths
-from pyflow.datapath.abi import datapath_clock_ns, key_bytes
+from pyflow.datapath.abi import datapath_clock_ns
 from pyflow.hw.offload import FlowerOffload
 from tests import netns
+from tests.support.fakes import FakeFlows
 from tests.support.topology import LAN, UP, UP2
 from tests.support.traffic import wait_for
 
@@ -32,34 +33,19 @@ def flower_missing() -> str | None:
     return None
 
 
-class MapOfRefused:
+class MapOfRefused(FakeFlows):
     """The flow map of these tests: there is no XDP datapath (no BPF compile in the emulated
     lab), so whatever the engine puts here is a flow the flower adapter refused and handed
-    to the XDP path. Its counters stay at zero."""
+    to the XDP path. Its counters stay at zero; ``inserted`` counts the entries put in."""
 
     def __init__(self):
-        self.entries: dict[bytes, tuple] = {}
+        super().__init__()
         self.inserted = 0
 
     def insert(self, items, *, mode="any"):
-        for key, action in items:
-            self.entries[key_bytes(key)] = (key, action)
-            self.inserted += 1
-        return len(self.entries)
-
-    def delete(self, keys, *, missing_ok=True):
-        for k in keys:
-            self.entries.pop(k if isinstance(k, bytes) else key_bytes(k), None)
-        return []
-
-    def read_counters(self):
-        entries = self.entries
-
-        class _Zero:
-            def as_dict(self):
-                return {kb: (0, 0, 0, 0) for kb in entries}
-
-        return _Zero()
+        n = super().insert(items, mode=mode)
+        self.inserted += n
+        return n
 
 
 class RecordingOffload(FlowerOffload):

@@ -12,11 +12,12 @@ Why two netlink paths. pyroute2 0.9.7's ``IPRoute.route("get")`` measured about
 400 us per call here (an asyncio round per request, full message objects), and
 the control plane resolves two paths per connection at up to 20,000
 connections/s. So the two per-call queries (route and neighbour) go through a
-plain NETLINK_ROUTE socket with a hand-built request of four attributes and a
-reply parser that reads only the attributes a decision needs (about 7 us per
-query). Link details -- MAC, MTU, link kind, VLAN id/protocol/QoS map, lower
-device -- change rarely and are read with pyroute2's ``IPRoute`` (its ifinfmsg
-decoder knows the VLAN attributes) and cached per ifindex.
+plain NETLINK_ROUTE socket (:mod:`pyflow.netlink.sock`) with a request of four
+attributes and a reply parser that reads only the attributes a decision needs,
+both on :mod:`pyflow.netlink.wire` (about 7 us per query). Link details -- MAC,
+MTU, link kind, VLAN id/protocol/QoS map, lower device -- change rarely and are
+read with pyroute2's ``IPRoute`` (its ifinfmsg decoder knows the VLAN attributes)
+and cached per ifindex.
 
 Caching. Answers are cached and invalidated by a private :class:`PathWatcher`
 socket that every call drains first (one poll() syscall when nothing changed).
@@ -242,24 +243,33 @@ def parse_route(data: Buffer) -> RouteReply:
     if mtype not in (RTM_NEWROUTE, RTM_DELROUTE):
         raise ValueError(f"not a route message: nlmsg type {mtype}")
     family, _dlen, _slen, _tos, table, _proto, _scope, rtype, _flags = _RTMSG.unpack_from(data, NLMSG_HDRLEN)
-    get = attrs(data, NLMSG_HDRLEN + _RTMSG.size, min(length, len(data))).get
+    a = attrs(data, NLMSG_HDRLEN + _RTMSG.size, min(length, len(data)))
+    get = a.get
+    # Hot (once per route miss): the common attributes are unpacked here, and absent
+    # ones, the usual case for the rest, cost no call.
     via_family, via = 0, None
     v = get(RTA_VIA)
     if v is not None:  # struct rtvia: a family, then the address
         via_family = value(data, v, U16) or 0
         via = bytes(data[v[0] + 2:min(v[0] + 2 + _ALEN.get(via_family, 0), v[1])])
-    rta_table = value(data, get(RTA_TABLE), U32)
+    t = get(RTA_TABLE)
+    if t is not None and t[1] - t[0] >= 4:
+        table = U32.unpack_from(data, t[0])[0]
+    o = get(RTA_OIF)
+    g = get(RTA_GATEWAY)
+    m = get(RTA_METRICS)
+    e = get(RTA_ENCAP_TYPE)
     return RouteReply(
         family=family,
         type=rtype,
-        table=table if rta_table is None else rta_table,
-        oif=value(data, get(RTA_OIF), U32) or 0,
-        gateway=payload(data, get(RTA_GATEWAY)),
+        table=table,
+        oif=U32.unpack_from(data, o[0])[0] if o is not None and o[1] - o[0] >= 4 else 0,
+        gateway=None if g is None else bytes(data[g[0]:g[1]]),
         via_family=via_family,
         via=via,
-        mtu=value(data, nested(data, get(RTA_METRICS)).get(RTAX_MTU), U32) or 0,
-        encap_type=value(data, get(RTA_ENCAP_TYPE), U16) or 0,
-        multipath=get(RTA_MULTIPATH) is not None,
+        mtu=(value(data, nested(data, m).get(RTAX_MTU), U32) or 0) if m is not None else 0,
+        encap_type=(value(data, e, U16) or 0) if e is not None else 0,
+        multipath=RTA_MULTIPATH in a,
     )
 
 
@@ -515,13 +525,14 @@ _HDR_DST = {f: nla_header(RTA_DST, n) for f, n in _ALEN.items()}
 _HDR_SRC = {f: nla_header(RTA_SRC, n) for f, n in _ALEN.items()}
 _HDR_IIF = nla_header(RTA_IIF, 4)
 _HDR_MARK = nla_header(RTA_MARK, 4)
+# struct rtmsg of a lookup: full-length dst (and src when given), nothing else set
+_HDR_RTMSG = {(f, has_src): _RTMSG.pack(f, n * 8, n * 8 if has_src else 0, 0, 0, 0, 0, 0, 0)
+              for f, n in _ALEN.items() for has_src in (False, True)}
 
 
 def _route_request(family: int, src: bytes | None, dst: bytes, iif: int | None, mark: int,
                    proto: int | None, sport: int | None, dport: int | None) -> bytes:
-    bits = _ALEN[family] * 8
-    parts = [_RTMSG.pack(family, bits, bits if src is not None else 0, 0, 0, 0, 0, 0, 0),
-             _HDR_DST[family], dst]
+    parts = [_HDR_RTMSG[family, src is not None], _HDR_DST[family], dst]
     if src is not None:
         parts += (_HDR_SRC[family], src)
     if iif:
@@ -634,7 +645,8 @@ class PathWatcher:
 
     def poll(self, timeout: float) -> list[Change]:
         nl = self._nl
-        if not nl.wait(timeout):
+        # every RtPaths call starts here: one poll syscall, no wrapper, when nothing changed
+        if not nl.poller.poll(max(0, int(timeout * 1000))):
             return []
         out: list[Change] = []
         while True:

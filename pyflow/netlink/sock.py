@@ -17,8 +17,15 @@ import socket
 import time
 from collections.abc import Iterator
 
-from pyflow.netlink.uapi import NLM_F_ACK, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, SO_RCVBUFFORCE
-from pyflow.netlink.wire import errno_of, messages, request
+from pyflow.netlink.uapi import (
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSG_HDRLEN,
+    SO_RCVBUFFORCE,
+)
+from pyflow.netlink.wire import NLMSGHDR, errno_of, messages, reply, request
 
 RECV_SIZE = 1 << 16  # a dump datagram is at most a few pages; events and answers are smaller
 REQUEST_TIMEOUT = 2.0  # the kernel answers inside sendmsg(); this only bounds a wedged kernel
@@ -66,8 +73,8 @@ class NetlinkSocket:
         self.portid: int = self.sock.getsockname()[0]
         self.buf = bytearray(bufsize)
         self._size = bufsize
-        self._poll = select.poll()
-        self._poll.register(self.sock.fileno(), select.POLLIN)
+        self.poller = select.poll()  # public: a hot caller may poll(0) it without a call of ours
+        self.poller.register(self.sock.fileno(), select.POLLIN)
         self._seq = int(time.monotonic()) & 0xFFFF
 
     def fileno(self) -> int:
@@ -84,12 +91,12 @@ class NetlinkSocket:
     def wait(self, timeout: float) -> bool:
         """Whether something is queued within ``timeout`` seconds."""
         try:
-            return bool(self._poll.poll(max(0, int(timeout * 1000))))
+            return bool(self.poller.poll(max(0, int(timeout * 1000))))
         except InterruptedError:
             return False
 
     def send(self, data: bytes) -> None:
-        self.sock.sendto(data, (0, 0))
+        self.sock.send(data)  # unconnected: the kernel (port 0) is the default peer
 
     def recv(self) -> int:
         """One queued datagram into ``buf``; its length. BlockingIOError when none is queued;
@@ -119,21 +126,37 @@ class NetlinkSocket:
     # -- requests ------------------------------------------------------------------------
 
     def request(self, msg_type: int, flags: int, body: bytes,
-                timeout: float = REQUEST_TIMEOUT) -> bytes | None:
+                timeout: float = REQUEST_TIMEOUT) -> bytearray | None:
         """Send a request and return its answer: the first message with our sequence number
         (a copy), or None for a positive ACK. OSError(errno) when the kernel refuses."""
-        seq = self.next_seq()
-        self.send(request(msg_type, flags | NLM_F_REQUEST, seq, body))
+        # Hot: a route miss is one of these. The kernel answers inside send(), so the
+        # first recv almost always finds the answer alone at the start of the datagram:
+        # that case is read off its header here, and only anything else walks with reply().
+        self._seq = seq = (self._seq + 1) & 0xFFFFFFFF or 1
+        sock = self.sock
+        sock.send(request(msg_type, flags | NLM_F_REQUEST, seq, body))
         buf = self.buf
         while True:
-            n = self.recv_within(timeout, f"request type {msg_type}")
-            for mtype, _flags, mseq, _pid, off, length in messages(buf, n):
-                if mseq != seq:
-                    continue  # the answer to an earlier request whose caller gave up
+            try:
+                n = sock.recv_into(buf, self._size, socket.MSG_TRUNC)
+                if n > self._size:
+                    raise OSError(errno.EMSGSIZE, f"message of {n} bytes truncated")
+            except BlockingIOError:
+                n = self.recv_within(timeout, f"request type {msg_type}")
+            if n >= NLMSG_HDRLEN:
+                length, mtype, _flags, mseq, _pid = NLMSGHDR.unpack_from(buf)
+                off = 0
+                if mseq != seq or not NLMSG_HDRLEN <= length <= n:
+                    found = reply(buf, n, seq)
+                    if found is None:
+                        continue  # the answer to an earlier request whose caller gave up
+                    mtype, off, length = found
                 if mtype == NLMSG_ERROR:
-                    _raise_for(errno_of(buf, off, length))
+                    err = errno_of(buf, off, length)
+                    if err:
+                        raise OSError(err, os.strerror(err))
                     return None
-                return bytes(buf[off:off + length])
+                return buf[off:off + length]
 
     def ack(self, msg_type: int, flags: int, body: bytes, timeout: float = REQUEST_TIMEOUT) -> int:
         """Send a request asking for an ACK and wait for it: its errno (0: done). Messages the

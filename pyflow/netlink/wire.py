@@ -58,6 +58,22 @@ def messages(buf: Buffer, n: int | None = None) -> Iterator[tuple[int, int, int,
         off += (length + 3) & ~3
 
 
+def reply(buf: Buffer, n: int, seq: int) -> tuple[int, int, int] | None:
+    """(type, offset, length) of the first message in buf[:n] answering request ``seq``;
+    None when there is none. The walk of messages() without its generator, which costs
+    a route lookup more than the rest of its decoding."""
+    unpack = NLMSGHDR.unpack_from
+    off = 0
+    while off + NLMSG_HDRLEN <= n:
+        length, mtype, _flags, mseq, _pid = unpack(buf, off)
+        if length < NLMSG_HDRLEN or off + length > n:
+            return None
+        if mseq == seq:
+            return mtype, off, length
+        off += (length + 3) & ~3
+    return None
+
+
 def attrs(buf: Buffer, start: int, end: int) -> dict[int, Span]:
     """Attribute type (flag bits masked off) -> payload span, for the attributes in buf[start:end].
 

@@ -82,13 +82,15 @@ def attrs(buf: Buffer, start: int, end: int) -> dict[int, Span]:
     same to pyflow as to the kernel that parses the same bytes.
     """
     out: dict[int, Span] = {}
-    unpack = NLATTR.unpack_from  # hot: bound once per walk, not per attribute
+    unpack = NLATTR.unpack_from  # hot: names bound once per walk, not per attribute
+    mask = NLA_TYPE_MASK
     pos = start
     while pos + 4 <= end:
         alen, atype = unpack(buf, pos)
-        if alen < 4 or pos + alen > end:
+        stop = pos + alen
+        if alen < 4 or stop > end:
             break  # malformed: keep what was sound
-        out[atype & NLA_TYPE_MASK] = (pos + 4, pos + alen)
+        out[atype & mask] = (pos + 4, stop)
         pos += (alen + 3) & ~3
     return out
 

@@ -298,10 +298,6 @@ class FlowTable:
     One object is for one thread: it reuses one native result struct (``last``) across calls.
     """
 
-    # insert() takes a (key bytes, value bytes) pair of whole structs: the control plane's bulk
-    # installs pack them straight from their fields (abi.entry_bytes), no FlowKey/FlowAction.
-    RAW_INSERT = True
-
     def __init__(self, fd: int, *, name: str | None = None, owns_fd: bool = False, per_element: bool = False):
         self._fd = -1
         self._owns = owns_fd

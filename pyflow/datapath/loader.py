@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pyflow.datapath import netdev
-from pyflow.datapath.abi import MAP_FLOWS, REASONS
+from pyflow.datapath.abi import REASONS
 from pyflow.datapath.attach import switch
 from pyflow.datapath.attach.adopt import Adoption
 from pyflow.datapath.attach.devmap import TxPorts
@@ -300,15 +300,6 @@ class Datapath:
 
     def map_fd(self, name: str) -> int:
         return self._progs.maps()[name].map_fd
-
-    def map_max_entries(self, name: str = MAP_FLOWS) -> int:
-        """The capacity the kernel gave map ``name`` (pyflow.datapath.abi.MAP_*)."""
-        return int(map_info(self._progs.maps()[name]).max_entries)
-
-    @staticmethod
-    def _map_info(table: Any) -> Any:
-        """Kept for callers not yet moved to :meth:`map_max_entries`."""
-        return map_info(table)
 
     @property
     def xdp_fd(self) -> int:

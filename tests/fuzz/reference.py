@@ -415,7 +415,7 @@ class Model:
     def _egress_l2(flow: ModelFlow, p: Parsed, hook: str) -> bytes:
         """The egress L2 header in the frame data. TC hands the outer VLAN tag to the
         kernel (bpf_skb_vlan_push), which keeps it in skb metadata: the test run
-        cannot show it, tests/integration/test_vlan_egress.py checks it on the wire."""
+        cannot show it, tests/datapath/test_vlan_egress.py checks it on the wire."""
         l2_out = flow.l2_out_tc if hook == "tc" else flow.l2_out
         if flow.pppoe_sid is None:
             return l2_out + _U16.pack(p.l3proto)

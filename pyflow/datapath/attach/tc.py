@@ -7,12 +7,13 @@ and from tc's automatic ones (49152 and down).
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from pyflow.datapath import bpfsource, netdev
 from pyflow.datapath.attach.programs import Programs
 from pyflow.errors import DeviceError
-from pyflow.netlink import tc
+from pyflow.netlink import tc, wire
 from pyflow.netlink.errors import error_text
 
 TC_PRIO = 0x2F10
@@ -20,21 +21,15 @@ TC_HANDLE = 1
 TC_NAME = bpfsource.TC_FUNC
 ETH_P_ALL = 0x0003
 TCA_BPF_ID = 11  # pyroute2 0.9.7 does not decode it: read from the raw attribute
+_U32 = struct.Struct("=I")  # host order, as rtnetlink sends it
 
 
 def raw_u32_attr(nla_obj: Any, attr_type: int) -> int | None:
-    """Value of a u32 attribute nested in ``nla_obj``, read from its raw bytes."""
-    data, start, length = nla_obj.data, nla_obj.offset, nla_obj.length
-    pos, end = start + 4, start + length
-    while pos + 4 <= end:
-        alen = int.from_bytes(data[pos:pos + 2], "little")
-        atype = int.from_bytes(data[pos + 2:pos + 4], "little") & 0x3FFF
-        if alen < 4:
-            break
-        if atype == attr_type and alen >= 8:
-            return int.from_bytes(data[pos + 4:pos + 8], "little")
-        pos += (alen + 3) & ~3
-    return None
+    """Value of a u32 attribute nested in pyroute2's ``nla_obj``, read from its raw bytes
+    with the one attribute walker (pyflow.netlink.wire)."""
+    data, start = nla_obj.data, nla_obj.offset
+    inner = wire.attrs(data, start + wire.NLATTR.size, start + nla_obj.length)
+    return wire.value(data, inner.get(attr_type), _U32)
 
 
 class TcHook:

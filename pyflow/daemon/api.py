@@ -73,7 +73,8 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     if not isinstance(req, dict):
         raise RequestError("bad_request", "request must be a JSON object")
     version = req.get("version")
-    if version != PROTOCOL_VERSION:
+    # type first: JSON true equals 1 in Python and must not pass for version 1
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise RequestError("bad_version", f"unsupported protocol version {version!r}: this pyflowd speaks "
                                       f"{PROTOCOL_VERSION}")
     command = req.get("command")

@@ -21,6 +21,9 @@ from pyflow.daemon.devices import DeviceList
 from pyflow.datapath.loader import DeviceStatus
 from pyflow.errors import RequestError
 
+DEFAULT_FLOW_LIMIT = 1000     # flows answered when the request names no limit
+MAX_FLOW_LIMIT = 1_000_000    # above any flow map pyflow sizes
+
 PROTO_NAMES: dict[int, str] = {int(socket.IPPROTO_TCP): "tcp", int(socket.IPPROTO_UDP): "udp"}
 
 
@@ -129,10 +132,12 @@ class FlowFilter:
 
 def flow_list(records: Iterable[FlowRecord], names: Mapping[int, str],
               args: dict[str, Any]) -> dict[str, Any]:
-    """The ``flows`` answer: the matching flows (at most ``limit``) and how many matched."""
-    limit = args.get("limit")
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
-        raise RequestError("bad_request", f"limit: {limit!r} is not a count")
+    """The ``flows`` answer: the matching flows (at most ``limit``, DEFAULT_FLOW_LIMIT when
+    not given) and how many matched."""
+    # a default keeps one client's answer (built in the control loop) bounded by default
+    limit = args.get("limit", DEFAULT_FLOW_LIMIT)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_FLOW_LIMIT:
+        raise RequestError("bad_request", f"limit: {limit!r} is not a count of 0..{MAX_FLOW_LIMIT}")
     flt = FlowFilter.from_args(args)
     out: list[dict[str, Any]] = []
     total = 0
@@ -141,7 +146,7 @@ def flow_list(records: Iterable[FlowRecord], names: Mapping[int, str],
         if not flt.matches(rendered):
             continue
         total += 1
-        if limit is None or len(out) < limit:
+        if len(out) < limit:
             out.append(rendered)
     return {"flows": out, "total": total, "truncated": len(out) < total}
 

@@ -1,0 +1,43 @@
+"""Control-socket input that must be refused or bounded: a JSON ``true`` as the protocol
+version, and a ``flows`` request without a limit on a large table."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from pyflow.control.model import Tuple
+from pyflow.control.stats import Direction, FlowRecord, Traffic
+from pyflow.daemon import views
+from pyflow.daemon.api import parse_request
+from pyflow.errors import RequestError
+
+
+@pytest.mark.parametrize("version", ["true", "1.0", '"1"'])
+def test_version_must_be_the_integer(version):
+    with pytest.raises(RequestError) as err:
+        parse_request(b'{"version": %s, "command": "status"}' % version.encode())
+    assert err.value.code == "bad_version"
+    assert parse_request(b'{"version": 1, "command": "status"}') == ("status", {})
+
+
+def _record(port: int) -> FlowRecord:
+    orig = Tuple("10.0.0.2", "198.51.100.7", port, 443)
+    reply = Tuple("198.51.100.7", "192.0.2.1", 443, port)
+    seen = Traffic(1, 60)
+    return FlowRecord(family=socket.AF_INET, proto=socket.IPPROTO_TCP, hardware=False,
+                      original=Direction(orig, 2, 3, seen), reply=Direction(reply, 3, 2, seen),
+                      mark=0, zone=0, age_ns=1, idle_ns=1)
+
+
+def test_flows_without_a_limit_are_bounded():
+    records = [_record(1024 + n) for n in range(1005)]
+    res = views.flow_list(records, {}, {})
+    assert len(res["flows"]) == 1000  # the documented default
+    assert (res["total"], res["truncated"]) == (len(records), True)
+    assert len(views.flow_list(records, {}, {"limit": len(records)})["flows"]) == len(records)
+    for bad in (views.MAX_FLOW_LIMIT + 1, None, True):
+        with pytest.raises(RequestError) as err:
+            views.flow_list([], {}, {"limit": bad})
+        assert err.value.code == "bad_request"

@@ -22,20 +22,33 @@
 #include "lib/l2.h"
 
 /* Map accessors declared in lib/maps.h: bcc rewrites table method calls only
- * in the main source file, so these three live here. */
+ * in the main source file (and not inside macro expansions), so these three
+ * live here with both spellings. */
 static __always_inline struct pyflow_flow *flows_lookup(struct pyflow_flow_key *key)
 {
+#ifdef PYFLOW_LIBBPF
+	return bpf_map_lookup_elem(&pyflow_flows, key);
+#else
 	return pyflow_flows.lookup(key);
+#endif
 }
 
 static __always_inline struct pyflow_stat *stats_lookup(__u32 reason)
 {
+#ifdef PYFLOW_LIBBPF
+	return bpf_map_lookup_elem(&pyflow_stats, &reason);
+#else
 	return pyflow_stats.lookup(&reason);
+#endif
 }
 
 static __always_inline int txports_redirect(__u32 slot)
 {
+#ifdef PYFLOW_LIBBPF
+	return bpf_redirect_map(&pyflow_txports, slot, XDP_PASS);
+#else
 	return pyflow_txports.redirect_map(slot, XDP_PASS);
+#endif
 }
 
 static __always_inline int pyflow_pass(const int is_tc, const struct pyflow_pkt *pkt)
@@ -183,12 +196,19 @@ broken:
 	return is_tc ? TC_ACT_SHOT : XDP_DROP;
 }
 
+PYFLOW_PROG("xdp")
 int pyflow_xdp(struct xdp_md *ctx)
 {
 	return pyflow_process(ctx, 0);
 }
 
+PYFLOW_PROG("tc")
 int pyflow_tc(struct __sk_buff *skb)
 {
 	return pyflow_process(skb, 1);
 }
+
+#ifdef PYFLOW_LIBBPF
+/* the skb and redirect helpers are GPL-only; bcc supplies the license itself */
+char _license[] SEC("license") = "GPL";
+#endif

@@ -9,9 +9,7 @@
 #ifndef PYFLOW_LIB_CONTEXT_H
 #define PYFLOW_LIB_CONTEXT_H
 
-#include <uapi/linux/bpf.h>
-#include <uapi/linux/if_ether.h>
-#include <uapi/linux/pkt_cls.h>
+#include "compat.h"
 
 #include "csum.h"
 #include "maps.h"

@@ -1,15 +1,16 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * The datapath's maps. This and the three accessor bodies in pyflow_xdp.c
- * are the only bcc-specific code: bcc turns the BPF_TABLE declarations into
- * maps and rewrites the accessors' .lookup / .redirect_map calls into helper
- * calls on the maps' file descriptors.
+ * The datapath's maps, declared for each build (lib/compat.h): for bcc with
+ * BPF_TABLE declarations, whose accessors' .lookup / .redirect_map calls bcc
+ * rewrites into helper calls on the maps' file descriptors; for libbpf as
+ * BTF-defined maps in SEC(".maps"), whose sizes the loader may change before
+ * it creates them (the PYFLOW_MAX_* values here are only the defaults).
  *
  * The C identifiers are the map names of pyflow_abi.h (PYFLOW_MAP_*): bcc uses
  * the identifier as the kernel's map name, and userspace finds maps (and their
  * pins) by that name.
  *
- * With PYFLOW_PIN_DIR defined (a string such as "/sys/fs/bpf/pyflow") each map
+ * bcc only: with PYFLOW_PIN_DIR defined (a string such as "/sys/fs/bpf/pyflow") each map
  * is pinned at PYFLOW_PIN_DIR "/<name>": bcc creates the pin or, if it exists,
  * adopts the pinned map, which is how a restarted daemon keeps the flows.
  */
@@ -17,6 +18,32 @@
 #define PYFLOW_LIB_MAPS_H
 
 #include "pyflow_abi.h"
+#include "compat.h"
+
+#ifdef PYFLOW_LIBBPF
+/* libbpf pins and adopts by the path the loader sets on each map */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct pyflow_flow_key);
+	__type(value, struct pyflow_flow);
+	__uint(max_entries, PYFLOW_MAX_FLOWS);
+} pyflow_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct pyflow_stat);
+	__uint(max_entries, PYFLOW_R__COUNT);
+} pyflow_stats SEC(".maps");
+
+/* plain devmap, as bcc's BPF_DEVMAP below: the same map type for both builds */
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP);
+	__type(key, __u32);
+	__type(value, int);
+	__uint(max_entries, PYFLOW_MAX_TX_PORTS);
+} pyflow_txports SEC(".maps");
+#else /* bcc */
 
 #ifdef PYFLOW_PIN_DIR
 #define PYFLOW_TABLE(type, key, leaf, name, max) \
@@ -44,6 +71,7 @@ struct pyflow_txports_table_t {
 };
 __attribute__((section(PYFLOW_DEVMAP_SECTION(pyflow_txports))))
 struct pyflow_txports_table_t pyflow_txports = { .max_entries = PYFLOW_MAX_TX_PORTS };
+#endif /* bcc */
 
 /*
  * Accessors. bcc rewrites table method calls (.lookup, .redirect_map) into

@@ -12,12 +12,7 @@
 #ifndef PYFLOW_LIB_PARSE_H
 #define PYFLOW_LIB_PARSE_H
 
-#include <uapi/linux/if_ether.h>
-#include <uapi/linux/in.h>
-#include <uapi/linux/ip.h>
-#include <uapi/linux/ipv6.h>
-#include <uapi/linux/tcp.h>
-#include <uapi/linux/udp.h>
+#include "compat.h"
 
 #include "pyflow_abi.h"
 

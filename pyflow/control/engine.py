@@ -260,7 +260,11 @@ class Engine:
             return None
         except NoPath as exc:
             self.pending.pop(ident, None)
-            self.stats.count(self.stats.refused, str(exc) or "no_path")
+            # counted under its fixed code (a metric label); the text names addresses and
+            # devices, so it goes to the debug log only
+            self.stats.count(self.stats.refused, exc.code)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("not offloaded (%s): %s", exc.code, exc)
             return None
         if self.pending:
             self.pending.pop(ident, None)
@@ -493,5 +497,5 @@ class Planner:
     def _managed(self, ifindex: int, role: str) -> ManagedDevice:
         dev = self.devices.get(ifindex)
         if dev is None:
-            raise NoPath(f"{role}_not_managed")
+            raise NoPath(f"{role} device ifindex {ifindex} is not managed", f"{role}_not_managed")
         return dev

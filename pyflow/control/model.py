@@ -126,8 +126,53 @@ class NotYet(Exception):
     """The path exists but cannot be used yet (neighbour unresolved): retry when it appears."""
 
 
+# Why a connection has no usable path: a fixed word each, counted as the refusal reason
+# (a metric label, so never an address or a device name: those go to the log).
+NO_PATH = "no_path"  # a path refused for a reason without a word of its own
+NO_ROUTE = "no_route"  # ENETUNREACH
+UNREACHABLE = "unreachable_route"  # EHOSTUNREACH: an unreachable route, or forwarding off on the input
+PROHIBITED = "prohibit_route"  # EACCES
+BLACKHOLE = "blackhole_route"  # a blackhole route, or EINVAL that could not be told apart
+RP_FILTER = "rp_filter"  # the kernel refuses the source on its input device (rp_filter, martian)
+THROW_ROUTE = "throw_route"  # a throw route and no later table has one
+LOCAL_DESTINATION = "local_destination"  # delivered to this host
+MULTICAST_DESTINATION = "multicast_destination"  # multicast or broadcast
+ROUTE_TYPE = "route_type"  # any other non-unicast route type
+ENCAP_ROUTE = "encap_route"  # lightweight-tunnel encapsulation
+NO_OUTPUT_DEVICE = "no_output_device"  # the route names no device
+DEVICE_GONE = "device_gone"  # a device of the path vanished, or no device with the input ifindex
+DEVICE_DOWN = "device_down"  # an egress device (or a VLAN's lower device) is down or has no carrier
+NOT_ETHERNET = "not_ethernet"  # the frames would leave on a device that is not Ethernet (ppp ...)
+NO_MAC = "no_mac"  # the egress device has no Ethernet address
+VLAN_UNSUPPORTED = "vlan_unsupported"  # a VLAN stack the fast path cannot write
+BAD_NEXT_HOP = "bad_next_hop"  # a next hop of an unknown family
+IPV6_FORWARDING_OFF = "ipv6_forwarding_off"
+BAD_ADDRESS = "bad_address"  # not an IPv4/IPv6 address of the family
+LOOKUP_FAILED = "lookup_failed"  # the route lookup itself failed (timeout, ENOMEM ...): not a verdict
+INGRESS_NOT_MANAGED = "ingress_not_managed"  # a direction arrives on a device pyflow does not run on
+EGRESS_NOT_MANAGED = "egress_not_managed"  # a direction leaves through a device pyflow does not run on
+
+NO_PATH_CODES = (NO_PATH, NO_ROUTE, UNREACHABLE, PROHIBITED, BLACKHOLE, RP_FILTER, THROW_ROUTE,
+                 LOCAL_DESTINATION, MULTICAST_DESTINATION, ROUTE_TYPE, ENCAP_ROUTE, NO_OUTPUT_DEVICE,
+                 DEVICE_GONE, DEVICE_DOWN, NOT_ETHERNET, NO_MAC, VLAN_UNSUPPORTED, BAD_NEXT_HOP,
+                 IPV6_FORWARDING_OFF, BAD_ADDRESS, LOOKUP_FAILED, INGRESS_NOT_MANAGED, EGRESS_NOT_MANAGED)
+
+
 class NoPath(Exception):
-    """No usable path (no route, unreachable, blackhole, local delivery)."""
+    """No usable path (no route, unreachable, blackhole, local delivery).
+
+    ``code`` is one of NO_PATH_CODES (what is counted); the message says which address or
+    device, for the log only."""
+
+    def __init__(self, message: str = "", code: str = NO_PATH):
+        super().__init__(message, code)  # both in args: a copy is type(exc)(*exc.args)
+
+    @property
+    def code(self) -> str:
+        return str(self.args[1])
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class PathResolver(Protocol):

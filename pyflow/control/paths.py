@@ -81,6 +81,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from pyflow.control import model as refusal
 from pyflow.control.model import Egress, NoPath, NotYet, PathListener
 from pyflow.errors import DeviceError
 from pyflow.netlink.errors import error_text
@@ -385,11 +386,11 @@ def _is_multicast_or_broadcast(family: int, packed: bytes) -> bool:
     return packed[0] == 0xFF
 
 
-def _device_usable(dev: LinkInfo) -> str | None:
+def _device_usable(dev: LinkInfo) -> NoPath | None:
     if not dev.flags & IFF_UP:
-        return f"egress device {dev.ifname} is down"
+        return NoPath(f"egress device {dev.ifname} is down", refusal.DEVICE_DOWN)
     if not dev.flags & IFF_RUNNING:
-        return f"egress device {dev.ifname} has no carrier"
+        return NoPath(f"egress device {dev.ifname} has no carrier", refusal.DEVICE_DOWN)
     return None
 
 
@@ -402,26 +403,29 @@ def plan_egress(family: int, dst: bytes, route: RouteReply,
     """
     where = _ntop(family, dst)
     if _is_multicast_or_broadcast(family, dst):
-        raise NoPath(f"{where} is a multicast or broadcast destination")
+        raise NoPath(f"{where} is a multicast or broadcast destination", refusal.MULTICAST_DESTINATION)
     if route.type != RTN_UNICAST:
         name = _RTN_NAMES.get(route.type, str(route.type))
         if route.type == RTN_LOCAL:
-            raise NoPath(f"{where} is local to this host (route type local)")
-        raise NoPath(f"route to {where} is of type {name}")
+            raise NoPath(f"{where} is local to this host (route type local)", refusal.LOCAL_DESTINATION)
+        raise NoPath(f"route to {where} is of type {name}", refusal.ROUTE_TYPE)
     if route.encap_type:
-        raise NoPath(f"route to {where} has lightweight-tunnel encapsulation (type {route.encap_type})")
+        raise NoPath(f"route to {where} has lightweight-tunnel encapsulation (type {route.encap_type})",
+                     refusal.ENCAP_ROUTE)
     if not route.oif:
-        raise NoPath(f"route to {where} names no output device")
+        raise NoPath(f"route to {where} names no output device", refusal.NO_OUTPUT_DEVICE)
     dev = link(route.oif)
     if dev is None:
-        raise NoPath(f"egress device ifindex {route.oif} of the route to {where} is gone")
+        raise NoPath(f"egress device ifindex {route.oif} of the route to {where} is gone",
+                     refusal.DEVICE_GONE)
     if dev.kind == "ppp" or dev.arptype == ARPHRD_PPP:
-        raise NoPath("pppoe egress not supported yet")
+        raise NoPath("pppoe egress not supported yet", refusal.NOT_ETHERNET)
 
     if route.via is not None:
         nh_family, nh = route.via_family, route.via
         if nh_family not in _ALEN or len(nh) != _ALEN[nh_family]:
-            raise NoPath(f"route to {where} has a next hop of unknown family {nh_family}")
+            raise NoPath(f"route to {where} has a next hop of unknown family {nh_family}",
+                         refusal.BAD_NEXT_HOP)
     elif route.gateway is not None:
         nh_family, nh = family, route.gateway
     else:
@@ -433,47 +437,50 @@ def plan_egress(family: int, dst: bytes, route: RouteReply,
     cur = dev
     while cur.kind == "vlan":
         if len(tags) == 2:
-            raise NoPath(f"egress {dev.ifname} stacks more than two VLAN tags")
+            raise NoPath(f"egress {dev.ifname} stacks more than two VLAN tags", refusal.VLAN_UNSUPPORTED)
         if cur.vlan_id is None:
-            raise NoPath(f"VLAN device {cur.ifname} reports no VLAN id")
+            raise NoPath(f"VLAN device {cur.ifname} reports no VLAN id", refusal.VLAN_UNSUPPORTED)
         if cur.vlan_egress_qos:
             raise NoPath(f"VLAN device {cur.ifname} has an egress-qos-map: its PCP depends on each "
-                         f"packet's priority")
+                         f"packet's priority", refusal.VLAN_UNSUPPORTED)
         why = _device_usable(cur)
         if why:
-            raise NoPath(why)
+            raise why
         if cur.link_netnsid is not None:
-            raise NoPath(f"lower device of VLAN {cur.ifname} is in another network namespace")
+            raise NoPath(f"lower device of VLAN {cur.ifname} is in another network namespace",
+                         refusal.VLAN_UNSUPPORTED)
         if not cur.link:
-            raise NoPath(f"VLAN device {cur.ifname} reports no lower device")
+            raise NoPath(f"VLAN device {cur.ifname} reports no lower device", refusal.VLAN_UNSUPPORTED)
         tags.append((cur.vlan_id, cur.vlan_proto or ETH_P_8021Q))
         lower = link(cur.link)
         if lower is None:
-            raise NoPath(f"lower device ifindex {cur.link} of VLAN {cur.ifname} is gone")
+            raise NoPath(f"lower device ifindex {cur.link} of VLAN {cur.ifname} is gone", refusal.DEVICE_GONE)
         cur = lower
     if cur.kind == "ppp" or cur.arptype == ARPHRD_PPP:
-        raise NoPath("pppoe egress not supported yet")
+        raise NoPath("pppoe egress not supported yet", refusal.NOT_ETHERNET)
     if cur.arptype != ARPHRD_ETHER:
-        raise NoPath(f"egress device {cur.ifname} is not Ethernet (ARPHRD type {cur.arptype})")
+        raise NoPath(f"egress device {cur.ifname} is not Ethernet (ARPHRD type {cur.arptype})",
+                     refusal.NOT_ETHERNET)
     why = _device_usable(cur)
     if why:
-        raise NoPath(why)
+        raise why
     if dev.mac is None or len(dev.mac) != 6:
-        raise NoPath(f"egress device {dev.ifname} has no Ethernet address")
+        raise NoPath(f"egress device {dev.ifname} has no Ethernet address", refusal.NO_MAC)
 
     outer_tci = inner_tci = None
     outer_tpid = ETH_P_8021Q
     if tags:
         outer_id, outer_tpid = tags[-1]
         if outer_tpid not in (ETH_P_8021Q, ETH_P_8021AD):
-            raise NoPath(f"VLAN protocol 0x{outer_tpid:04x} under {dev.ifname} is not 802.1Q/802.1ad")
+            raise NoPath(f"VLAN protocol 0x{outer_tpid:04x} under {dev.ifname} is not 802.1Q/802.1ad",
+                         refusal.VLAN_UNSUPPORTED)
         # No egress-qos-map on the device: the kernel sends PCP 0, DEI 0, so TCI = id.
         outer_tci = outer_id
         if len(tags) == 2:
             inner_id, inner_tpid = tags[0]
             if inner_tpid != ETH_P_8021Q:
                 raise NoPath(f"inner VLAN {dev.ifname} uses protocol 0x{inner_tpid:04x}; only 802.1Q "
-                             f"inner tags are supported")
+                             f"inner tags are supported", refusal.VLAN_UNSUPPORTED)
             inner_tci = inner_id
 
     mtu = dev.mtu
@@ -555,32 +562,36 @@ _VERDICTS = frozenset((_errno.ENETUNREACH, _errno.EHOSTUNREACH, _errno.EACCES, _
 
 
 class _Transient(Exception):
-    """A lookup that failed for a reason other than the routing verdict: not cached."""
+    """A lookup that failed for a reason other than the routing verdict: not cached.
+    args: the NoPath to answer with."""
 
 
-def _refusal(err: int, where: str, iif: int | None) -> str:
-    """One line for the kernel's errno from a route lookup (fib_props errors, ip_route_input)."""
+def _refusal(err: int, where: str, iif: int | None) -> NoPath:
+    """The kernel's errno from a route lookup (fib_props errors, ip_route_input) as a
+    refusal: a fixed code and one line naming the addresses."""
     if err == _errno.ENETUNREACH:
-        return f"no route to {where}"
+        return NoPath(f"no route to {where}", refusal.NO_ROUTE)
     if err == _errno.EHOSTUNREACH:
         if iif:
-            return f"unreachable route to {where}, or forwarding disabled on ifindex {iif}"
-        return f"unreachable route to {where}"
+            return NoPath(f"unreachable route to {where}, or forwarding disabled on ifindex {iif}",
+                          refusal.UNREACHABLE)
+        return NoPath(f"unreachable route to {where}", refusal.UNREACHABLE)
     if err == _errno.EACCES:
-        return f"prohibit route to {where}"
+        return NoPath(f"prohibit route to {where}", refusal.PROHIBITED)
     if err == _errno.EINVAL:
-        return f"blackhole route to {where}, or a martian source/destination"
+        return NoPath(f"blackhole route to {where}, or a martian source/destination", refusal.BLACKHOLE)
     if err == _errno.EXDEV:
-        return f"reverse-path filter rejects the source of a packet to {where} on ifindex {iif}"
+        return NoPath(f"reverse-path filter rejects the source of a packet to {where} on ifindex {iif}",
+                      refusal.RP_FILTER)
     if err == _errno.ENODEV:
-        return f"no device with ifindex {iif}"
+        return NoPath(f"no device with ifindex {iif}", refusal.DEVICE_GONE)
     if err == _errno.EAGAIN:
-        return f"throw route to {where} and no later table has one"
-    return f"route lookup for {where} failed: {error_text(err)}"
+        return NoPath(f"throw route to {where} and no later table has one", refusal.THROW_ROUTE)
+    return NoPath(f"route lookup for {where} failed: {error_text(err)}", refusal.LOOKUP_FAILED)
 
 
-def _verdict_or_transient(exc: OSError, where: str, iif: int | None) -> str:
-    """A failed route lookup: the routing verdict as a refusal line, or _Transient
+def _verdict_or_transient(exc: OSError, where: str, iif: int | None) -> NoPath:
+    """A failed route lookup: the routing verdict as a refusal, or _Transient
     when the errno is not a verdict (so the caller does not cache it)."""
     if exc.errno in _VERDICTS:
         return _refusal(exc.errno or 0, where, iif)
@@ -753,7 +764,7 @@ class RtPaths:
         self._resolve = resolve
         self._route_max = route_cache_size
         self._neigh_max = neigh_cache_size
-        self._routes: OrderedDict[tuple, Plan | str | int] = OrderedDict()
+        self._routes: OrderedDict[tuple, Plan | NoPath | int] = OrderedDict()
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()  # by route answer; link facts inside
         self._neigh: OrderedDict[tuple[int, str], bytes] = OrderedDict()
         self._links: dict[int, LinkInfo | None] = {}
@@ -844,17 +855,18 @@ class RtPaths:
         return parse_route(data)
 
     def _plan(self, family: int, src: str, dst: str, iif: int | None, mark: int,
-              proto: int | None, sport: int | None, dport: int | None) -> Plan | str:
-        """A Plan, or the NoPath reason (cached like a plan: both hold until something changes)."""
+              proto: int | None, sport: int | None, dport: int | None) -> Plan | NoPath:
+        """A Plan, or the NoPath to answer with (cached like a plan: both hold until
+        something changes; never raised itself, each answer raises a copy)."""
         if family not in _ALEN:
-            return f"address family {family} is not IPv4/IPv6"
+            return NoPath(f"address family {family} is not IPv4/IPv6", refusal.BAD_ADDRESS)
         try:
             pdst = socket.inet_pton(family, dst)
             psrc = socket.inet_pton(family, src) if src else None
         except OSError:
-            return f"bad address in {src!r} -> {dst!r} for family {family}"
+            return NoPath(f"bad address in {src!r} -> {dst!r} for family {family}", refusal.BAD_ADDRESS)
         if _is_multicast_or_broadcast(family, pdst):
-            return f"{dst} is a multicast or broadcast destination"
+            return NoPath(f"{dst} is a multicast or broadcast destination", refusal.MULTICAST_DESTINATION)
         try:
             try:
                 route = self._lookup(family, psrc, pdst, iif, mark, proto, sport, dport)
@@ -871,7 +883,8 @@ class RtPaths:
                     return self._einval_reason(family, src, dst, pdst, iif, mark)
             if iif and family == socket.AF_INET6 and route.type == RTN_UNICAST \
                     and not self._ipv6_forwarding():
-                return "IPv6 forwarding is disabled (net.ipv6.conf.all.forwarding = 0)"
+                return NoPath("IPv6 forwarding is disabled (net.ipv6.conf.all.forwarding = 0)",
+                              refusal.IPV6_FORWARDING_OFF)
             # Every destination behind one gateway shares one plan (and its last Egress).
             pkey = (route.type, route.oif, route.gateway, route.via, route.mtu, route.encap_type,
                     None if route.gateway or route.via else pdst)
@@ -884,15 +897,15 @@ class RtPaths:
                         self._plans.popitem(last=False)
             return plan
         except NoPath as exc:
-            return str(exc)
+            return exc.with_traceback(None)  # cached: no frame kept alive with it
         except TimeoutError as exc:
-            raise _Transient(str(exc)) from None
+            raise _Transient(NoPath(str(exc), refusal.LOOKUP_FAILED)) from None
         except DeviceError as exc:
-            raise _Transient(str(exc)) from None
+            raise _Transient(NoPath(str(exc), refusal.LOOKUP_FAILED)) from None
         except OSError as exc:
             return _verdict_or_transient(exc, dst, iif)
 
-    def _einval_reason(self, family: int, src: str, dst: str, pdst: bytes, iif: int, mark: int) -> str:
+    def _einval_reason(self, family: int, src: str, dst: str, pdst: bytes, iif: int, mark: int) -> NoPath:
         """EINVAL from an input lookup is a blackhole route or a refused source (martian,
         reverse-path filter): the output lookup of dst alone tells the two apart."""
         try:
@@ -901,11 +914,11 @@ class RtPaths:
             raise
         except OSError as exc:
             if exc.errno == _errno.EINVAL:
-                return f"blackhole route to {dst}"
-        return (f"the kernel refuses {src} -> {dst} arriving on ifindex {iif}: reverse-path filter, "
-                f"martian address or a policy-routed blackhole")
+                return NoPath(f"blackhole route to {dst}", refusal.BLACKHOLE)
+        return NoPath(f"the kernel refuses {src} -> {dst} arriving on ifindex {iif}: reverse-path filter, "
+                      f"martian address or a policy-routed blackhole", refusal.RP_FILTER)
 
-    def _remember(self, key: tuple, value: Plan | str | int) -> None:
+    def _remember(self, key: tuple, value: Plan | NoPath | int) -> None:
         if not self._cache:
             return
         routes = self._routes
@@ -968,10 +981,10 @@ class RtPaths:
             try:
                 plan = self._plan(family, src, dst, iif, mark, proto, sport, dport)
             except _Transient as exc:
-                raise NoPath(str(exc)) from None
+                raise NoPath(*exc.args[0].args) from None
             self._remember(key, plan)
-        if plan.__class__ is str:
-            raise NoPath(plan)
+        if plan.__class__ is NoPath:
+            raise NoPath(*plan.args)
         assert isinstance(plan, Plan)
         mac = self._neigh.get(plan.nkey)
         if mac is None:
@@ -992,28 +1005,29 @@ class RtPaths:
             try:
                 hit = self._device(family, addr, mark)
             except _Transient as exc:
-                raise NoPath(str(exc)) from None
+                raise NoPath(*exc.args[0].args) from None
             self._remember(key, hit)
-        if isinstance(hit, str):
-            raise NoPath(hit)
+        if isinstance(hit, NoPath):
+            raise NoPath(*hit.args)
         assert isinstance(hit, int)
         return hit
 
-    def _device(self, family: int, addr: str, mark: int) -> int | str:
+    def _device(self, family: int, addr: str, mark: int) -> int | NoPath:
         try:
             packed = socket.inet_pton(family, addr)
         except OSError:
-            return f"bad address {addr!r} for family {family}"
+            return NoPath(f"bad address {addr!r} for family {family}", refusal.BAD_ADDRESS)
         try:
             route = self._lookup(family, None, packed, None, mark, None, None, None)
         except TimeoutError as exc:
-            raise _Transient(str(exc)) from None
+            raise _Transient(NoPath(str(exc), refusal.LOOKUP_FAILED)) from None
         except OSError as exc:
             return _verdict_or_transient(exc, addr, None)
         if route.type == RTN_LOCAL:
-            return f"{addr} is local to this host"
+            return NoPath(f"{addr} is local to this host", refusal.LOCAL_DESTINATION)
         if route.type != RTN_UNICAST or not route.oif:
-            return f"route to {addr} is of type {_RTN_NAMES.get(route.type, route.type)}"
+            return NoPath(f"route to {addr} is of type {_RTN_NAMES.get(route.type, route.type)}",
+                          refusal.ROUTE_TYPE)
         return route.oif
 
     def mac_of(self, ifindex: int) -> bytes:

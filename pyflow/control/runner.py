@@ -49,6 +49,28 @@ class LoopStopped(Exception):
     """A call into the control loop could not run: the loop is not running."""
 
 
+class StillRunning(TimeoutError):
+    """A call started inside the loop but did not finish in time: it runs to its end (its
+    caller was told so), unlike a plain TimeoutError, whose call never runs."""
+
+
+_QUEUED, _STARTED, _CANCELLED, _ABANDONED = "queued", "started", "cancelled", "abandoned"
+
+
+class _Call:
+    """One call into the loop. ``state`` changes under the control plane's call lock, so a
+    caller that gives up and the loop that picks the call up agree on whether it runs."""
+
+    __slots__ = ("fn", "state", "value", "error", "done")
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.state = _QUEUED
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -137,8 +159,8 @@ class ControlPlane:
         self._hand_back = True
         # calls from other threads (control socket, metrics) run inside the loop, which
         # owns the engine; a pipe wakes the loop's select() when one is queued
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], dict[str, Any], threading.Event]] = \
-            queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._call_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.ct_events = {t.value: 0 for t in EventType}
         self.latency = LatencyHistogram()
@@ -236,37 +258,64 @@ class ControlPlane:
             pass
         while True:
             try:
-                fn, result, done = self._calls.get_nowait()
+                call = self._calls.get_nowait()
             except queue.Empty:
                 return
+            with self._call_lock:
+                if call.state == _CANCELLED:
+                    continue  # its caller was answered "not run": running it now would surprise
+                call.state = _STARTED
             try:
-                result["value"] = fn()
+                call.value = call.fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
-                result["error"] = exc
-            done.set()
+                call.error = exc
+            call.done.set()
+            with self._call_lock:
+                late = call.state == _ABANDONED
+            if late:
+                log.warning("a request answered as still running has now finished%s",
+                            f" with an error: {call.error}" if call.error is not None else "")
 
     def call(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
         """Run fn inside the loop thread (where the engine lives) and return its result or
-        raise its exception. Raises LoopStopped when the loop is not running, TimeoutError
-        when it did not get to fn within ``timeout`` seconds."""
+        raise its exception. Raises LoopStopped when the loop is not running; when fn did
+        not finish within ``timeout`` seconds, TimeoutError if the loop had not started it
+        (it is cancelled: it never runs) or StillRunning if it had (it runs to its end)."""
         if self._thread is None or not self._thread.is_alive() or self._stop.is_set():
             raise LoopStopped("the control loop is not running")
-        result: dict[str, Any] = {}
-        done = threading.Event()
-        self._calls.put((fn, result, done))
+        call = _Call(fn)
+        self._calls.put(call)
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already
-        while not done.wait(0.1):
+        while not call.done.wait(0.1):
             timeout -= 0.1
-            if not self._thread.is_alive():
+            stopped = not self._thread.is_alive()
+            if not stopped and timeout > 0:
+                continue
+            state = self._give_up(call)
+            if stopped and state != _STARTED:
                 raise LoopStopped("the control loop stopped")
-            if timeout <= 0:
-                raise TimeoutError("the control loop did not answer in time")
-        if "error" in result:
-            raise result["error"]
-        return result["value"]
+            if state == _CANCELLED:
+                raise TimeoutError("the control loop did not answer in time; the request was not run")
+            if state == _ABANDONED:
+                raise StillRunning("the control loop did not finish in time; the request is still "
+                                   "running and will complete")
+            break  # it finished just now
+        if call.error is not None:
+            raise call.error
+        return call.value
+
+    def _give_up(self, call: _Call) -> str:
+        """The caller stops waiting for ``call``: _CANCELLED if it had not started (it will
+        never run), _ABANDONED if it is running (it will complete), _STARTED if it is done."""
+        with self._call_lock:
+            if call.state == _QUEUED:
+                call.state = _CANCELLED
+            elif not call.done.is_set():
+                call.state = _ABANDONED
+            return call.state
 
     @property
     def running(self) -> bool:

@@ -48,6 +48,11 @@ log = logging.getLogger("pyflowd")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
+# How long a request or a reload waits for the control loop. A request the loop did not
+# start by then is cancelled and answered "busy" (it never runs); one it started is
+# answered "still_running" and completes.
+REQUEST_TIMEOUT_S = 30.0
+
 
 # ---- systemd notification ----------------------------------------------------------------
 
@@ -215,14 +220,19 @@ class Daemon:
         handler = self.ops.handlers().get(command)
         if handler is None:
             raise RequestError("unknown_command", f"unknown command {command!r}")
-        from pyflow.control.runner import LoopStopped
+        from pyflow.control.runner import LoopStopped, StillRunning
 
         try:
-            return self.ops.cp.call(lambda: handler(args))
+            return self.ops.cp.call(lambda: handler(args), REQUEST_TIMEOUT_S)
         except LoopStopped:
             raise RequestError("stopping", "pyflowd is stopping") from None
+        except StillRunning:
+            raise RequestError("still_running", f"pyflowd's control loop did not finish {command} in "
+                               "time: it is still running and will complete (see status, "
+                               "devices and the log)") from None
         except TimeoutError:
-            raise RequestError("busy", "pyflowd's control loop did not answer in time") from None
+            raise RequestError("busy", f"pyflowd's control loop did not answer in time: {command} was "
+                               "not run") from None
         except RequestError:
             raise
         except PyflowError as exc:
@@ -240,12 +250,17 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s", exc)
         else:
             _set_log_level(new.daemon.log_level)
-            from pyflow.control.runner import LoopStopped
+            from pyflow.control.runner import LoopStopped, StillRunning
+
+            def apply() -> None:  # in the loop: a reload that finishes late still takes effect whole
+                self.ops.reload(new)
+                self.config = self.ops.config
 
             try:
-                self.ops.cp.call(lambda: self.ops.reload(new))
-                self.config = self.ops.config
+                self.ops.cp.call(apply, REQUEST_TIMEOUT_S)
                 log.info("reloaded %s", new.path or "built-in defaults")
+            except StillRunning:
+                log.warning("reload still running after %.0f s: it will complete", REQUEST_TIMEOUT_S)
             except (PyflowError, LoopStopped, TimeoutError) as exc:
                 log.error("reload failed: %s", exc)
         self.notifier.notify("READY=1", "STATUS=reloaded")

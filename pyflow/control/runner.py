@@ -34,7 +34,7 @@ from pyflow.control.stats import (
     Traffic,
 )
 from pyflow.datapath.abi import MAP_FLOWS
-from pyflow.datapath.flowtable import FlowTable
+from pyflow.datapath.flowtable import Counters, FlowTable
 from pyflow.datapath.loader import Datapath
 from pyflow.hw.offload import FlowerOffload
 
@@ -103,6 +103,19 @@ def ensure_conntrack_events(path: str = CT_EVENTS_SYSCTL) -> None:
                     "was not listening will leave the fast path only when idle", exc.strerror)
 
 
+class CountedFlowTable(FlowTable):
+    """The flow table, remembering how many entries its last full counter read found: the
+    keep-alive tick reads every entry anyway, so a stats snapshot takes the count from
+    there instead of walking the whole map again (0.26 s at 100k connections)."""
+
+    entries_seen = 0
+
+    def read_counters(self) -> Counters:
+        counters = super().read_counters()
+        self.entries_seen = len(counters)
+        return counters
+
+
 class LoaderDevices:
     """The engine's device registry, read from the loader: every attached device with its
     tx-port slot and MAC. Refreshed on link changes (a MAC can change)."""
@@ -144,7 +157,8 @@ class ControlPlane:
     calls start(). The netlink adapters are made inside that thread: pyroute2's
     synchronous sockets must be used from the thread that created them.
 
-    What others may use: start(), stop(), call(), running, error, last_turn, and, inside
+    What others may use: start(), stop(), call(), running, error, last_turn, kept (with
+    snapshot_source set before start()), and, inside
     the loop through call(), reconfigure(), snapshot(), offloaded(), flush() and the
     device calls. The engine, the tables and the adapters stay the loop's own."""
 
@@ -165,10 +179,16 @@ class ControlPlane:
         self.ct_events = {t.value: 0 for t in EventType}
         self.latency = LatencyHistogram()
         self.last_turn = time.monotonic()  # when the loop last went round (a watchdog reads it)
+        # Set before start() to have the loop keep a snapshot: it runs inside the loop at its
+        # start and after every keep-alive tick, and ``kept`` holds (monotonic time, value)
+        # of the last one, so readers (/metrics) never enter the loop nor wait for it.
+        self.snapshot_source: Callable[[], Any] | None = None
+        self.kept: tuple[float, Any] | None = None
+        self._snapshot_failing = False
 
     def _setup(self) -> None:
         ensure_conntrack_events()
-        self.flows = FlowTable(self.dp.map_fd(MAP_FLOWS))
+        self.flows = CountedFlowTable(self.dp.map_fd(MAP_FLOWS))
         self.ct = CtNetlink(rcvbuf=self.config.conntrack_rcvbuf, offload_mark=self.config.offload_mark)
         self.paths = RtPaths()
         self.watcher = PathWatcher()
@@ -215,6 +235,9 @@ class ControlPlane:
     def _loop(self) -> None:
         next_tick = time.monotonic() + self.config.keepalive_period_s
         sources = [self.ct.fileno(), self.watcher.fileno(), self._wake_r]
+        if self.snapshot_source is not None:
+            self.flows.read_counters()  # the entry count until the first tick reads it
+        self.keep_snapshot()
         while not self._stop.is_set():
             self.last_turn = now = time.monotonic()
             wait = max(0.0, min(next_tick - now, 0.2))
@@ -227,6 +250,7 @@ class ControlPlane:
                 self._run_calls()
             if time.monotonic() >= next_tick:
                 self.engine.tick()
+                self.keep_snapshot()
                 period = self.config.keepalive_period_s  # read each time: a reload may change it
                 next_tick += period
                 if next_tick < time.monotonic():  # fell behind: do not burst to catch up
@@ -275,6 +299,22 @@ class ControlPlane:
             if late:
                 log.warning("a request answered as still running has now finished%s",
                             f" with an error: {call.error}" if call.error is not None else "")
+
+    def keep_snapshot(self) -> None:
+        """Inside the loop: take ``snapshot_source``'s value and keep it with its time. A
+        failure is logged (once until it works again) and leaves the previous one: it
+        must not end the loop."""
+        source = self.snapshot_source
+        if source is None:
+            return
+        try:
+            self.kept = (time.monotonic(), source())
+        except Exception as exc:  # noqa: BLE001 - a failed snapshot must not stop forwarding decisions
+            if not self._snapshot_failing:
+                log.warning("stats snapshot failed (the last one is kept): %s", exc)
+            self._snapshot_failing = True
+        else:
+            self._snapshot_failing = False
 
     def call(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
         """Run fn inside the loop thread (where the engine lives) and return its result or
@@ -347,7 +387,8 @@ class ControlPlane:
         fast = reasons.pop("forwarded", (0, 0))
         return LoopStats(
             offloaded=offloaded,
-            flow_map=FlowMapStats.of(len(self.flows.read_counters()), self.flows.max_entries),
+            # the count the last keep-alive tick's read found: no second walk of the map
+            flow_map=FlowMapStats.of(self.flows.entries_seen, self.flows.max_entries),
             fast_path=Traffic(*fast),
             slow_path={name: Traffic(p, b) for name, (p, b) in reasons.items()},
             conntrack=ConntrackStats(events=dict(self.ct_events), lost_events=self.ct.lost_events,

@@ -163,7 +163,7 @@ class Daemon:
 
     def start(self) -> None:
         from pyflow.daemon.api import ControlServer
-        from pyflow.daemon.metrics import MetricsServer, registry_for
+        from pyflow.daemon.metrics import MetricsServer, kept_snapshot, registry_for
         from pyflow.daemon.operations import Operations
         from pyflow.datapath.loader import Datapath
 
@@ -179,12 +179,13 @@ class Daemon:
                       **self._datapath_options())
         ops = self.ops = Operations(self.config, dp)
         ops.apply_devices(live=False)
+        if d.metrics_address:
+            ops.cp.snapshot_source = ops.stats  # kept at every tick: scrapes never enter the loop
         ops.cp.start()
         self.server.start()
         if d.metrics_address:
-            # the snapshot is taken inside the loop, where the engine lives
-            self.metrics = MetricsServer(d.metrics_address,
-                                         registry_for(lambda: ops.cp.call(ops.stats, 10.0)))
+            snapshot = kept_snapshot(lambda: ops.cp.kept, lambda: ops.cp.config.keepalive_period_s)
+            self.metrics = MetricsServer(d.metrics_address, registry_for(snapshot))
         log.info("pyflowd %s ready: %d device(s), socket %s, metrics %s", __version__,
                  len(ops.attached()), d.socket, d.metrics_address or "off")
 

@@ -1,8 +1,10 @@
-"""Prometheus metrics: every value read from the datapath and the engine at scrape time.
+"""Prometheus metrics: every value from the stats snapshot the control loop keeps.
 
 Each metric is declared once, in ``METRICS``: its name, type, help and where its value
 comes from in the stats snapshot (:class:`pyflow.daemon.stats.Stats`, taken inside the
-control loop; ``pyflowctl stats`` answers from the same snapshot). Names carry the prefix
+control loop at every keep-alive tick; ``pyflowctl stats`` answers from the same type).
+A scrape reads the last kept snapshot and never enters the loop: looped scrapes cannot
+delay conntrack events, and a scrape is at most one keep-alive period stale. Names carry the prefix
 ``pyflow_`` and base units; counters get ``_total`` from the client; no per-flow labels.
 The registry is a parameter so tests and embedders can use their own. The list of
 metrics is in the README ("Running pyflowd").
@@ -11,6 +13,7 @@ metrics is in the README ("Running pyflowd").
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -56,7 +59,13 @@ def _by_family_placement(s: Stats) -> dict[tuple[str, ...], float]:
     return {(family, place): n for family, by_place in s.offloaded.items() for place, n in by_place.items()}
 
 
-UP = MetricDef("pyflow_up", GAUGE, "1 when the control loop answered this scrape, else 0", lambda s: 1)
+UP = MetricDef("pyflow_up", GAUGE,
+               "1 when the control loop's last snapshot is fresh (the loop keeps ticking), else 0",
+               lambda s: 1)
+
+# How much older than one keep-alive period the kept snapshot may be before a scrape says
+# the loop is down (pyflow_up 0): the loop has stopped ticking.
+STALE_AFTER_S = 10.0
 
 METRICS: tuple[MetricDef, ...] = (
     MetricDef("pyflow_build_info", GAUGE, "pyflow version",
@@ -157,6 +166,26 @@ def declared() -> dict[str, str]:
     """Every metric family the collector exposes -> its type (counter, gauge, histogram)
     (dashboards and tests check themselves against it)."""
     return {m.name: m.kind for m in (UP, *METRICS)}
+
+
+def kept_snapshot(kept: Callable[[], tuple[float, Stats] | None],
+                  period_s: Callable[[], float]) -> Callable[[], Stats]:
+    """The collector's snapshot: the last one the loop kept, ``kept()`` -> (monotonic time,
+    stats) or None, read without entering the loop. Raises (so the scrape says
+    pyflow_up 0) when there is none or it is older than a keep-alive period plus
+    STALE_AFTER_S."""
+
+    def snapshot() -> Stats:
+        got = kept()
+        if got is None:
+            raise LookupError("the control loop has kept no snapshot yet")
+        at, stats = got
+        age = time.monotonic() - at
+        if age > period_s() + STALE_AFTER_S:
+            raise TimeoutError(f"the control loop's last snapshot is {age:.0f} s old")
+        return stats
+
+    return snapshot
 
 
 def registry_for(snapshot: Callable[[], Stats]) -> CollectorRegistry:

@@ -2,6 +2,9 @@
 # `make setup` is idempotent: it installs what is missing and fails naming what it could not get.
 
 SHELL := /bin/bash
+
+# `make`: the native module and the prebuilt datapath object (the build step of `make setup`)
+all: native
 PY_SYS := /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +13,7 @@ APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute
 	ethtool socat iperf3 tcpdump iputils-ping gcc make systemd curl
 PYTEST_ARGS ?=
 
-.PHONY: setup apt headers bpffs venv native lab-setup test test-host lab lab-parity lint bench demo clean
+.PHONY: all setup apt headers bpffs venv native datapath lab-setup test test-host lab lab-parity lint bench demo clean
 
 setup: apt headers bpffs venv native lab-setup
 	@$(PY) -c 'import bcc, pyroute2, prometheus_client, pyflow._native' \
@@ -52,9 +55,16 @@ venv:
 	@$(PY) -m pip install -q "pyroute2>=0.9" "prometheus-client>=0.17" "pytest>=7" "scapy>=2.5" ruff mypy matplotlib \
 		|| { echo "setup: pip install failed" >&2; exit 1; }
 
+# pip's editable build runs setup.py, which also compiles the datapath object when its
+# sources changed (csrc/build_bpf.py); `make datapath` rebuilds only the object.
 native:
 	@$(PY) -m pip install -q --no-build-isolation -e . \
-		|| { echo "setup: building pyflow (cffi extension from csrc/) failed" >&2; exit 1; }
+		|| { echo "setup: building pyflow (cffi extension from csrc/, BPF object from ebpf/) failed" >&2; exit 1; }
+
+BPF_OBJ := pyflow/datapath/pyflow_xdp.bpf.o
+datapath: $(BPF_OBJ)
+$(BPF_OBJ): ebpf/pyflow_xdp.c $(wildcard ebpf/lib/*.h ebpf/include/*.h) csrc/build_bpf.py
+	@$(PY_SYS) csrc/build_bpf.py $@ >/dev/null
 
 # The README's test command: the host suite, then the kernel lab (in this order, also under -j).
 test:
@@ -109,5 +119,5 @@ demo:
 	$(PY) -m tests.demo.demo
 
 clean:
-	rm -rf build *.egg-info pyflow/_native*.so bench-results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build *.egg-info pyflow/_native*.so $(BPF_OBJ) bench-results .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

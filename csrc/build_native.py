@@ -11,6 +11,7 @@ compiler's, so a header cffi misreads fails the build instead of the datapath.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 from cffi import FFI
@@ -46,6 +47,19 @@ def declarations(header: Path) -> str:
     return "\n".join(decls + sorted(set(consts)))
 
 
+def multiarch_include() -> list[str]:
+    """/usr/include/<triplet> of the build host (asm/ for <linux/types.h>), when the
+    compiler does not search it itself."""
+    for cmd in (["gcc", "-print-multiarch"], ["dpkg-architecture", "-qDEB_HOST_MULTIARCH"]):
+        try:
+            triplet = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if triplet and Path(f"/usr/include/{triplet}").is_dir():
+            return [f"/usr/include/{triplet}"]
+    return []
+
+
 def make_ffi() -> FFI:
     ffi = FFI()
     ffi.cdef(_KERNEL_TYPES + declarations(ABI_HEADER) + declarations(NATIVE_HEADER))
@@ -53,7 +67,8 @@ def make_ffi() -> FFI:
         "pyflow._native",
         '#include "pyflow_abi.h"\n#include "pyflow_native.h"\n',
         sources=NATIVE_SOURCES,  # relative: setuptools refuses absolute source paths
-        include_dirs=[str(ABI_HEADER.parent), str(NATIVE_HEADER.parent), "/usr/include/x86_64-linux-gnu"],
+        include_dirs=[str(ABI_HEADER.parent), str(NATIVE_HEADER.parent), *multiarch_include()],
+        libraries=["bpf"],  # csrc/loader.c: the prebuilt datapath object
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],
     )
     return ffi

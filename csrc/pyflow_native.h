@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * Native half of the pyflow control plane, bound with cffi (pyflow/_native_build.py).
- * Talks to the kernel through the raw bpf() syscall only: no libbpf, no bcc.
+ * Talks to the kernel through the raw bpf() syscall, except csrc/loader.c, which
+ * loads the prebuilt datapath object with libbpf.
  * Every function returns 0 or a negative errno; nothing here allocates memory
  * that the caller must free.
  */
@@ -101,6 +102,38 @@ int pyflow_ft_read_counters(const struct pyflow_ft *ft, void *keys, void *counte
 /* Number of entries (a full walk: the kernel keeps no cheap count for hash maps). */
 int pyflow_ft_count(const struct pyflow_ft *ft, uint32_t chunk, uint32_t flags, struct pyflow_ft_result *res);
 /* ==== end of flow table section ============================================= */
+
+/* ==== prebuilt datapath: loading a BPF object with libbpf (csrc/loader.c) ====
+ * Opens req->object, sets each listed map's max_entries (max_entries < 0: the
+ * object's own), adopts the map pinned as pin_dir/<name> (which keeps its own
+ * size) or creates the map and pins it there (pin_dir NULL: no pins), loads,
+ * and returns duplicated fds of
+ * the listed maps and programs (the caller closes them). On failure every fd is
+ * -1 and log holds the tail of what libbpf said, the verifier's log included. */
+struct pyflow_bpf_map {
+	const char *name;
+	int64_t max_entries;
+	int fd;       /* out */
+	int adopted;  /* out: 1 when the map was the one pinned */
+};
+
+struct pyflow_bpf_prog {
+	const char *name;
+	int fd; /* out */
+};
+
+struct pyflow_bpf_load {
+	const char *object;
+	const char *pin_dir;
+	struct pyflow_bpf_map *maps;
+	uint32_t nmaps;
+	struct pyflow_bpf_prog *progs;
+	uint32_t nprogs;
+	char log[16384]; /* out */
+};
+
+int pyflow_bpf_load(struct pyflow_bpf_load *req);
+/* ==== end of prebuilt datapath section ====================================== */
 
 /* ==== keep-alive scan (csrc/keepalive.c) ======================================
  * The per-connection work of the control plane's keep-alive tick. The caller keeps

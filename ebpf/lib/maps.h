@@ -21,7 +21,7 @@
 #include "compat.h"
 
 #ifdef PYFLOW_LIBBPF
-/* libbpf pins and adopts by the path the loader sets on each map */
+/* csrc/loader.c adopts each map pinned in the pin dir, or pins the one libbpf made */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct pyflow_flow_key);

@@ -1,7 +1,8 @@
 """Loading the datapath and attaching it to devices.
 
-One :class:`Datapath` compiles ebpf/pyflow_xdp.c once (bcc), loads its two
-entry points (``pyflow_xdp`` for the XDP hook, ``pyflow_tc`` for TC ingress)
+One :class:`Datapath` loads the datapath built from ebpf/pyflow_xdp.c (by default
+the object compiled at build time, with libbpf; or compiled at start with bcc)
+with its two entry points (``pyflow_xdp`` for the XDP hook, ``pyflow_tc`` for TC ingress)
 and attaches them to devices in one of three modes:
 
 ``native``   XDP in the driver (IFLA_XDP with XDP_FLAGS_DRV_MODE)
@@ -15,7 +16,7 @@ and attaches them to devices in one of three modes:
              run in the kernel's software flower: labs and tests)
 
 Persistence: the maps are created pinned under the pin dir (or adopted from
-the pins, bcc's BPF_TABLE_PINNED), the programs are pinned there too
+the pins: libbpf's pin paths, or bcc's BPF_TABLE_PINNED), the programs are pinned there too
 (``prog_xdp``, ``prog_tc``), and a JSON state file (bpffs holds no regular
 files, so it lives in a state dir, /run/pyflow by default) records which
 device runs which mode and owns which tx-port slot. A restarted process reads
@@ -60,7 +61,7 @@ from pyflow.datapath.attach.pins import (
     ensure_bpffs,
     fd_prog_id,
 )
-from pyflow.datapath.attach.programs import Programs, map_info
+from pyflow.datapath.attach.programs import DEFAULT_BUILD, Programs, map_info
 from pyflow.datapath.attach.state import (
     DEFAULT_STATE_DIR,
     STATE_VERSION,
@@ -108,7 +109,11 @@ class Datapath:
     """
 
     def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, *, state_file: str | None = None,
-                 defines: Mapping[str, int] | None = None, hw_skip_hw: bool = False) -> None:
+                 defines: Mapping[str, int] | None = None, hw_skip_hw: bool = False,
+                 build: str = DEFAULT_BUILD) -> None:
+        """``build``: ``prebuilt`` loads the object compiled at build time with libbpf (no
+        compiler needed); ``bcc`` compiles ebpf/ at start. ``defines``: for bcc, -D flags;
+        for the object, only its map sizes (PYFLOW_MAX_FLOWS, PYFLOW_MAX_TX_PORTS)."""
         self._pins = PinDir(pin_dir)
         self.pin_dir = self._pins.path
         self.hw_skip_hw = hw_skip_hw  # hw mode without hw-tc-offload: software flower rules
@@ -120,7 +125,8 @@ class Datapath:
         self._closed = False
         self._ipr: Any = None
         made_dir = self._pins.prepare()
-        self._progs = Programs(self._pins, defines, made_dir=made_dir)
+        self._progs = Programs(self._pins, defines, made_dir=made_dir, build=build)
+        self.build = build
         try:
             progs = self._progs
             self.xdp_prog_id = progs.xdp_prog_id

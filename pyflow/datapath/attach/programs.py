@@ -1,6 +1,9 @@
-"""The compiled datapath: its two programs, its three maps, and the program pins.
+"""The loaded datapath: its two programs, its three maps, and the program pins.
 
-ebpf/pyflow_xdp.c is compiled once (bcc) with its maps pinned in the pin dir, and its
+The datapath comes from one of two builds of ebpf/pyflow_xdp.c (``BUILDS``):
+``prebuilt``, the object compiled at build time and loaded with libbpf
+(pyflow.datapath.bpfobject), the default; or ``bcc``, compiled at start. Either
+way its maps are pinned in the pin dir (or adopted from the pins there) and its
 two entry points are loaded: ``pyflow_xdp`` for the XDP hook, ``pyflow_tc`` for TC
 ingress. Which programs count as "ours" -- ours may be on a device, or an earlier
 process's -- is decided here too, from this process's programs and the pins.
@@ -12,11 +15,13 @@ import contextlib
 import io
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pyflow._native import ffi, lib
-from pyflow.datapath import bpfsource
+from pyflow.datapath import bpfobject, bpfsource
 from pyflow.datapath.abi import MAP_FLOWS, MAP_STATS, MAP_TX_PORTS
+from pyflow.datapath.attach.maps import MapTable, datapath_tables
 from pyflow.datapath.attach.pins import PIN_TC, PIN_XDP, PinDir, fd_prog_id
 from pyflow.errors import DatapathError
 
@@ -31,7 +36,7 @@ def load_summary(text: str) -> str:
 
 
 def map_info(table: Any) -> Any:
-    """The kernel's bpf_map_info of a bcc table (max_entries, ...)."""
+    """The kernel's bpf_map_info of a map table, bcc's or ours (max_entries, ...)."""
     info = ffi.new("struct pyflow_map_info *")
     rc = lib.pyflow_map_info(table.map_fd, info)
     if rc < 0:
@@ -39,15 +44,33 @@ def map_info(table: Any) -> Any:
     return info
 
 
+BUILDS = ("prebuilt", "bcc")
+DEFAULT_BUILD = "prebuilt"
+
+
+@dataclass
+class Prog:
+    """A loaded program's fd (bcc's function objects offer the same ``fd``)."""
+
+    fd: int
+
+
 class Programs:
-    """Both programs and the maps, loaded from one compile of the datapath."""
+    """Both programs and the maps, loaded from one build of the datapath."""
 
     def __init__(self, pins: PinDir, defines: Mapping[str, int] | None = None, *,
-                 made_dir: bool = False) -> None:
-        """Compile and load; ``made_dir``: the pin dir is new, so a failed compile removes it."""
+                 made_dir: bool = False, build: str = DEFAULT_BUILD) -> None:
+        """Build or open, and load; ``made_dir``: the pin dir is new, so a failed load removes it."""
+        if build not in BUILDS:
+            raise DatapathError(f"unknown datapath build {build!r}: use {' or '.join(BUILDS)}")
         self.pins = pins
-        before = pins.entries()
+        self.build = build
         self.bpf: Any = None
+        self._object: bpfobject.LoadedObject | None = None
+        before = pins.entries()
+        if build == "prebuilt":
+            self._load_prebuilt(defines, before, made_dir)
+            return
         try:
             self.bpf = bpfsource.compile_datapath(pin_dir=pins.path, defines=defines)
         except DatapathError:
@@ -64,6 +87,24 @@ class Programs:
             self.flows = self.bpf[MAP_FLOWS.encode()]
             self.stats = self.bpf[MAP_STATS.encode()]
             self.tx_ports = self.bpf[MAP_TX_PORTS.encode()]
+        except BaseException:
+            self.close()
+            raise
+
+    def _load_prebuilt(self, defines: Mapping[str, int] | None, before: set[str], made_dir: bool) -> None:
+        try:
+            self._object = bpfobject.load(pin_dir=self.pins.path, defines=defines)
+        except DatapathError:
+            self.pins.undo(before, made_dir)
+            raise
+        try:
+            progs, tables = self._object.progs, datapath_tables(self._object.maps)
+            self._object.maps = {}  # the tables own the map fds now
+            self.xdp = Prog(progs[bpfsource.XDP_FUNC])
+            self.tc = Prog(progs[bpfsource.TC_FUNC])
+            self.xdp_prog_id = fd_prog_id(self.xdp.fd)
+            self.tc_prog_id = fd_prog_id(self.tc.fd)
+            self.flows, self.stats, self.tx_ports = tables[MAP_FLOWS], tables[MAP_STATS], tables[MAP_TX_PORTS]
         except BaseException:
             self.close()
             raise
@@ -115,6 +156,13 @@ class Programs:
                 lib.pyflow_close(fd)
 
     def close(self) -> None:
+        if self._object is not None:
+            for table in (getattr(self, "flows", None), getattr(self, "stats", None),
+                          getattr(self, "tx_ports", None)):
+                if isinstance(table, MapTable):
+                    table.close()
+            self._object.close()
+            self._object = None
         if self.bpf is not None:
             with contextlib.suppress(Exception):
                 self.bpf.cleanup()

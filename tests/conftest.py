@@ -7,10 +7,12 @@ from collections.abc import Iterator
 import pytest
 
 
-@pytest.fixture(scope="session")
-def datapath() -> Iterator:
-    """The datapath compiled once per session (bcc takes seconds) and loaded for both hooks,
-    for the packet table (tests/datapath) and the fuzz test (tests/fuzz)."""
+@pytest.fixture(scope="session", params=["prebuilt", "bcc"])
+def datapath(request) -> Iterator:
+    """The datapath loaded once per session and build for both hooks, for the packet table
+    (tests/datapath) and the fuzz test (tests/fuzz): the prebuilt object (libbpf, the
+    default) and bcc's compile of the same source (bcc takes seconds), so every packet
+    test holds for both."""
     from tests.support import testrun  # compiles nothing until asked; keeps collection light
 
-    yield from testrun.load()
+    yield from testrun.load(request.param)

@@ -1,6 +1,7 @@
 """The ABI as the kernel holds it equals the ABI as cffi reads it.
 
-For the maps of a loaded datapath: the kernel's key and value sizes equal
+For the maps of a loaded datapath, of each build (the prebuilt object and bcc's
+compile of the same source): the kernel's key and value sizes equal
 cffi's sizeof, and the BTF the kernel keeps for each map (what clang made of
 pyflow_abi.h for the BPF target) gives every member of the shared structs the
 same offset and size that cffi (the host compiler) gives it. A header edit
@@ -27,10 +28,10 @@ SHARED = ["pyflow_flow_key", "pyflow_flow", "pyflow_flow_action", "pyflow_flow_c
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_DEVMAP = 1, 6, 14
 
 
-@pytest.fixture(scope="module")
-def dp(tmp_path_factory):
+@pytest.fixture(scope="module", params=["prebuilt", "bcc"])
+def dp(tmp_path_factory, request):
     pin_dir = f"/sys/fs/bpf/pft-abi-{os.getpid()}"
-    d = Datapath(pin_dir, state_file=str(tmp_path_factory.mktemp("abi") / "state.json"))
+    d = Datapath(pin_dir, state_file=str(tmp_path_factory.mktemp("abi") / "state.json"), build=request.param)
     yield d
     d.destroy()
     assert not os.path.exists(pin_dir)

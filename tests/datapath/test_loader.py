@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pyflow.datapath import abi, bpfsource, netdev
+from csrc import build_bpf
+from pyflow.datapath import abi, bpfobject, bpfsource, netdev
 from pyflow.datapath.loader import (
     PIN_TC,
     PIN_XDP,
@@ -389,8 +391,10 @@ def _flow(dp: Datapath, ns: str):
     return k, v
 
 
-def test_second_instance_adopts(make_dp, ns):
-    a = make_dp()
+@pytest.mark.parametrize("first,second", [("prebuilt", "prebuilt"), ("bcc", "prebuilt"), ("prebuilt", "bcc")])
+def test_second_instance_adopts(make_dp, ns, first, second):
+    """A restart adopts maps, attachments and slots, also when it changes the build."""
+    a = make_dp(build=first)
     a.attach("pft-a", "native")
     a.attach("pft-b", "tc")
     a.reserve_tx_port("pft-i")
@@ -400,7 +404,7 @@ def test_second_instance_adopts(make_dp, ns):
     a_xdp, a_tc = a.xdp_prog_id, a.tc_prog_id
     a.close()  # the process goes away; its programs keep running
 
-    b = make_dp()
+    b = make_dp(build=second)
     assert bytes(b.flows[k]) == bytes(v), "the flow written by the first instance is visible"
     assert b.status() == before
     assert {s.ifname: s.prog_id for s in b.status() if s.mode} == {"pft-a": a_xdp, "pft-b": a_tc}
@@ -490,24 +494,89 @@ def test_error_failed_generic_to_native_switch_keeps_generic(make_dp, ns):
     assert [(s.mode, s.slot) for s in dp.status()] == [("generic", 0)]
 
 
-def test_error_compile_failure_broken_define(ns, pin_dir, tmp_path):
-    """A define the datapath cannot live with (an empty devmap) fails the load with a
-    one-line DatapathError, and no half-made pins stay behind."""
+@pytest.mark.parametrize("build,prefix", [
+    ("bcc", "datapath compile failed: "),
+    ("prebuilt", f"datapath load of {bpfobject.object_path()} failed: "),
+])
+def test_error_compile_failure_broken_define(ns, pin_dir, tmp_path, build, prefix):
+    """A setting the datapath cannot live with (an empty devmap) fails the load with a
+    one-line DatapathError naming the map and the kernel's reason, and no half-made pins
+    stay behind."""
     with pytest.raises(DatapathError) as exc:
-        Datapath(pin_dir, state_file=str(tmp_path / "s.json"), defines={"PYFLOW_MAX_TX_PORTS": 0})
-    assert str(exc.value).startswith("datapath compile failed: ")
+        Datapath(pin_dir, state_file=str(tmp_path / "s.json"), defines={"PYFLOW_MAX_TX_PORTS": 0},
+                 build=build)
+    assert str(exc.value).startswith(prefix)
     assert abi.MAP_TX_PORTS in str(exc.value) and "\n" not in str(exc.value)
+    if build == "prebuilt":
+        assert str(exc.value).endswith("(Invalid argument)")
     assert not os.path.exists(pin_dir)
 
 
+def test_error_prebuilt_define_that_is_no_map_size(ns, pin_dir, tmp_path):
+    with pytest.raises(DatapathError, match="^PYFLOW_DEBUG is not a setting of the prebuilt datapath"):
+        Datapath(pin_dir, state_file=str(tmp_path / "s.json"), defines={"PYFLOW_DEBUG": 1})
+    assert not os.path.exists(pin_dir)
+
+
+VERIFIER_REFUSES = """
+#include "pyflow_abi.h"
+#include "lib/maps.h"
+PYFLOW_PROG("xdp") int pyflow_xdp(struct xdp_md *ctx)
+{
+	struct pyflow_flow_key key = {};
+	struct pyflow_flow *flow = bpf_map_lookup_elem(&pyflow_flows, &key);
+
+	return flow->counters.packets ? XDP_PASS : XDP_DROP; /* no NULL check: the verifier refuses */
+}
+PYFLOW_PROG("tc") int pyflow_tc(struct __sk_buff *skb) { return 0; }
+char _license[] SEC("license") = "GPL";
+"""
+
+
+def test_error_prebuilt_verifier_refusal_names_the_program_and_the_log(ns, pin_dir, tmp_path, monkeypatch):
+    """An object the verifier refuses: the error names the object and the program and
+    ends with the verifier log's last lines; the maps pinned on the way are removed."""
+    src = tmp_path / "refused.c"
+    src.write_text(VERIFIER_REFUSES)
+    obj = tmp_path / "refused.bpf.o"
+    build_bpf.build(obj, source=src)
+    monkeypatch.setenv("PYFLOW_BPF_OBJECT", str(obj))
+    with pytest.raises(DatapathError) as exc:
+        Datapath(pin_dir, state_file=str(tmp_path / "s.json"))
+    msg = str(exc.value)
+    assert msg.startswith(f"datapath load of {obj} failed: program pyflow_xdp refused by the verifier: ")
+    assert "invalid mem access 'map_value_or_null'" in msg and "\n" not in msg
+    assert not os.path.exists(pin_dir)
+
+
+def test_prebuilt_loads_without_a_compiler(tmp_path):
+    """The default path needs no clang, LLVM or kernel headers: with PATH holding no
+    compiler, a fresh process loads the object, pins its maps and runs a packet."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    code = (
+        "import shutil, sys\n"
+        "assert shutil.which('clang') is None and shutil.which('llc') is None\n"
+        "from pyflow.datapath.loader import Datapath\n"
+        f"dp = Datapath('/sys/fs/bpf/pft-nocc-{os.getpid()}', state_file='{tmp_path}/s.json')\n"
+        "assert dp.build == 'prebuilt' and dp.xdp_prog_id and dp.tc_prog_id\n"
+        "assert 'bcc' not in sys.modules, 'the prebuilt path imported bcc'\n"
+        "dp.destroy()\n"
+    )
+    env = {"PATH": str(bindir), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
 def test_error_compile_failure_broken_source(ns, pin_dir, tmp_path, monkeypatch):
+    """bcc: the compiler's first error line."""
     src = tmp_path / "ebpf"
     src.mkdir()
     (src / "pyflow_xdp.c").write_text("int pyflow_xdp(struct xdp_md *ctx) { return XDP_PASS }\n")
     monkeypatch.setattr(bpfsource, "EBPF_DIR", src)
     monkeypatch.setattr(bpfsource, "ENTRY_FILE", src / "pyflow_xdp.c")
     with pytest.raises(DatapathError, match=r"^datapath compile failed: .*error: expected ';'"):
-        Datapath(pin_dir, state_file=str(tmp_path / "s.json"))
+        Datapath(pin_dir, state_file=str(tmp_path / "s.json"), build="bcc")
     assert not os.path.exists(pin_dir)
 
 

@@ -147,6 +147,39 @@ def test_maps_pin_and_are_adopted():
         shutil.rmtree(pin_dir, ignore_errors=True)  # bpffs: unlinking the pins frees the maps
 
 
+def test_prebuilt_maps_pin_and_are_adopted():
+    """The object's maps, loaded with a pin dir, are pinned there; a second load adopts
+    them (the flows survive) and keeps their size, whatever the second load asks for."""
+    import os
+    import shutil
+
+    from pyflow._native import ffi, lib
+    from pyflow.datapath import bpfobject
+    from pyflow.datapath.attach.maps import datapath_tables
+
+    pin_dir = f"/sys/fs/bpf/pft-packets-{os.getpid()}"
+    os.makedirs(pin_dir)
+    loaded = []
+    try:
+        key, action = CASES[0].flow
+        first = bpfobject.load(pin_dir=pin_dir, defines={"PYFLOW_MAX_FLOWS": 64})
+        loaded.append(first)
+        assert sorted(os.listdir(pin_dir)) == sorted([abi.MAP_FLOWS, abi.MAP_STATS, abi.MAP_TX_PORTS])
+        t = datapath_tables(dict(first.maps))[abi.MAP_FLOWS]
+        t[t.Key.from_buffer_copy(abi.key_bytes(key))] = t.Leaf.from_buffer_copy(abi.value_bytes(action, key))
+
+        second = bpfobject.load(pin_dir=pin_dir, defines={"PYFLOW_MAX_FLOWS": 128})
+        loaded.append(second)
+        t2 = datapath_tables(dict(second.maps))[abi.MAP_FLOWS]
+        assert bytes(t2[t2.Key.from_buffer_copy(abi.key_bytes(key))]) == abi.value_bytes(action, key)
+        info = ffi.new("struct pyflow_map_info *")
+        assert lib.pyflow_map_info(t2.map_fd, info) == 0 and info.max_entries == 64
+    finally:
+        for obj in loaded:
+            obj.close()
+        shutil.rmtree(pin_dir, ignore_errors=True)
+
+
 @pytest.mark.parametrize("hook", ["xdp", "tc"])
 def test_closing_flow_sends_every_packet_to_the_kernel(dp, hook):
     """After a FIN the flow stays closing: a plain ACK of the same flow must reach the

@@ -1,5 +1,6 @@
-"""The compiled datapath for BPF_PROG_TEST_RUN: both hooks loaded from one build, the map
-operations packet tests need, and how to judge a run's verdict and output frame."""
+"""The datapath for BPF_PROG_TEST_RUN: both hooks loaded from one build (the prebuilt
+object through libbpf, or bcc's compile of the same source), the map operations packet
+tests need, and how to judge a run's verdict and output frame."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyflow._native import ffi
-from pyflow.datapath import abi
+from pyflow.datapath import abi, bpfobject
+from pyflow.datapath.attach.maps import datapath_tables
 from pyflow.datapath.bpfsource import TC_FUNC, XDP_FUNC, compile_datapath
 from pyflow.datapath.testrun import TEST_IFINDEX, RunResult, run
 from tests.support.packets import TX_SLOT
@@ -21,22 +23,25 @@ VERDICTS = {"xdp": (XDP_PASS, XDP_REDIRECT), "tc": (TC_ACT_UNSPEC, TC_ACT_REDIRE
 # Small maps: the packet tests need a handful of entries, not 256k preallocated ones.
 # (bcc wants function and map names as bytes.)
 TEST_DEFINES = {"PYFLOW_MAX_FLOWS": 1024}
+BUILDS = ("prebuilt", "bcc")
 
 
 @dataclass
 class CompiledDatapath:
     """The datapath loaded for both hooks, with the map operations the packet tests need.
 
-    Flows go in through bcc's table API: the tests must not depend on the
-    control plane's batched map layer."""
+    Flows go in through a table API (bcc's, or its equal on the object's fds in
+    pyflow.datapath.attach.maps): the tests must not depend on the control plane's
+    batched map layer."""
 
-    bpf: Any
+    build: str
+    tables: dict[str, Any]
     xdp_fd: int
     tc_fd: int
 
     @property
     def flows(self):
-        return self.bpf[abi.MAP_FLOWS.encode()]
+        return self.tables[abi.MAP_FLOWS]
 
     def install(self, flows: Iterable[tuple[abi.FlowKey, abi.FlowAction]]) -> None:
         t = self.flows
@@ -57,7 +62,7 @@ class CompiledDatapath:
 
     def stats(self) -> list[tuple[int, int]]:
         """(packets, bytes) per reason, summed over the CPUs."""
-        t = self.bpf[abi.MAP_STATS.encode()]
+        t = self.tables[abi.MAP_STATS]
         out = []
         for i in range(len(abi.REASONS)):
             per_cpu = t[t.Key(i)]
@@ -70,20 +75,36 @@ class CompiledDatapath:
         return run(self.tc_fd, packet, xdp=False, skb_ctx=skb_ctx, repeat=repeat)
 
 
-def load() -> Iterator[CompiledDatapath]:
-    """Compile and load the datapath (small maps), yield it, and unload it."""
+def load(build: str = "prebuilt") -> Iterator[CompiledDatapath]:
+    """Load the datapath of ``build`` (small maps, no pins), yield it, and unload it."""
+    if build == "prebuilt":
+        obj = bpfobject.load(defines=TEST_DEFINES)
+        tables = datapath_tables(obj.maps)
+        obj.maps = {}
+        try:
+            yield from _loaded(CompiledDatapath(build, tables, obj.progs[XDP_FUNC], obj.progs[TC_FUNC]))
+        finally:
+            for t in tables.values():
+                t.close()
+            obj.close()
+        return
     from bcc import BPF
 
     b = compile_datapath(defines=TEST_DEFINES)
     xdp = b.load_func(XDP_FUNC.encode(), BPF.XDP)
     tc = b.load_func(TC_FUNC.encode(), BPF.SCHED_CLS)
-    # The XDP redirect needs a device in the devmap slot; the test run never transmits.
-    tx = b[abi.MAP_TX_PORTS.encode()]
-    tx[tx.Key(TX_SLOT)] = tx.Leaf(TEST_IFINDEX)
+    tables = {name: b[name.encode()] for name in (abi.MAP_FLOWS, abi.MAP_STATS, abi.MAP_TX_PORTS)}
     try:
-        yield CompiledDatapath(b, xdp.fd, tc.fd)
+        yield from _loaded(CompiledDatapath(build, tables, xdp.fd, tc.fd))
     finally:
         b.cleanup()
+
+
+def _loaded(dp: CompiledDatapath) -> Iterator[CompiledDatapath]:
+    # The XDP redirect needs a device in the devmap slot; the test run never transmits.
+    tx = dp.tables[abi.MAP_TX_PORTS]
+    tx[tx.Key(TX_SLOT)] = tx.Leaf(TEST_IFINDEX)
+    yield dp
 
 
 def first_difference(got: bytes, want: bytes) -> str:

@@ -24,6 +24,9 @@ DEFAULT_METRICS_PORT = 9469
 DEVICE_MODES = ("auto", "native", "generic", "tc", "hw")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 STOP_ACTIONS = ("hand-back", "keep")
+# prebuilt: the BPF object compiled at build time, loaded with libbpf (no compiler on the
+# router); bcc: compiled from ebpf/ at start (development)
+DATAPATH_BUILDS = ("prebuilt", "bcc")
 IFNAMSIZ = 16  # the kernel's limit, including the terminating NUL
 
 
@@ -40,6 +43,7 @@ class DaemonConfig:
     bpffs_dir: str = "/sys/fs/bpf/pyflow"
     log_level: str = "info"
     on_stop: str = "hand-back"
+    datapath_build: str = "prebuilt"
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,9 @@ def _check_daemon(d: DaemonConfig, where: str) -> None:
         raise ConfigError(f"{where}: daemon.log_level: {d.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     if d.on_stop not in STOP_ACTIONS:
         raise ConfigError(f"{where}: daemon.on_stop: {d.on_stop!r} is not one of {', '.join(STOP_ACTIONS)}")
+    if d.datapath_build not in DATAPATH_BUILDS:
+        raise ConfigError(f"{where}: daemon.datapath_build: {d.datapath_build!r} is not one of "
+                          f"{', '.join(DATAPATH_BUILDS)}")
     if d.metrics_address:
         try:
             parse_address(d.metrics_address)

@@ -211,11 +211,12 @@ class Daemon:
 
         from pyflow.datapath.loader import Datapath
 
+        options: dict[str, Any] = {"build": self.config.daemon.datapath_build}
         if "hw_skip_hw" in inspect.signature(Datapath).parameters:
-            return {"hw_skip_hw": self.config.offload.hw_skip_hw}
-        if self.config.offload.hw_skip_hw:
+            options["hw_skip_hw"] = self.config.offload.hw_skip_hw
+        elif self.config.offload.hw_skip_hw:
             log.warning("offload.hw_skip_hw: this datapath has no hardware offload; ignored")
-        return {}
+        return options
 
     def _request(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
         handler = self.ops.handlers().get(command)

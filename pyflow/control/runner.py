@@ -375,8 +375,10 @@ class ControlPlane:
         self.config = config
         self.engine.config = config.engine
 
-    def snapshot(self) -> LoopStats:
-        """Every counter of the loop, the engine and the datapath's verdicts, as one copy."""
+    def snapshot(self, *, fresh: bool = False) -> LoopStats:
+        """Every counter of the loop, the engine and the datapath's verdicts, as one copy.
+        The flow map's entry count is the last keep-alive tick's unless ``fresh`` (a walk of
+        the whole map: for a request someone typed, not for a scraper's loop)."""
         engine, es = self.engine, self.engine.stats
         offloaded = {name: {"software": 0, "hardware": 0} for name in FAMILY_NAMES.values()}
         for off in engine.offloaded.values():
@@ -387,8 +389,8 @@ class ControlPlane:
         fast = reasons.pop("forwarded", (0, 0))
         return LoopStats(
             offloaded=offloaded,
-            # the count the last keep-alive tick's read found: no second walk of the map
-            flow_map=FlowMapStats.of(self.flows.entries_seen, self.flows.max_entries),
+            flow_map=FlowMapStats.of(len(self.flows.read_counters()) if fresh else self.flows.entries_seen,
+                                     self.flows.max_entries),
             fast_path=Traffic(*fast),
             slow_path={name: Traffic(p, b) for name, (p, b) in reasons.items()},
             conntrack=ConntrackStats(events=dict(self.ct_events), lost_events=self.ct.lost_events,

@@ -183,13 +183,14 @@ class Operations:
         names = {st.ifindex: st.ifname for st in self.dp.status()}
         return views.flow_list(self.cp.offloaded(), names, args)
 
-    def stats(self) -> Stats:
+    def stats(self, *, fresh: bool = False) -> Stats:
+        """The stats snapshot; ``fresh``: with the flow map counted now (see ControlPlane.snapshot)."""
         attached = self.attached()
         modes: dict[str, int] = {}
         for st in attached.values():
             modes[st.mode or "none"] = modes.get(st.mode or "none", 0) + 1
         counts = DeviceCounts(managed=len(attached), failed=len(self.devices.failed), by_mode=modes)
-        return Stats.of(self.cp.snapshot(), counts)
+        return Stats.of(self.cp.snapshot(fresh=fresh), counts)
 
     def status(self) -> dict[str, Any]:
         return views.status(self.config, uptime_s=time.time() - self.started, attached=len(self.attached()),
@@ -203,7 +204,7 @@ class Operations:
             "del-device": lambda a: self.del_device(a.get("name")),
             "devices": lambda a: views.device_table(self.devices, self.attached()),
             "flows": self.flows,
-            "stats": lambda a: self.stats().to_json(),
+            "stats": lambda a: self.stats(fresh=True).to_json(),
             "status": lambda a: self.status(),
             "flush": lambda a: self.flush(),
         }

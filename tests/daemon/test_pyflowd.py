@@ -158,6 +158,20 @@ def env():
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _scrape_until(d, ok, timeout: float = 10.0) -> dict:
+    """A scrape once ``ok(scrape)`` holds (or the last one at the timeout): /metrics shows the
+    control loop's snapshot of its last keep-alive tick, up to one period old."""
+    last: dict = {}
+
+    def probe() -> bool:
+        nonlocal last
+        last = d.scrape()
+        return bool(ok(last))
+
+    wait_for(probe, timeout)
+    return last
+
+
 def _transfer(topo, port, size, *, gate, upload=True, pace=0.0, family=4, gate_after=65536, **kw):
     addrs = V4 if family == 4 else V6
     return tcp_transfer(topo.sv, addrs["sv"], port, topo.cl, addrs["sv"], port, payload(size, port),
@@ -306,7 +320,7 @@ def test_flows_stats_and_metrics_during_a_transfer(env):
     def gate():
         seen["flow"] = wait_for(lambda: d.flow_on(5401), 10)
         seen["human"] = d.ctl("flows").stdout
-        seen["metrics"] = d.scrape()
+        seen["metrics"] = _scrape_until(d, lambda m: m["pyflow_flow_map_entries"] == 2)
         seen["stats"] = d.json("stats")
         seen["filtered"] = {
             "udp": d.json("flows", "--proto", "udp")["total"],
@@ -349,7 +363,9 @@ def test_flows_stats_and_metrics_during_a_transfer(env):
     st = seen["stats"]
     assert st["offloaded"]["ipv4"] == {"software": 1, "hardware": 0} and st["flow_map"]["entries"] == 2
     assert set(st) == {"offloaded", "flow_map", "fast_path", "slow_path", "conntrack", "engine", "devices"}
-    after = d.scrape()
+    fin_rst = 'pyflow_slowpath_packets_total{reason="tcp_fin_rst"}'
+    after = _scrape_until(d, lambda m: m[fin_rst] > 0 and m["pyflow_fastpath_bytes_total"]
+                          - before["pyflow_fastpath_bytes_total"] > 8 * MIB * 0.9)
     fast = after["pyflow_fastpath_bytes_total"] - before["pyflow_fastpath_bytes_total"]
     assert fast > 8 * MIB * 0.9, fast
     assert after['pyflow_slowpath_packets_total{reason="tcp_fin_rst"}'] > 0
@@ -367,7 +383,8 @@ def test_ipv6_flow_is_listed_and_counted(env):
         seen["flow"] = wait_for(lambda: d.flow_on(5405), 10)
         seen["v6"] = d.json("flows", "--addr", "2001:2::/32")["total"]
         seen["v4"] = d.json("flows", "--addr", "198.18.0.0/15")["total"]
-        seen["metrics"] = d.scrape()
+        v6_flows = 'pyflow_offloaded_flows{family="ipv6",placement="software"}'
+        seen["metrics"] = _scrape_until(d, lambda m: m[v6_flows])
         seen["human"] = d.ctl("flows", "--port", "5405").stdout
 
     res = _transfer(topo, 5405, 2 * MIB, gate=gate, upload=False, family=6)
@@ -405,7 +422,8 @@ def test_sighup_reload_applies_devices_and_refuses_a_bad_file(env):
     # a device that cannot be attached stays wanted and is shown as failed, the rest runs
     nope = next(x for x in d.json("devices")["devices"] if x["name"] == "pft-nope")
     assert (nope["state"], nope["error"], nope["mode"]) == ("failed", "no such device: pft-nope", None)
-    assert d.json("status")["failed_devices"] == ["pft-nope"] and d.scrape()["pyflow_failed_devices"] == 1
+    assert d.json("status")["failed_devices"] == ["pft-nope"]
+    assert _scrape_until(d, lambda m: m["pyflow_failed_devices"] == 1)["pyflow_failed_devices"] == 1
     assert "failed: no such device: pft-nope" in d.ctl("devices").stdout
     assert listener.seen("RELOADING=1") >= 1 and wait_for(lambda: listener.seen("READY=1") > ready, 5)
     d.write_config(group="nogroup", devices=((LAN, "auto"), (UP, "auto")), extra="idle_timout = 1\n")
@@ -500,7 +518,8 @@ def test_sigkill_mid_transfer_then_restart_adopts(env, tmp_path):
         devs = {x["name"]: (x["source"], x["state"]) for x in out["devices"]["devices"]}
         assert devs == {LAN: ("config", "attached"), UP: ("config", "attached"), UP2: ("runtime", "attached")}
         # the second half of the data went through the adopted fast path
-        last = d.scrape()["pyflow_fastpath_bytes_total"]
+        fast = "pyflow_fastpath_bytes_total"
+        last = _scrape_until(d, lambda m: m[fast] > 8 * MIB)[fast]
         assert last > 8 * MIB, last
         assert wait_for(lambda: d.json("stats")["flow_map"]["entries"] == 0, 5), "stale entries after close"
         # on_stop = "keep" (set by a reload): the datapath outlives the daemon, the next start adopts it

@@ -12,11 +12,18 @@ metrics is in the README ("Running pyflowd").
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import selectors
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
@@ -194,19 +201,188 @@ def registry_for(snapshot: Callable[[], Stats]) -> CollectorRegistry:
     return registry
 
 
+# The /metrics endpoint's bounds: whatever a local user does to it, pyflowd keeps one
+# thread for it and at most MAX_CONNECTIONS descriptors.
+MAX_CONNECTIONS = 16  # served at once; more are closed at once
+REQUEST_DEADLINE_S = 5.0  # from accept to the last byte of the answer: a silent peer is cut
+MAX_HEADER_BYTES = 8192  # a request head longer than this is refused
+ACCEPT_BACKOFF_MAX_S = 1.0  # the longest pause while accept() keeps failing (EMFILE, ENFILE)
+# accept() errors that say the process or the system is out of something: retrying at once
+# would find the connection still waiting and spin a core
+_ACCEPT_EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+class _Client:
+    __slots__ = ("sock", "deadline", "data", "out")
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.deadline = deadline
+        self.data = b""  # the request head read so far
+        self.out: bytes | None = None  # the answer still to send, once the head is read
+
+
 class MetricsServer:
-    """The /metrics HTTP endpoint (prometheus-client's server) at HOST:PORT."""
+    """The /metrics HTTP endpoint at HOST:PORT: prometheus-client's text output of
+    ``registry`` (generate_latest), served by one thread of its own with a selector, not a
+    thread per connection. At most MAX_CONNECTIONS at once, each cut at REQUEST_DEADLINE_S;
+    when accept() fails for want of descriptors or memory, the listening socket is left
+    alone for a growing pause instead of being retried in a loop. GET or HEAD of /metrics
+    (any path, as prometheus-client's server); one answer per connection (Connection:
+    close), in the Prometheus text format."""
 
-    def __init__(self, address: str, registry: CollectorRegistry):
-        from prometheus_client import start_http_server
-
-        host, port = parse_address(address)
+    def __init__(self, address: str | tuple[str, int], registry: CollectorRegistry):
+        host, port = parse_address(address) if isinstance(address, str) else address
+        self.registry = registry
+        self.refused = 0  # connections closed unanswered because MAX_CONNECTIONS were open
+        sock: socket.socket | None = None
         try:
-            self.server, self.thread = start_http_server(port, host, registry=registry)
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(64)
+            sock.setblocking(False)
         except OSError as exc:
-            raise PyflowError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+            if sock is not None:
+                sock.close()
+            where = address if isinstance(address, str) else f"{host}:{port}"
+            raise PyflowError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
+        self.sock = sock
+        self.address: tuple[str, int] = sock.getsockname()[:2]
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name="pyflow-metrics", daemon=True)
+        self.thread.start()
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
         self.thread.join(5)
+        self.sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ---- the serving thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        sel.register(self.sock, selectors.EVENT_READ)
+        clients: dict[socket.socket, _Client] = {}
+        listening, resume_at, backoff = True, 0.0, 0.0
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                if not listening and now >= resume_at:
+                    sel.register(self.sock, selectors.EVENT_READ)
+                    listening = True
+                wake = [c.deadline for c in clients.values()]
+                if not listening:
+                    wake.append(resume_at)
+                timeout = max(0.0, min(wake) - now) if wake else None
+                for key, _mask in sel.select(timeout):
+                    if key.fileobj is self.sock:
+                        pause = self._accept(sel, clients)
+                        if pause:
+                            backoff = min(max(backoff * 2, 0.01), ACCEPT_BACKOFF_MAX_S)
+                            sel.unregister(self.sock)
+                            listening, resume_at = False, time.monotonic() + backoff
+                        else:
+                            backoff = 0.0
+                    elif key.fileobj is not self._wake_r:
+                        client = clients[key.fileobj]  # type: ignore[index]
+                        if not self._progress(client, sel):
+                            self._drop(client, sel, clients)
+                now = time.monotonic()
+                for client in [c for c in clients.values() if c.deadline <= now]:
+                    self._drop(client, sel, clients)
+        finally:
+            for client in list(clients.values()):
+                self._drop(client, sel, clients)
+            sel.close()
+
+    def _accept(self, sel: selectors.BaseSelector, clients: dict[socket.socket, _Client]) -> bool:
+        """Take what waits in the backlog (a bounded number per wake-up); True when accept()
+        failed for want of resources and the listening socket must rest."""
+        for _ in range(64):
+            try:
+                conn, _peer = self.sock.accept()
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno in _ACCEPT_EXHAUSTED:
+                    log.warning("metrics: accept failed (%s); pausing", exc.strerror or exc)
+                    return True
+                continue  # that connection went away first
+            if len(clients) >= MAX_CONNECTIONS:
+                self.refused += 1
+                conn.close()
+                continue
+            conn.setblocking(False)
+            clients[conn] = _Client(conn, time.monotonic() + REQUEST_DEADLINE_S)
+            sel.register(conn, selectors.EVENT_READ)
+        return False
+
+    def _progress(self, client: _Client, sel: selectors.BaseSelector) -> bool:
+        """Read the request head or send the answer, as far as the socket allows; False
+        when the connection is done with (answered, gone or refused)."""
+        try:
+            if client.out is None:
+                chunk = client.sock.recv(4096)
+                if not chunk:
+                    return False
+                client.data += chunk
+                end = client.data.find(b"\r\n\r\n")
+                if end < 0:
+                    end = client.data.find(b"\n\n")
+                if end < 0:
+                    if len(client.data) > MAX_HEADER_BYTES:
+                        client.out = _http(431, "Request Header Fields Too Large", b"request head too long\n")
+                        sel.modify(client.sock, selectors.EVENT_WRITE)
+                    return True
+                client.out = self._answer(client.data[:end])
+                sel.modify(client.sock, selectors.EVENT_WRITE)
+                return True
+            sent = client.sock.send(client.out)
+            client.out = client.out[sent:]
+            if client.out:
+                return True
+            client.sock.shutdown(socket.SHUT_WR)
+            return False
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def _answer(self, head: bytes) -> bytes:
+        parts = head.split(b"\r\n", 1)[0].split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return _http(400, "Bad Request", b"bad request\n")
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            return _http(405, "Method Not Allowed", b"GET or HEAD\n", extra="Allow: GET, HEAD\r\n")
+        if target == b"/favicon.ico":  # as prometheus-client's server: every other path is /metrics
+            return _http(404, "Not Found", b"not found\n")
+        try:
+            body = generate_latest(self.registry)
+        except Exception as exc:  # noqa: BLE001 - one scrape's failure must not end the server
+            log.warning("metrics: scrape failed: %s", exc)
+            return _http(500, "Internal Server Error", b"scrape failed\n")
+        answer = _http(200, "OK", body, content_type=CONTENT_TYPE_LATEST)
+        return answer[:answer.index(b"\r\n\r\n") + 4] if method == b"HEAD" else answer
+
+    @staticmethod
+    def _drop(client: _Client, sel: selectors.BaseSelector, clients: dict[socket.socket, _Client]) -> None:
+        clients.pop(client.sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(client.sock)
+        client.sock.close()
+
+
+def _http(status: int, reason: str, body: bytes, *, content_type: str = "text/plain; charset=utf-8",
+          extra: str = "") -> bytes:
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n")
+    return head.encode() + body

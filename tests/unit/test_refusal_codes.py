@@ -18,17 +18,7 @@ from pyflow.control.model import NO_PATH_CODES, NoPath
 from pyflow.control.stats import EngineCounters, LoopStats
 from pyflow.daemon.metrics import registry_for
 from pyflow.daemon.stats import Stats
-from tests.support.fakes import (
-    LAN,
-    WAN,
-    Clock,
-    FakeConntrack,
-    FakeDevices,
-    FakeFlows,
-    FakePaths,
-    masq_conn,
-    offer,
-)
+from tests.support import fakes
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 POLICY_CODES = ("protocol", "dying", "no_reply_yet", "tcp_not_established", "helper",
@@ -43,21 +33,21 @@ def _route(rtype: int = P.RTN_UNICAST, oif: int = 2, encap: int = 0) -> P.RouteR
     return P.RouteReply(socket.AF_INET, rtype, 254, oif, None, 0, None, 0, encap, False)
 
 
-class LocalPaths(FakePaths):
+class LocalPaths(fakes.FakePaths):
     """The WAN side's destination is local to this host, as the real resolver says it."""
 
     def egress(self, family, src, dst, *, iif, mark):
-        if self.device_of(family, dst, mark=mark) == WAN:
+        if self.device_of(family, dst, mark=mark) == fakes.WAN:
             P.plan_egress(family, socket.inet_pton(family, dst), _route(P.RTN_LOCAL), {2: ETH0}.get)
         return super().egress(family, src, dst, iif=iif, mark=mark)
 
 
 def test_a_path_refusal_is_counted_by_code_and_its_text_logged(caplog):
-    ct, flows = FakeConntrack(), FakeFlows()
-    eng = Engine(ct, LocalPaths(), flows, FakeDevices(managed=(LAN, WAN)),
-                 EngineConfig(idle_timeout_s=30, conntrack_timeout_s=120), clock=Clock())
+    ct, flows = fakes.FakeConntrack(), fakes.FakeFlows()
+    eng = Engine(ct, LocalPaths(), flows, fakes.FakeDevices(managed=(fakes.LAN, fakes.WAN)),
+                 EngineConfig(idle_timeout_s=30, conntrack_timeout_s=120), clock=fakes.Clock())
     with caplog.at_level(logging.DEBUG, logger="pyflow.control.engine"):
-        offer(eng, ct, masq_conn())
+        fakes.offer(eng, ct, fakes.masq_conn())
     assert not eng.offloaded
     assert eng.stats.refused == {model.LOCAL_DESTINATION: 1}
     assert any("198.19.0.50 is local to this host" in r.getMessage() for r in caplog.records)

@@ -87,6 +87,8 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
         req = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError("bad_request", f"request is not JSON: {exc}") from None
+    except RecursionError:  # 60k '[' fit in one request line and overflow the decoder's stack
+        raise RequestError("bad_request", "request is not JSON: nested too deeply") from None
     if not isinstance(req, dict):
         raise RequestError("bad_request", "request must be a JSON object")
     version = req.get("version")

@@ -20,7 +20,7 @@ from typing import Any
 from pyflow.control.engine import EngineConfig
 from pyflow.control.runner import ControlConfig, ControlPlane
 from pyflow.daemon import views
-from pyflow.daemon.config import Config, ConfigError, check_device
+from pyflow.daemon.config import Config, ConfigError, check_device, short, valid_ifname
 from pyflow.daemon.devices import DeviceList
 from pyflow.daemon.stats import DeviceCounts, Stats
 from pyflow.datapath.loader import Datapath, DeviceStatus
@@ -146,8 +146,9 @@ class Operations:
         return views.device_row(dev.name, devices, self.attached())
 
     def del_device(self, name: Any) -> dict[str, Any]:
-        if not isinstance(name, str) or not name:
-            raise RequestError("bad_request", "del-device: name must be a non-empty string")
+        if not isinstance(name, str) or not valid_ifname(name):
+            # a NUL would reach if_nametoindex() and fail there as an internal error
+            raise RequestError("bad_request", f"del-device: {short(name)} is not a valid interface name")
         devices = self.devices
         if name in devices.configured:
             raise RequestError("configured", f"{name} is listed in {self.config.path}: remove it there "

@@ -11,6 +11,9 @@ from pyflow.control.model import Tuple
 from pyflow.control.stats import Direction, FlowRecord, Traffic
 from pyflow.daemon import views
 from pyflow.daemon.api import parse_request
+from pyflow.daemon.config import Config
+from pyflow.daemon.devices import DeviceList
+from pyflow.daemon.operations import Operations
 from pyflow.errors import RequestError
 
 
@@ -41,3 +44,26 @@ def test_flows_without_a_limit_are_bounded():
         with pytest.raises(RequestError) as err:
             views.flow_list([], {}, {"limit": bad})
         assert err.value.code == "bad_request"
+
+
+def test_deeply_nested_json_is_a_bad_request():
+    with pytest.raises(RequestError) as err:
+        parse_request(b"[" * 60000)
+    assert err.value.code == "bad_request" and "nested too deeply" in str(err.value)
+
+
+def _operations(tmp_path) -> Operations:
+    """Operations without a datapath: these requests must be refused before touching one."""
+    ops = Operations.__new__(Operations)
+    ops.config = Config(path="f")
+    ops.devices = DeviceList([], tmp_path)
+    return ops
+
+
+@pytest.mark.parametrize("name", ["a\0b", "[" * 60000, "x" * 16, "a:b"])
+def test_device_requests_refuse_names_the_kernel_would(tmp_path, name):
+    ops = _operations(tmp_path)
+    for call in (lambda: ops.add_device(name, "auto"), lambda: ops.del_device(name)):
+        with pytest.raises(RequestError) as err:
+            call()
+        assert err.value.code == "bad_request" and len(str(err.value)) < 200

@@ -11,8 +11,12 @@ and packaging/pyflowd.toml show the file with every key.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import math
 import os
+import re
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -28,6 +32,18 @@ STOP_ACTIONS = ("hand-back", "keep")
 # router); bcc: compiled from ebpf/ at start (development)
 DATAPATH_BUILDS = ("prebuilt", "bcc")
 IFNAMSIZ = 16  # the kernel's limit, including the terminating NUL
+MAX_CONFIG_BYTES = 1 << 20  # far above any real config; a bigger file is a mistake or an attack
+SUN_PATH_MAX = 107  # a Unix socket path, in bytes, without the terminating NUL
+# bpffs_dir reaches the datapath's compile flags (a -D define): only characters that need
+# no quoting there
+SAFE_PATH = re.compile(r"/[A-Za-z0-9._/-]*")
+# per key, the accepted range (seconds); finite, and small enough that nanoseconds fit
+# int64 and that conntrack's timeout (u32 seconds, times HZ in the kernel) stays sane
+OFFLOAD_BOUNDS: dict[str, tuple[float, float]] = {
+    "idle_timeout": (0.1, 86400.0),
+    "conntrack_timeout": (1, 604800),
+    "keepalive_interval": (0.01, 60.0),
+}
 
 
 class ConfigError(PyflowError):
@@ -98,6 +114,13 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def short(value: Any, width: int = 40) -> str:
+    """repr of a value cut to ``width`` characters: errors echo what they refuse, but
+    a 60k-character name must not become a 60k-character message."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + f"... ({len(text)} characters)"
+
+
 def _type_name(t: Any) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[t]
 
@@ -111,14 +134,14 @@ def _typed(section: str, cls: type, table: Any, where: str) -> dict[str, Any]:
     for key, value in table.items():
         f = known.get(key)
         if f is None:
-            raise ConfigError(f"{where}: {section}.{key}: unknown key")
+            raise ConfigError(f"{where}: {section}.{short(key)[1:-1]}: unknown key")
         want = {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
         ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:
             raise ConfigError(f"{where}: {section}.{key}: must be {_type_name(want)}, "
-                              f"not {type(value).__name__} {value!r}")
+                              f"not {type(value).__name__} {short(value)}")
         out[key] = value
     return out
 
@@ -139,7 +162,16 @@ def _check_daemon(d: DaemonConfig, where: str) -> None:
     for key in ("socket", "state_dir", "bpffs_dir"):
         value = getattr(d, key)
         if not value.startswith("/"):
-            raise ConfigError(f"{where}: daemon.{key}: must be an absolute path, not {value!r}")
+            raise ConfigError(f"{where}: daemon.{key}: must be an absolute path, not {short(value)}")
+        if any(not c.isprintable() for c in value) or ".." in value.split("/"):
+            raise ConfigError(f"{where}: daemon.{key}: {short(value)}: no control characters or "
+                              "'..' in a path")
+    if not SAFE_PATH.fullmatch(d.bpffs_dir):
+        raise ConfigError(f"{where}: daemon.bpffs_dir: {short(d.bpffs_dir)}: only letters, digits "
+                          "and . _ - / in the pin dir's path")
+    if len(d.socket.encode()) > SUN_PATH_MAX:
+        raise ConfigError(f"{where}: daemon.socket: longer than a Unix socket path may be "
+                          f"({SUN_PATH_MAX} bytes)")
     if d.socket_group:
         import grp
 
@@ -150,11 +182,12 @@ def _check_daemon(d: DaemonConfig, where: str) -> None:
 
 
 def _check_offload(o: OffloadConfig, where: str) -> None:
-    positive = {"idle_timeout": o.idle_timeout, "conntrack_timeout": o.conntrack_timeout,
-                "keepalive_interval": o.keepalive_interval}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{where}: offload.{key}: must be positive, not {value}")
+    for key, (low, high) in OFFLOAD_BOUNDS.items():
+        value = getattr(o, key)
+        # nan fails every comparison, so it is named first; inf and huge integers fail the range
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ConfigError(f"{where}: offload.{key}: must be between {low:g} and {high:g} (seconds), "
+                              f"not {short(value)}")
     for key in ("exclude_mark_mask", "offload_mark"):
         value = getattr(o, key)
         if not 0 <= value <= 0xFFFFFFFF:
@@ -164,14 +197,27 @@ def _check_offload(o: OffloadConfig, where: str) -> None:
                           "(every offloaded connection would opt itself out)")
 
 
+def valid_ifname(name: str) -> bool:
+    """The kernel's dev_valid_name(): 1..IFNAMSIZ-1 bytes, not . or .., no '/', ':' or
+    whitespace; control characters (NUL first) are refused too, since no tool shows them."""
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:  # a lone surrogate from JSON: not a name the kernel could hold
+        return False
+    if not 0 < size < IFNAMSIZ or name in (".", ".."):
+        return False
+    return not any(c in "/:" or c.isspace() or not c.isprintable() for c in name)
+
+
 def check_device(name: Any, mode: Any, where: str) -> DeviceConfig:
     """A device entry, validated (also used for runtime add-device requests)."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}: name: must be a non-empty string")
-    if len(name) >= IFNAMSIZ or "/" in name or any(c.isspace() for c in name) or name in (".", ".."):
-        raise ConfigError(f"{where}: name: {name!r} is not a valid interface name")
+    if not valid_ifname(name):
+        raise ConfigError(f"{where}: name: {short(name)} is not a valid interface name (1..{IFNAMSIZ - 1} "
+                          "bytes, no '/', ':', whitespace or control characters, not . or ..)")
     if not isinstance(mode, str) or mode not in DEVICE_MODES:
-        raise ConfigError(f"{where}: mode: {mode!r} is not one of {', '.join(DEVICE_MODES)}")
+        raise ConfigError(f"{where}: mode: {short(mode)} is not one of {', '.join(DEVICE_MODES)}")
     return DeviceConfig(name, mode)
 
 
@@ -181,9 +227,11 @@ def parse(text: str, where: str) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError(f"{where}: not valid TOML: nested too deeply") from None
     for key in data:
         if key not in ("daemon", "offload", "device"):
-            raise ConfigError(f"{where}: {key}: unknown key")
+            raise ConfigError(f"{where}: {short(key)[1:-1]}: unknown key")
     daemon = DaemonConfig(**_typed("daemon", DaemonConfig, data.get("daemon", {}), where))
     offload = OffloadConfig(**_typed("offload", OffloadConfig, data.get("offload", {}), where))
     _check_daemon(daemon, where)
@@ -208,17 +256,48 @@ def parse(text: str, where: str) -> Config:
 
 def load(path: str | None) -> Config:
     """Read and validate ``path``. None means the default file, which may be absent
-    (built-in defaults then); a file named explicitly must exist."""
+    (built-in defaults then); a file named explicitly must exist.
+
+    The file configures a root daemon, so it must be a regular file (not a symbolic link,
+    which is not followed) owned by root (or by the user running check-config) and
+    writable by nobody else: anyone who can write it can make pyflowd attach devices."""
     target = path or DEFAULT_CONFIG
     try:
-        with open(target, encoding="utf-8") as f:
-            text = f.read()
+        # O_NONBLOCK: a FIFO planted as the config must not block the open
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         if path is None:
             return Config()
         raise ConfigError(f"{target}: no such file") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{target}: is a symbolic link (not followed): name the file itself") from None
         raise ConfigError(f"{target}: cannot read: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        _check_trusted_file(st, target)
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{target}: larger than {MAX_CONFIG_BYTES} bytes")
+        data = os.read(fd, MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{target}: cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{target}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{target}: not UTF-8 text") from None
     return parse(text, os.fspath(target))
+
+
+def _check_trusted_file(st: os.stat_result, target: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{target}: not a regular file")
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"{target}: owned by uid {st.st_uid}, not root: refusing a file another "
+                          "user can change")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{target}: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                          "refusing it (chmod go-w)")

@@ -114,6 +114,15 @@ def load_config(args: argparse.Namespace) -> Config:
                               log_level=args.log_level)
 
 
+def _config_failure(exc: Exception) -> str:
+    """One line for a config that could not be loaded. ConfigError names the key; anything
+    else is a gap in validation, but must still be an error message, never a traceback
+    that ends the daemon (at start: exit 2; at reload: the running config stays)."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    return f"cannot load the config: {type(exc).__name__}: {str(exc)[:200]}"
+
+
 def _log_level(name: str) -> int:
     return int(getattr(logging, name.upper()))
 
@@ -248,8 +257,8 @@ class Daemon:
         self.notifier.notify("RELOADING=1", _monotonic_usec())
         try:
             new = load(self.config_arg).with_overrides(**self.overrides)
-        except ConfigError as exc:
-            log.error("reload refused, keeping the running config: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - see _config_failure
+            log.error("reload refused, keeping the running config: %s", _config_failure(exc))
         else:
             _set_log_level(new.daemon.log_level)
             from pyflow.control.runner import LoopStopped, StillRunning
@@ -340,8 +349,8 @@ def _check_config(args: argparse.Namespace) -> int:
     target = args.file or args.config
     try:
         cfg = load_config(argparse.Namespace(**{**vars(args), "config": target}))
-    except ConfigError as exc:
-        print(f"pyflowd: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - see _config_failure
+        print(f"pyflowd: {_config_failure(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     where = cfg.path or f"built-in defaults ({DEFAULT_CONFIG} absent)"
     print(f"{where}: valid ({len(cfg.devices)} device(s))")
@@ -354,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check_config(args)
     try:
         config = load_config(args)
-    except ConfigError as exc:
-        print(f"pyflowd: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - see _config_failure
+        print(f"pyflowd: {_config_failure(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     _set_log_level(config.daemon.log_level)

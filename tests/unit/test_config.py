@@ -30,7 +30,7 @@ def test_empty_file_means_defaults_and_ints_are_accepted_for_floats():
     ("[offload]\nconntrack_timeout = 1.5\n", "f: offload.conntrack_timeout: must be an integer"),
     ("[offload]\nconntrack_timeout = true\n", "f: offload.conntrack_timeout: must be an integer"),
     ("[offload]\nhw_skip_hw = 1\n", "f: offload.hw_skip_hw: must be true or false"),
-    ("[offload]\nidle_timeout = 0\n", "f: offload.idle_timeout: must be positive"),
+    ("[offload]\nidle_timeout = 0\n", "f: offload.idle_timeout: must be between 0.1 and 86400"),
     ("[offload]\noffload_mark = 0x100000000\n", "f: offload.offload_mark: must fit 32 bits"),
     ("[offload]\noffload_mark = 1\nexclude_mark_mask = 3\n", "f: offload.offload_mark: shares bits"),
     ("[daemon]\nlog_level = 'loud'\n", "f: daemon.log_level: 'loud' is not one of"),

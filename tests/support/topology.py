@@ -109,6 +109,12 @@ def nft_load(ns: str, rules: str) -> None:
 def build(spec: Spec, names: Mapping[str, str]) -> Network:
     """Set up ``spec`` in existing namespaces (role -> name); returns what was made."""
     net = Network(dict(names))
+    for role in names:
+        # Link-local addresses skip duplicate address detection too (the global ones are
+        # added nodad below): neighbour discovery sends from the link-local address, so
+        # until its DAD ends, about a second after the link comes up, every IPv6 packet
+        # towards a next hop waits. Set before the veths exist, so that they inherit it.
+        net.run(role, "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0")
     for v in spec.veths:
         netns.veth(net.ns[v.a], v.a_if, net.ns[v.b], v.b_if)
         for role, ifname, setting in ((v.a, v.a_if, v.ethtool[0]), (v.b, v.b_if, v.ethtool[1])):

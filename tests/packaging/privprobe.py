@@ -57,9 +57,10 @@ class Probe:
     def load(self) -> None:
         from pyflow.datapath.loader import Datapath
 
-        # compiles with bcc (reads kernel headers), creates and pins the maps, loads
-        # both programs (XDP and SCHED_CLS) and pins them
-        self.dp = Datapath(self.args.pin_dir, state_file=os.path.join(self.args.state_dir, "probe.json"))
+        # loads the prebuilt object (or compiles with bcc, reading kernel headers), creates
+        # and pins the maps, loads both programs (XDP and SCHED_CLS) and pins them
+        self.dp = Datapath(self.args.pin_dir, state_file=os.path.join(self.args.state_dir, "probe.json"),
+                           build=self.args.build)
 
     def attach(self, dev: str, mode: str) -> None:
         assert self.dp is not None, "no datapath"
@@ -74,7 +75,8 @@ class Probe:
         assert self.dp is not None, "no datapath"
         self.dp.close()
         self.dp = None  # closed: a failed re-open leaves the attachments to the namespace's removal
-        self.dp = Datapath(self.args.pin_dir, state_file=os.path.join(self.args.state_dir, "probe.json"))
+        self.dp = Datapath(self.args.pin_dir, state_file=os.path.join(self.args.state_dir, "probe.json"),
+                           build=self.args.build)
         modes = {st.ifname: st.mode for st in self.dp.status()}
         want = {self.args.tc_dev: "tc", self.args.xdp_dev: "native"}
         if modes != want:
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--tc-dev", required=True)
     p.add_argument("--xdp-dev", required=True)
+    p.add_argument("--build", default="prebuilt", choices=("prebuilt", "bcc"),
+                   help="the datapath build to load (daemon.datapath_build)")
     p.add_argument("--mount-bpffs", action="store_true", help="also try mounting a bpffs (the unit does not)")
     p.add_argument("--deny-write-execute", action="store_true",
                    help="run under PR_SET_MDWE, as MemoryDenyWriteExecute= does")

@@ -1,8 +1,9 @@
-"""The real pyflowd, restarted without CAP_SYS_ADMIN, fails: bcc reopens pinned maps by id.
+"""The real pyflowd under the unit's capabilities (no CAP_SYS_ADMIN): the default build
+restarts and adopts its pins; the bcc build's restart fails, as bcc reopens pinned maps by id.
 
-The first start runs as the unit runs pyflowd (uid 0, the unit's CapabilityBoundingSet=,
-NoNewPrivileges=), the restart with one capability less, in a test namespace with one
-veth. That the unit's own set restarts fine is shown under systemd (test_unit_systemd.py).
+Every start runs as the unit runs pyflowd (uid 0, the unit's CapabilityBoundingSet=,
+NoNewPrivileges=), in a test namespace with one veth. The unit itself is run under
+systemd in test_unit_systemd.py.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def stop(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def test_without_sys_admin_a_restart_fails(router):
+def test_unit_capabilities_restart_and_adopt(router):
     ns, pin_dir, config, tmp = router
     first = start(ns, pin_dir, config, tmp, capabilities())
     try:
@@ -81,8 +82,24 @@ def test_without_sys_admin_a_restart_fails(router):
     finally:
         status, err = stop(first)
     assert status == 0, err
-    fewer = [c for c in capabilities() if c != "CAP_SYS_ADMIN"]
-    again = start(ns, pin_dir, config, tmp, fewer)
+    again = start(ns, pin_dir, config, tmp, capabilities())
+    try:
+        assert devices_when_up(again, tmp) == {DEV: "attached"}
+    finally:
+        status, err = stop(again)
+    assert status == 0, err
+
+
+def test_bcc_build_without_sys_admin_a_restart_fails(router):
+    ns, pin_dir, config, tmp = router
+    config.write_text(config.read_text().replace("[daemon]\n", '[daemon]\ndatapath_build = "bcc"\n'))
+    first = start(ns, pin_dir, config, tmp, capabilities())
+    try:
+        assert devices_when_up(first, tmp) == {DEV: "attached"}
+    finally:
+        status, err = stop(first)
+    assert status == 0, err
+    again = start(ns, pin_dir, config, tmp, capabilities())
     status, err = stop(again) if again.wait(timeout=180) is not None else (None, "")
     assert status == 1, err
     assert "could not open bpf map" in err and "Operation not permitted" in err, err

@@ -1,6 +1,6 @@
 """pyflowd.service run by a real systemd (tests/packaging/sdns.py): it starts under the
 unit's sandbox and capabilities, pings the watchdog, reloads, is restarted after a crash
-(adopting its pins, which needs CAP_SYS_ADMIN), and stops cleanly.
+(adopting its pins by path, with the unit's capabilities), and stops cleanly.
 
 The unit is used as written except for three things this systemd needs: ExecStart names
 this checkout's pyflowd and a config under /run (the unit's /usr/local/bin and /etc/pyflow

@@ -7,7 +7,8 @@ layout check read. DWARF is stripped afterwards (libbpf reads only .BTF and
 
 Used by setup.py (wheel and editable builds) and by ``make datapath``; run as a
 script: ``python csrc/build_bpf.py [OUTPUT]``. Environment: ``BPF_CLANG`` (default
-clang), ``BPF_STRIP`` (default llvm-strip; empty: keep DWARF).
+clang), ``BPF_STRIP`` (default llvm-strip; empty: keep DWARF), ``BPF_CFLAGS`` (more
+flags, e.g. a cross build's include dirs).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def build(out: Path = OUTPUT, source: Path = SOURCE) -> Path:
         raise SystemExit(f"build_bpf: {clang} not found (install clang, or set BPF_CLANG)")
     flags = ["-target", "bpf", "-g", "-O2", "-Wall", "-Werror", "-Wno-unused-function",
              "-DPYFLOW_LIBBPF", f"-I{EBPF / 'include'}", f"-I{EBPF}"]
+    flags += os.environ.get("BPF_CFLAGS", "").split()
     triplet = multiarch(clang)
     if triplet and Path(f"/usr/include/{triplet}").is_dir():
         flags.append(f"-I/usr/include/{triplet}")

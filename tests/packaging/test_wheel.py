@@ -1,6 +1,8 @@
-"""A built wheel carries the datapath source: installed outside the source tree (as the
-unit's /usr/local/bin/pyflowd is), pyflow compiles its datapath from the package's own
-copy, with no PYFLOW_EBPF_DIR and no checkout to fall back on."""
+"""A built wheel carries the datapath twice, and each works installed outside the source
+tree (as the unit's /usr/local/bin/pyflowd is), with no checkout to fall back on: the
+prebuilt object, loaded with libbpf in a plain virtualenv (no system site packages, so no
+bcc) with no compiler on PATH; and the C source, which bcc compiles from the package's own
+copy with no PYFLOW_EBPF_DIR."""
 
 from __future__ import annotations
 
@@ -30,12 +32,46 @@ def _clean_tree(dest: Path) -> Path:
     return dest
 
 
-def test_wheel_installs_a_datapath_that_compiles(tmp_path):
-    src = _clean_tree(tmp_path / "src")
-    wheels = tmp_path / "wheels"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = _clean_tree(tmp / "src")
+    wheels = tmp / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
                     str(src), "-w", str(wheels)], check=True, capture_output=True, text=True, timeout=300)
-    (wheel,) = wheels.glob("pyflow-*.whl")
+    (built,) = wheels.glob("pyflow-*.whl")
+    return built
+
+
+def test_wheel_in_a_plain_venv_loads_the_prebuilt_datapath_without_a_compiler(wheel, tmp_path):
+    assert "pyflow/datapath/pyflow_xdp.bpf.o" in zipfile.ZipFile(wheel).namelist()
+    venv = tmp_path / "venv"
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
+    # the dependencies from the package index (pip's cache, warm after `make setup`)
+    res = subprocess.run([str(venv / "bin/pip"), "install", "-q", str(wheel)], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    pin_dir = f"/sys/fs/bpf/pft-wheel-{os.getpid()}"
+    code = ("import importlib.util, shutil\n"
+            "assert importlib.util.find_spec('bcc') is None, 'bcc is importable'\n"
+            "assert shutil.which('clang') is None, 'clang on PATH'\n"
+            "from pyflow.datapath import bpfobject\n"
+            "from pyflow.datapath.loader import Datapath\n"
+            "print(bpfobject.object_path())\n"
+            f"dp = Datapath({pin_dir!r}, state_file={str(tmp_path / 'state.json')!r})\n"
+            "assert dp.build == 'prebuilt' and dp.xdp_prog_id and dp.tc_prog_id\n"
+            "dp.destroy()\n"
+            "print('loaded')\n")
+    env = {"PATH": str(venv / "bin")}  # no clang, no llvm, nothing but the venv's scripts
+    res = subprocess.run([str(venv / "bin/python"), "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    where, done = res.stdout.split()
+    assert Path(where).is_relative_to(venv) and done == "loaded", res.stdout
+    assert (venv / "bin/pyflowd").exists() and (venv / "bin/pyflowctl").exists()
+
+
+def test_wheel_installs_a_datapath_that_compiles(wheel, tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for src in sorted(p.relative_to(ROOT) for p in (ROOT / "ebpf").rglob("*") if p.is_file()):
         assert f"pyflow/{src}" in names, f"the wheel lacks {src}"

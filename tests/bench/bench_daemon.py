@@ -3,7 +3,8 @@ a request and a scrape, and to stop (handing every flow back).
 
 Runs the daemon in router r1 of the integration topology (tests/daemon/process.py), as root.
 Prints a table and writes bench-results/daemon.json. Figures depend on the machine's load:
-bcc's compile dominates a start, Python's start-up (about 0.1 s) every pyflowctl call.
+Python's start-up (about 0.1 s) dominates every pyflowctl call; tests/bench/bench_startup.py
+compares the start of the two datapath builds.
 
     .venv/bin/python tests/bench/bench_daemon.py [--requests N]
 """

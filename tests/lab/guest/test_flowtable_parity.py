@@ -429,7 +429,7 @@ def write_report(results_dir: Path, flowtable: dict, pyflow: dict) -> dict:
         *(f"| {fact.replace('_', ' ')} | {report['observed']['nf_flowtable'][fact]} | "
           f"{report['observed']['pyflow'][fact]} |" for fact in report["observed"]["pyflow"]),
         "",
-        f"pyflow's datapath compile (bcc) in the lab: {report['pyflow_datapath_compile_s']} s.",
+        f"pyflow's datapath load in the lab: {report['pyflow_datapath_compile_s']} s.",
         "",
     ]
     (results_dir / "lab-parity.md").write_text("\n".join(lines))

@@ -174,13 +174,17 @@ class Daemon:
         from pyflow.daemon.api import ControlServer
         from pyflow.daemon.metrics import MetricsServer, kept_snapshot, registry_for
         from pyflow.daemon.operations import Operations
+        from pyflow.datapath.attach.state import private_dir
         from pyflow.datapath.loader import Datapath
 
         d = self.config.daemon
-        os.makedirs(d.state_dir, mode=0o755, exist_ok=True)
+        # root's alone (0700, owned by root, not a link): any other user who could open the
+        # lock files in it could stall the control loop or block the start
+        private_dir(d.state_dir)
         # the state dir and the socket are claimed first: a second pyflowd must fail before
         # touching the datapath
         self._lock_state_dir(d.state_dir)
+        _check_socket_dir(os.path.dirname(d.socket))
         self.server = ControlServer(d.socket, self._request, group=d.socket_group)
         self.server.bind()
         _warn_private_bpffs(d.bpffs_dir)
@@ -203,8 +207,10 @@ class Daemon:
         kernel when the process ends, however it ends)."""
         import fcntl
 
+        from pyflow.datapath.attach.state import open_private
+
         path = os.path.join(state_dir, "pyflowd.pid")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -324,6 +330,25 @@ class Daemon:
         else:
             ops.dp.close()
             log.info("datapath left running (on_stop = keep): the next start adopts it")
+
+
+def _check_socket_dir(path: str) -> None:
+    """The control socket's directory: created 0755 if missing (a socket_group member must
+    reach the socket), else it must be a directory owned by root that nobody else can
+    write, not a symbolic link: whoever could write it could put a socket of their own
+    in pyflowctl's way or have the socket's chown/chmod land elsewhere."""
+    import stat
+
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PyflowError(f"socket dir {path} is not a directory (a symbolic link is not followed)")
+    if st.st_uid != os.geteuid():
+        raise PyflowError(f"socket dir {path} is owned by uid {st.st_uid}, not uid {os.geteuid()}: "
+                          "refusing it")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PyflowError(f"socket dir {path} is writable by group or others "
+                          f"(mode {stat.S_IMODE(st.st_mode):04o}): refusing it")
 
 
 def _warn_private_bpffs(bpffs_dir: str) -> None:

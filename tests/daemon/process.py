@@ -49,8 +49,12 @@ class Pyflowd:
                 "--config", str(self.config), "--socket", self.socket, "--state-dir", str(self.state_dir),
                 "--bpffs-dir", self.bpffs, "--metrics-address", f"127.0.0.1:{METRICS_PORT}"]
 
+    def environment(self) -> dict[str, str]:
+        """The daemon's environment: this one, importing pyflow from the source tree."""
+        return dict(os.environ, PYTHONPATH=str(ROOT))
+
     def start(self, timeout: float = 60.0) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = self.environment()
         if self.notify:
             env.update(NOTIFY_SOCKET=self.notify, WATCHDOG_USEC="1000000")
         with open(self.log, "a") as log:

@@ -74,31 +74,25 @@ def stop(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def run_attached(ns: str, pin_dir: str, config: Path, tmp: Path) -> None:
+    """Start under the unit's capabilities, see the device attached, stop (status 0)."""
+    proc = start(ns, pin_dir, config, tmp, capabilities())
+    try:
+        assert devices_when_up(proc, tmp) == {DEV: "attached"}
+    finally:
+        status, err = stop(proc)
+    assert status == 0, err
+
+
 def test_unit_capabilities_restart_and_adopt(router):
-    ns, pin_dir, config, tmp = router
-    first = start(ns, pin_dir, config, tmp, capabilities())
-    try:
-        assert devices_when_up(first, tmp) == {DEV: "attached"}
-    finally:
-        status, err = stop(first)
-    assert status == 0, err
-    again = start(ns, pin_dir, config, tmp, capabilities())
-    try:
-        assert devices_when_up(again, tmp) == {DEV: "attached"}
-    finally:
-        status, err = stop(again)
-    assert status == 0, err
+    run_attached(*router)
+    run_attached(*router)  # on_stop = "keep": this start adopts the pins by path
 
 
 def test_bcc_build_without_sys_admin_a_restart_fails(router):
     ns, pin_dir, config, tmp = router
     config.write_text(config.read_text().replace("[daemon]\n", '[daemon]\ndatapath_build = "bcc"\n'))
-    first = start(ns, pin_dir, config, tmp, capabilities())
-    try:
-        assert devices_when_up(first, tmp) == {DEV: "attached"}
-    finally:
-        status, err = stop(first)
-    assert status == 0, err
+    run_attached(*router)
     again = start(ns, pin_dir, config, tmp, capabilities())
     status, err = stop(again) if again.wait(timeout=180) is not None else (None, "")
     assert status == 1, err

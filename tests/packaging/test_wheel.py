@@ -10,10 +10,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.daemon.process import METRICS_PORT, Pyflowd, in_netns
+from tests.support.topology import LAN, UP, V4, topology
+from tests.support.traffic import payload, tcp_transfer, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: its site packages hold bcc (python3-bpfcc)
@@ -43,14 +48,21 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
-def test_wheel_in_a_plain_venv_loads_the_prebuilt_datapath_without_a_compiler(wheel, tmp_path):
+@pytest.fixture(scope="module")
+def plain_venv(wheel, tmp_path_factory) -> Path:
+    """The wheel in a virtualenv without system site packages (so no bcc)."""
     assert "pyflow/datapath/pyflow_xdp.bpf.o" in zipfile.ZipFile(wheel).namelist()
-    venv = tmp_path / "venv"
+    venv = tmp_path_factory.mktemp("plain") / "venv"
     subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, timeout=120)
     # the dependencies from the package index (pip's cache, warm after `make setup`)
     res = subprocess.run([str(venv / "bin/pip"), "install", "-q", str(wheel)], capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr
+    return venv
+
+
+def test_wheel_in_a_plain_venv_loads_the_prebuilt_datapath_without_a_compiler(plain_venv, tmp_path):
+    venv = plain_venv
     pin_dir = f"/sys/fs/bpf/pft-wheel-{os.getpid()}"
     code = ("import importlib.util, shutil\n"
             "assert importlib.util.find_spec('bcc') is None, 'bcc is importable'\n"
@@ -92,3 +104,50 @@ def test_wheel_installs_a_datapath_that_compiles(wheel, tmp_path):
     assert res.returncode == 0, res.stderr
     where, done = res.stdout.split()
     assert Path(where).is_relative_to(venv) and done == "compiled", res.stdout
+
+
+class WheelPyflowd(Pyflowd):
+    """pyflowd as the plain venv installed it, with nothing but the venv's bin on PATH:
+    no compiler, no source tree to import from."""
+
+    def __init__(self, topo, workdir: Path, venv: Path) -> None:
+        super().__init__(topo, workdir, devices=())
+        self.venv = venv
+
+    def argv(self) -> list[str]:
+        nsenter, *rest = in_netns(self.topo.r1)  # by full path: the daemon's PATH has only the venv
+        return [shutil.which(nsenter) or nsenter, *rest, str(self.venv / "bin/pyflowd"),
+                "--config", str(self.config), "--socket", self.socket, "--state-dir", str(self.state_dir),
+                "--bpffs-dir", self.bpffs, "--metrics-address", f"127.0.0.1:{METRICS_PORT}"]
+
+    def environment(self) -> dict[str, str]:
+        return {"PATH": str(self.venv / "bin")}
+
+
+def test_wheel_pyflowd_offloads_a_transfer_through_a_masquerading_router(plain_venv, tmp_path):
+    """The issue's end-to-end check: the wheel's pyflowd (plain venv, no clang, no bcc) starts,
+    the venv's pyflowctl adds both router ports, and a TCP transfer through the masquerading
+    router is byte-exact with most bytes on the fast path."""
+    with topology(nat=True) as topo:
+        d = WheelPyflowd(topo, tmp_path, plain_venv)
+        try:
+            t0 = time.monotonic()
+            d.start()
+            started = time.monotonic() - t0
+            ctl = [str(plain_venv / "bin/pyflowctl"), "--socket", d.socket, "add-device"]
+            for dev in (LAN, UP):
+                res = subprocess.run([*ctl, dev], env={"PATH": str(plain_venv / "bin")}, capture_output=True,
+                                     text=True, timeout=60)
+                assert res.returncode == 0, res.stderr
+            before = d.scrape()["pyflow_fastpath_bytes_total"]
+            size = 8 << 20
+            res = tcp_transfer(topo.sv, V4["sv"], 5471, topo.cl, V4["sv"], 5471, payload(size, 5471),
+                               gate=lambda: wait_for(lambda: d.flow_on(5471), 10))
+            assert res.received == size and res.received_sha == res.sent_sha
+            def fast_bytes() -> float:
+                return d.scrape()["pyflow_fastpath_bytes_total"] - before
+
+            assert wait_for(lambda: fast_bytes() > size * 0.9, 10), f"fast path: {fast_bytes()} bytes"
+            print(f"wheel pyflowd answered on its socket {started:.2f} s after start")
+        finally:
+            d.cleanup()

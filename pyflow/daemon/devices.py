@@ -84,7 +84,7 @@ class DeviceList:
         if self.unread is not None:
             raise OSError(errno.EIO, self.unread)
         try:
-            private_dir(self.state_dir)
+            private_dir(self.state_dir, tighten=True)
         except PyflowError as exc:
             raise OSError(errno.EACCES, str(exc)) from None
         data = {"version": DEVICES_VERSION,

@@ -180,7 +180,7 @@ class Daemon:
         d = self.config.daemon
         # root's alone (0700, owned by root, not a link): any other user who could open the
         # lock files in it could stall the control loop or block the start
-        private_dir(d.state_dir)
+        private_dir(d.state_dir, tighten=True)
         # the state dir and the socket are claimed first: a second pyflowd must fail before
         # touching the datapath
         self._lock_state_dir(d.state_dir)

@@ -88,11 +88,17 @@ def test_an_open_state_dir_is_closed_and_nobody_can_open_the_lock(tmp_path):
     os.chmod(tmp_path, 0o755)  # so that only the state dir's own mode stands in the way
     (state_dir / "datapath.json.lock").write_text("")
     os.chmod(state_dir / "datapath.json.lock", 0o644)
+    code = (f"import fcntl\nf = open({str(state_dir / 'datapath.json.lock')!r})\n"
+            "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('locked')")
     with _state(tmp_path).locked():
         pass
+    # a caller's state file dir is left as it is (it may be /run), but the file is 0600
+    assert _mode(state_dir) == 0o755 and _mode(state_dir / "datapath.json.lock") == 0o600
+    res = as_nobody(code)
+    assert res.returncode != 0 and "PermissionError" in res.stderr, res.stdout + res.stderr
+    DeviceList([], state_dir).save()  # the daemon's own state dir: closed
     assert _mode(state_dir) == 0o700
-    res = as_nobody(f"import fcntl\nf = open({str(state_dir / 'datapath.json.lock')!r})\n"
-                    "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('locked')")
+    res = as_nobody(code)
     assert res.returncode != 0 and "PermissionError" in res.stderr, res.stdout + res.stderr
 
 
@@ -163,6 +169,14 @@ def test_a_foreign_or_linked_state_dir_is_refused(tmp_path):
     os.chown(foreign, NOBODY, NOBODY)
     with pytest.raises(PyflowError, match="owned by uid 65534"):
         with StateFile(foreign / "datapath.json").locked():
+            pass
+    with pytest.raises(OSError, match="owned by uid 65534"):
+        DeviceList([], foreign).save()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # as /tmp
+    with pytest.raises(PyflowError, match="writable by group or others"):
+        with StateFile(shared / "datapath.json").locked():
             pass
     real = tmp_path / "real"
     real.mkdir(mode=0o700)

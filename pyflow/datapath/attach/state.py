@@ -6,8 +6,9 @@ their shared truth, re-read under an exclusive file lock at the start of every o
 and written back (atomically and durably) before the lock goes.
 
 A root daemon keeps it, so nobody else may touch it: the state dir is owned by the user
-running (root) with mode 0700 and its files 0600, whatever the umask; links are not
-followed; the lock is taken without blocking (bounded retries, then an error), so no
+running (root), writable by nobody else (the daemon keeps its own at 0700), and its files
+are 0600 whatever the umask, so no other user can open them, not even to lock; links are
+not followed; the lock is taken without blocking (bounded retries, then an error), so no
 process can stall the control loop by holding it. A file of the wrong shape is moved
 aside to ``<name>.corrupt`` (and logged) rather than read as empty and overwritten.
 """
@@ -42,10 +43,12 @@ def _owner_name(uid: int) -> str:
     return "root" if uid == 0 else f"uid {uid}"
 
 
-def private_dir(path: str | os.PathLike[str], what: str = "state dir") -> None:
+def private_dir(path: str | os.PathLike[str], what: str = "state dir", *, tighten: bool = False) -> None:
     """Create ``path`` (mode 0700) or check the one there: a directory, not a symbolic link,
-    owned by the user running; a group or world bit is taken away (an older pyflow made
-    it 0755). Another owner is refused: whoever owns it could swap the files inside."""
+    owned by the user running, writable by nobody else (whoever could write it could swap
+    the files inside). ``tighten``: the dir is pyflow's own (the daemon's state dir, which
+    an older pyflow made 0755), so group and world bits are taken away; never for a
+    caller's state file path, whose dir may be /run."""
     path = os.fspath(path)
     parent = os.path.dirname(path.rstrip("/"))
     if parent:
@@ -64,7 +67,10 @@ def private_dir(path: str | os.PathLike[str], what: str = "state dir") -> None:
         if st.st_uid != os.geteuid():
             raise DatapathError(f"{what} {path} is owned by {_owner_name(st.st_uid)}, not "
                                 f"{_owner_name(os.geteuid())}: refusing it")
-        if stat.S_IMODE(st.st_mode) != 0o700:
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise DatapathError(f"{what} {path} is writable by group or others "
+                                f"(mode {stat.S_IMODE(st.st_mode):04o}): refusing it")
+        if tighten and stat.S_IMODE(st.st_mode) != 0o700:
             os.fchmod(fd, 0o700)
     finally:
         os.close(fd)

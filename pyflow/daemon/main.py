@@ -337,18 +337,10 @@ def _check_socket_dir(path: str) -> None:
     reach the socket), else it must be a directory owned by root that nobody else can
     write, not a symbolic link: whoever could write it could put a socket of their own
     in pyflowctl's way or have the socket's chown/chmod land elsewhere."""
-    import stat
+    from pyflow.datapath.attach.state import check_dir_stat
 
     os.makedirs(path, mode=0o755, exist_ok=True)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise PyflowError(f"socket dir {path} is not a directory (a symbolic link is not followed)")
-    if st.st_uid != os.geteuid():
-        raise PyflowError(f"socket dir {path} is owned by uid {st.st_uid}, not uid {os.geteuid()}: "
-                          "refusing it")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PyflowError(f"socket dir {path} is writable by group or others "
-                          f"(mode {stat.S_IMODE(st.st_mode):04o}): refusing it")
+    check_dir_stat(os.lstat(path), path, "socket dir")
 
 
 def _warn_private_bpffs(bpffs_dir: str) -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import stat
 
 from pyflow._native import lib
 from pyflow.datapath.abi import MAP_FLOWS, MAP_STATS, MAP_TX_PORTS
+from pyflow.datapath.attach.state import check_dir_stat
 from pyflow.errors import DatapathError
 
 log = logging.getLogger(__name__)
@@ -103,15 +103,7 @@ class PinDir:
         """The pin dir must be ours: /sys/fs/bpf is often world-writable, so any user could
         have planted a symbolic link or a directory of their own there for us to adopt (and
         then swap the pins we trust). lstat: a link is refused, never followed."""
-        st = os.lstat(self.path)
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-            raise DatapathError(f"pin dir {self.path} is not a directory (a symbolic link is not followed)")
-        if st.st_uid != os.geteuid():
-            raise DatapathError(f"pin dir {self.path} is owned by uid {st.st_uid}, not uid {os.geteuid()}: "
-                                "refusing it")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise DatapathError(f"pin dir {self.path} is writable by group or others "
-                                f"(mode {stat.S_IMODE(st.st_mode):04o}): refusing it")
+        check_dir_stat(os.lstat(self.path), self.path, "pin dir")
 
     def entries(self) -> set[str]:
         return set(os.listdir(self.path))

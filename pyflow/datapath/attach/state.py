@@ -43,6 +43,19 @@ def _owner_name(uid: int) -> str:
     return "root" if uid == 0 else f"uid {uid}"
 
 
+def check_dir_stat(st: os.stat_result, path: str, what: str) -> None:
+    """Refuse a directory someone else controls: ``st`` (from lstat or an O_NOFOLLOW open)
+    must be a directory, not a link, owned by the user running, writable by nobody else."""
+    if not stat.S_ISDIR(st.st_mode):
+        raise DatapathError(f"{what} {path} is not a directory (a symbolic link is not followed)")
+    if st.st_uid != os.geteuid():
+        raise DatapathError(f"{what} {path} is owned by {_owner_name(st.st_uid)}, not "
+                            f"{_owner_name(os.geteuid())}: refusing it")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise DatapathError(f"{what} {path} is writable by group or others "
+                            f"(mode {stat.S_IMODE(st.st_mode):04o}): refusing it")
+
+
 def private_dir(path: str | os.PathLike[str], what: str = "state dir", *, tighten: bool = False) -> None:
     """Create ``path`` (mode 0700) or check the one there: a directory, not a symbolic link,
     owned by the user running, writable by nobody else (whoever could write it could swap
@@ -64,12 +77,7 @@ def private_dir(path: str | os.PathLike[str], what: str = "state dir", *, tighte
         raise DatapathError(f"cannot open {what} {path}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
-        if st.st_uid != os.geteuid():
-            raise DatapathError(f"{what} {path} is owned by {_owner_name(st.st_uid)}, not "
-                                f"{_owner_name(os.geteuid())}: refusing it")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise DatapathError(f"{what} {path} is writable by group or others "
-                                f"(mode {stat.S_IMODE(st.st_mode):04o}): refusing it")
+        check_dir_stat(st, path, what)
         if tighten and stat.S_IMODE(st.st_mode) != 0o700:
             os.fchmod(fd, 0o700)
     finally:

@@ -47,6 +47,14 @@ class Router:
         assert off, f"connection on port {port} not offloaded; refused: {self.engine.stats.refused}"
         return off
 
+    def wait_removed(self, port: int, causes: tuple[str, ...], timeout: float) -> bool:
+        """Until the connection on ``port`` is off the fast path and a removal is counted under
+        one of ``causes``. The engine lives in the control loop's thread and counts a removal
+        last (after the entry left ``offloaded``, the map and conntrack), so a reader in this
+        thread that saw only the entry gone could still read the count from before."""
+        return wait_for(lambda: self.offloaded_with(port) is None
+                        and any(self.engine.stats.removed.get(c) for c in causes), timeout)
+
     def flow_counters(self, off) -> list[tuple[int, ...]]:
         counters = self.cp.flows.read_counters().as_dict()
         return [counters[kb] for kb in off.key_bytes]

@@ -9,6 +9,7 @@ the maps are created, so a bigger flow table needs no recompile.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,6 +58,20 @@ def map_sizes(defines: Mapping[str, int] | None) -> dict[str, int]:
                                 f"{', '.join(sorted(TUNABLES))}); build it with bcc for other defines")
         sizes[TUNABLES[name]] = int(value)
     return sizes
+
+
+def identity(defines: Mapping[str, int] | None = None, path: Path | None = None) -> dict[str, object]:
+    """What a load of the object depends on: the object's bytes (sha256) and the map sizes set
+    before load. Two loads with the same identity give the same programs, so a restart whose
+    identity matches the one recorded for the pinned programs can reuse them as they are."""
+    path = path or object_path()
+    if not path.is_file():
+        raise DatapathError(f"prebuilt datapath missing: {path} (run `make`, or use the bcc build)")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            digest.update(chunk)
+    return {"object_sha256": digest.hexdigest(), "map_sizes": map_sizes(defines)}
 
 
 def failure(path: Path, rc: int, log: str) -> str:

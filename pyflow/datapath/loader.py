@@ -22,7 +22,9 @@ files, so it lives in a state dir, /run/pyflow by default) records which
 device runs which mode and owns which tx-port slot. A restarted process reads
 it, checks it against the devices and the devmap, and so adopts the running
 datapath without touching traffic: the programs stay attached while no process
-runs, the next :meth:`Datapath.attach` swaps in the new programs atomically.
+runs. A prebuilt restart whose object and map sizes are those recorded for the
+pinned programs (``<state file stem>.progs.json``) reuses those programs as they
+are; otherwise the next :meth:`Datapath.attach` swaps in the new programs atomically.
 
 Every attached device holds a slot in the tx-port devmap (value = its
 ifindex), whatever its own mode: XDP on *another* device redirects into it
@@ -61,7 +63,7 @@ from pyflow.datapath.attach.pins import (
     ensure_bpffs,
     fd_prog_id,
 )
-from pyflow.datapath.attach.programs import DEFAULT_BUILD, Programs, map_info
+from pyflow.datapath.attach.programs import DEFAULT_BUILD, LoadRecord, Programs, map_info
 from pyflow.datapath.attach.state import (
     DEFAULT_STATE_DIR,
     STATE_VERSION,
@@ -120,12 +122,14 @@ class Datapath:
         name = os.path.basename(self.pin_dir) or "pyflow"
         self.state_file = Path(state_file) if state_file else Path(DEFAULT_STATE_DIR) / f"{name}.json"
         self._store = StateFile(self.state_file)
+        # what the pinned programs are (bpffs holds no regular files): lets a restart reuse them
+        self._record = LoadRecord(self.state_file.with_name(self.state_file.stem + ".progs.json"))
         self._lock = threading.RLock()
         self._netns = _netns_inode()
         self._closed = False
         self._ipr: Any = None
         made_dir = self._pins.prepare()
-        self._progs = Programs(self._pins, defines, made_dir=made_dir, build=build)
+        self._progs = Programs(self._pins, defines, made_dir=made_dir, build=build, record=self._record)
         self.build = build
         try:
             progs = self._progs
@@ -336,6 +340,7 @@ class Datapath:
             self.close()
         self._pins.remove()
         self._store.remove()
+        self._record.remove()
 
     def __enter__(self) -> Datapath:
         return self

@@ -136,6 +136,14 @@ def test_attach_each_mode(make_dp, ns, mode):
 
 # ---- atomic re-attach ----------------------------------------------------------------
 
+def _upgraded(make_dp) -> Datapath:
+    """A second instance on the same pin dir that loads programs of its own, as an upgraded
+    daemon does: without the load record, nothing says the pinned programs are its own."""
+    state = Path(make_dp.state_file)
+    state.with_name(state.stem + ".progs.json").unlink()
+    return make_dp()
+
+
 @pytest.mark.parametrize("mode", ["native", "generic"])
 def test_xdp_reattach_replaces_without_gap(make_dp, ns, mode):
     """Two instances on one pin dir (as a restarting daemon would be) take turns
@@ -145,7 +153,7 @@ def test_xdp_reattach_replaces_without_gap(make_dp, ns, mode):
     re-attaching keeps its program (nothing to swap)."""
     from pyroute2 import IPRoute
 
-    a, b = make_dp(), make_dp()
+    a, b = make_dp(), _upgraded(make_dp)
     assert a.xdp_prog_id != b.xdp_prog_id
     a.attach("pft-a", mode)
     ifindex = netns.ifindex(ns, "pft-a")
@@ -189,7 +197,8 @@ def test_tc_reattach_replaces_without_gap(make_dp, ns):
     swap, never a delete), and a poller never finds it missing."""
     from pyroute2 import IPRoute
 
-    a, b = make_dp(), make_dp()
+    a, b = make_dp(), _upgraded(make_dp)
+    assert a.tc_prog_id != b.tc_prog_id
     a.attach("pft-a", "tc")
     ifindex = netns.ifindex(ns, "pft-a")
     present: list[bool] = []
@@ -410,9 +419,11 @@ def test_second_instance_adopts(make_dp, ns, first, second):
     assert {s.ifname: s.prog_id for s in b.status() if s.mode} == {"pft-a": a_xdp, "pft-b": a_tc}
     assert link_xdp(ns, "pft-a") == (XDP_ATTACHED_DRV, a_xdp)
     assert devmap(b.pin_dir) == {s.slot: s.ifindex for s in before}
-    # the new instance takes over atomically, same slot
+    # the new instance takes over atomically, same slot; a prebuilt restart of the same
+    # object reuses the pinned programs (tests/datapath/test_prebuilt_adopt.py)
     st = b.attach("pft-a", "native")
-    assert st.prog_id == b.xdp_prog_id != a_xdp and st.slot == 0
+    assert st.prog_id == b.xdp_prog_id and st.slot == 0
+    assert (b.xdp_prog_id == a_xdp) == (first == second == "prebuilt")
     assert link_xdp(ns, "pft-a") == (XDP_ATTACHED_DRV, b.xdp_prog_id)
     b.detach_all()
     assert link_xdp(ns, "pft-a") == (0, 0) and our_filter(ns, "pft-b") is None

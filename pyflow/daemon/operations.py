@@ -28,8 +28,9 @@ from pyflow.errors import DeviceError, PyflowError, RequestError
 
 log = logging.getLogger(__name__)
 
-# daemon settings a running pyflowd keeps until restarted (sockets and directories in use)
-RESTART_ONLY = ("socket", "socket_group", "metrics_address", "state_dir", "bpffs_dir")
+# daemon settings a running pyflowd keeps until restarted (sockets and directories in use,
+# and the datapath build: the programs are loaded once, at start)
+RESTART_ONLY = ("socket", "socket_group", "metrics_address", "state_dir", "bpffs_dir", "datapath_build")
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 

@@ -49,6 +49,19 @@ def test_reload_keeps_what_needs_a_restart(caplog):
     assert "daemon.socket changed" in caplog.text and "offload.offload_mark changed" in caplog.text
 
 
+def test_reload_keeps_the_datapath_build_until_a_restart(caplog):
+    old = Config(daemon=DaemonConfig(datapath_build="prebuilt"))
+    new = Config(daemon=DaemonConfig(datapath_build="bcc"))
+    with caplog.at_level(logging.WARNING):
+        got = reloadable(old, new)
+    assert got.daemon.datapath_build == "prebuilt"
+    assert "daemon.datapath_build changed; it takes effect at the next restart" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        reloadable(old, old)
+    assert "datapath_build" not in caplog.text
+
+
 def _record(hardware: bool = False) -> FlowRecord:
     orig = Tuple("10.0.0.2", "198.51.100.7", 40000, 443)
     reply = Tuple("198.51.100.7", "192.0.2.1", 443, 40000)

@@ -1,9 +1,10 @@
 """The pin dir: bpffs, the directory the maps and programs are pinned in, and the pins.
 
-bcc creates the maps pinned there (or adopts the pins, BPF_TABLE_PINNED); the programs
-are pinned next to them (``prog_xdp``, ``prog_tc``) so that the next process can tell
-which program on a device is pyflow's and name it as the expected program of an XDP
-replace.
+The datapath's loader creates the maps pinned there, or adopts the pins: libbpf's load of
+the prebuilt object (csrc/loader.c) by default, bcc's BPF_TABLE_PINNED in the bcc build.
+The programs are pinned next to them (``prog_xdp``, ``prog_tc``) so that the next process
+can tell which program on a device is pyflow's, name it as the expected program of an XDP
+replace, and (prebuilt, same object and map sizes) reuse it without loading it again.
 """
 
 from __future__ import annotations

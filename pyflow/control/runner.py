@@ -36,6 +36,7 @@ from pyflow.control.stats import (
 from pyflow.datapath.abi import MAP_FLOWS
 from pyflow.datapath.flowtable import Counters, FlowTable
 from pyflow.datapath.loader import Datapath
+from pyflow.errors import DatapathError
 from pyflow.hw.offload import FlowerOffload
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class ControlPlane:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._hand_back = True
+        self._devices_stale = False  # a device refresh could not run: retried at each tick
         # calls from other threads (control socket, metrics) run inside the loop, which
         # owns the engine; a pipe wakes the loop's select() when one is queued
         self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
@@ -249,6 +251,8 @@ class ControlPlane:
             if self._wake_r in ready:
                 self._run_calls()
             if time.monotonic() >= next_tick:
+                if self._devices_stale:
+                    self._refresh_devices_or_later()
                 self.engine.tick()
                 self.keep_snapshot()
                 period = self.config.keepalive_period_s  # read each time: a reload may change it
@@ -447,8 +451,21 @@ class ControlPlane:
         if not changes:
             return
         if any(change[0] == "link" for change in changes):
-            self.devices.refresh()
+            self._refresh_devices_or_later()
         self.engine.paths_changed()
+
+    def _refresh_devices_or_later(self) -> None:
+        """Re-read the device registry; if the datapath's state is locked by another process
+        for longer than its bounded wait, keep the registry as it is and try again at the
+        next keep-alive tick rather than let the loop die (the lock's holder can only be root:
+        the state dir is root's alone)."""
+        try:
+            self.devices.refresh()
+            self._devices_stale = False
+        except DatapathError as exc:
+            if not self._devices_stale:
+                log.warning("device registry not refreshed, retrying at the next tick: %s", exc)
+            self._devices_stale = True
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="pyflow-control", daemon=True)

@@ -755,7 +755,7 @@ class RtPaths:
 
     def __init__(self, *, cache: bool = True, resolve: bool = True,
                  route_cache_size: int = ROUTE_CACHE_SIZE, neigh_cache_size: int = NEIGH_CACHE_SIZE) -> None:
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         self._watch = PathWatcher()  # first, so no change between it and our first query is missed
         self._rt = NetlinkSocket(NETLINK_ROUTE)

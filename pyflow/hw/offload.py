@@ -68,7 +68,7 @@ class FlowerOffload:
     loop's thread owns it (pyroute2's sockets belong to the thread that made them)."""
 
     def __init__(self, *, skip_hw: bool, ipr: Any = None):
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         self.flags = F.SKIP_HW if skip_hw else F.SKIP_SW
         self._own_ipr = ipr is None

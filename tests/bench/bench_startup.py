@@ -3,8 +3,9 @@ libbpf (the default) and bcc compiling ebpf/ at start.
 
 For each build, pyflowd starts ``--runs`` times in router r1 of the integration topology
 (tests/daemon/process.py) with both router ports configured, each time on a clean pin
-dir (a first start), then once more over the pins of a SIGKILLed run (an adopting
-restart). Measured from the fork: READY=1 on a $NOTIFY_SOCKET of our own, and the
+dir (a first start), then ``--restarts`` times over the pins of a SIGKILLed run (an
+adopting restart; the table says whether it reused the pinned programs). Measured from
+the fork: READY=1 on a $NOTIFY_SOCKET of our own, and the
 first answered status request on the control socket (polled every 5 ms with a raw
 request, no pyflowctl); then VmRSS from /proc/PID/status after 3 s idle with no
 connection. Prints a side-by-side table and writes bench-results/startup.json.
@@ -79,7 +80,7 @@ def one_start(d: Pyflowd, notify: socket.socket) -> dict[str, float]:
     return {"ready_s": ready, "socket_s": answered, "rss_mib": _rss_kib(d.proc.pid) / 1024}
 
 
-def bench(build: str, runs: int, work: Path, topo) -> dict[str, object]:
+def bench(build: str, runs: int, work: Path, topo, restart_runs: int = 1) -> dict[str, object]:
     (work / build).mkdir()
     d = Pyflowd(topo, work / build)
     d.write_config(devices=((LAN, "auto"), (UP, "auto")), extra=f'datapath_build = "{build}"\n')
@@ -92,9 +93,14 @@ def bench(build: str, runs: int, work: Path, topo) -> dict[str, object]:
             d.signal(signal.SIGTERM)
             d.wait(30)
         firsts.append(one_start(d, notify))  # the run a SIGKILL leaves behind, to adopt
-        d.signal(signal.SIGKILL)
-        d.wait(10)
-        restart = one_start(d, notify)
+        restarts = []
+        for _ in range(restart_runs):
+            d.signal(signal.SIGKILL)
+            d.wait(10)
+            logged = len(d.log.read_text())
+            restarts.append(one_start(d, notify))
+            # whether the restart reused the pinned programs (prebuilt, same object) or loaded
+            restarts[-1]["reused"] = "reusing the pinned datapath programs" in d.log.read_text()[logged:]
         d.signal(signal.SIGTERM)
         d.wait(30)
     finally:
@@ -106,12 +112,16 @@ def bench(build: str, runs: int, work: Path, topo) -> dict[str, object]:
 
     return {"runs": len(firsts), "ready_s": med("ready_s"), "socket_s": med("socket_s"),
             "rss_mib": round(statistics.median(r["rss_mib"] for r in firsts), 1),
-            "restart_ready_s": round(restart["ready_s"], 3), "restart_rss_mib": round(restart["rss_mib"], 1)}
+            "restarts": len(restarts),
+            "restart_ready_s": round(statistics.median(r["ready_s"] for r in restarts), 3),
+            "restart_rss_mib": round(statistics.median(r["rss_mib"] for r in restarts), 1),
+            "restart_reused": all(r["reused"] for r in restarts)}
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="first starts per build")
+    ap.add_argument("--restarts", type=int, default=1, help="adopting restarts (after SIGKILL) per build")
     ap.add_argument("--out", default="bench-results/startup.json")
     ap.add_argument("--builds", default=",".join(BUILDS),
                     help="comma-separated datapath builds to measure (bcc compiles at every start: slow)")
@@ -122,15 +132,16 @@ def main(argv: list[str]) -> int:
     results = {}
     with topology(nat=True) as topo, tempfile.TemporaryDirectory(prefix="pft-bench-startup-") as work:
         for build in builds:
-            results[build] = bench(build, args.runs, Path(work), topo)
+            results[build] = bench(build, args.runs, Path(work), topo, args.restarts)
     rows = [("READY=1 after start (median)", "ready_s", "s"), ("socket answers (median)", "socket_s", "s"),
             (f"VmRSS idle after {IDLE_S:g} s (median)", "rss_mib", "MiB"),
-            ("adopting restart, READY=1", "restart_ready_s", "s"),
-            ("VmRSS after restart", "restart_rss_mib", "MiB")]
+            ("adopting restart, READY=1 (median)", "restart_ready_s", "s"),
+            ("VmRSS after restart (median)", "restart_rss_mib", "MiB"),
+            ("restart reused the pinned programs", "restart_reused", "")]
     heads = {"prebuilt": "prebuilt (libbpf)", "bcc": "bcc"}
     print(f"{'':34}" + "".join(f" {heads[b]:>18}" for b in builds))
     for label, key, unit in rows:
-        print(f"{label:34}" + "".join(f" {str(results[b][key]) + ' ' + unit:>18}" for b in builds))
+        print(f"{label:34}" + "".join(f" {(str(results[b][key]) + ' ' + unit).strip():>18}" for b in builds))
     Path(args.out).parent.mkdir(exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     return 0

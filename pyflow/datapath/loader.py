@@ -40,11 +40,8 @@ datapaths in different namespaces need different pin dirs and state files.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import logging
 import os
-import sys
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -98,41 +95,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def lean_pyroute2() -> None:
-    """Let ``import pyroute2.<sub>`` run without pyroute2/__init__.py, until a name of it is used.
-
-    That file imports every pyroute2 API (NDB with sqlite3, IPDB, IPVS, nl80211, WireGuard,
-    plan9, ...) whichever one is wanted: 20 MB of the daemon's 41 MB resident when idle, of
-    which the submodules pyflow uses (IPRoute, the netlink codec, tc plugins) are 14 MB. So
-    the package is registered with its path but not run; the first lookup of one of its
-    top-level names (``from pyroute2 import IPRoute`` in other code) runs it then, so nothing
-    that wants the full package sees a difference. A no-op when pyroute2 is imported already.
-    """
-    if "pyroute2" in sys.modules:
-        return
-    spec = importlib.util.find_spec("pyroute2")
-    if spec is None or spec.loader is None:
-        return
-    module = importlib.util.module_from_spec(spec)  # __path__, __spec__: enough for submodules
-
-    def __getattr__(name: str) -> Any:
-        # ``from pyroute2 import protocols`` (pyroute2 does it itself) asks for a submodule
-        if not name.startswith("__") and importlib.util.find_spec(f"pyroute2.{name}") is not None:
-            return importlib.import_module(f"pyroute2.{name}")
-        if name.startswith("__") and name not in ("__all__", "__version__"):
-            raise AttributeError(name)  # probes (copy, pickle, inspect) need not run the package
-        del module.__dict__["__getattr__"]
-        assert spec.loader is not None
-        spec.loader.exec_module(module)
-        return getattr(module, name)
-
-    module.__dict__["__getattr__"] = __getattr__
-    sys.modules["pyroute2"] = module
-
-
-lean_pyroute2()
 
 
 def _netns_inode() -> int:

@@ -1,5 +1,5 @@
-"""The daemon's modules import only the parts of pyroute2 they use (pyflow.datapath.loader's
-lean_pyroute2), and code that wants the whole package still gets it. Each case runs in a
+"""The daemon's modules import only the parts of pyroute2 they use (pyflow.daemon.footprint,
+run by the daemon package), and code that wants the whole package still gets it. Each case runs in a
 fresh interpreter: what is imported is a property of the process."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def test_the_daemon_modules_leave_pyroute2s_other_apis_unimported():
 
 
 def test_the_whole_package_is_there_for_who_asks():
-    out = _run("import pyflow.datapath.loader\n"
+    out = _run("import pyflow.daemon\n"
                "from pyroute2 import IPRoute, NDB\n"
                "import pyroute2, pyroute2.iproute\n"
                "from pyroute2 import protocols\n"

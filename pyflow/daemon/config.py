@@ -46,6 +46,11 @@ OFFLOAD_BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
+# the flow map's entries (two per connection): at least 512 connections; at most 16M entries,
+# which is 16M x (48-byte key + 112-byte value) = 2.5 GiB of kernel memory before hash overhead
+FLOW_MAP_ENTRIES = (1024, 1 << 24)
+
+
 class ConfigError(PyflowError):
     """The configuration is invalid; the message names the file and the key."""
 
@@ -60,6 +65,7 @@ class DaemonConfig:
     log_level: str = "info"
     on_stop: str = "hand-back"
     datapath_build: str = "prebuilt"
+    flow_map_entries: int = 262144  # the flow map's size, set when the map is made (2 per connection)
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ class Config:
 
     def with_overrides(self, **daemon_values: str | None) -> Config:
         """The config with daemon-section values from the command line (None: not given)."""
-        given = {k: v for k, v in daemon_values.items() if v is not None}
+        given: dict[str, Any] = {k: v for k, v in daemon_values.items() if v is not None}
         if not given:
             return self
         merged = replace(self.daemon, **given)
@@ -154,6 +160,10 @@ def _check_daemon(d: DaemonConfig, where: str) -> None:
     if d.datapath_build not in DATAPATH_BUILDS:
         raise ConfigError(f"{where}: daemon.datapath_build: {d.datapath_build!r} is not one of "
                           f"{', '.join(DATAPATH_BUILDS)}")
+    low, high = FLOW_MAP_ENTRIES
+    if not low <= d.flow_map_entries <= high:
+        raise ConfigError(f"{where}: daemon.flow_map_entries: must be between {low} and {high}, "
+                          f"not {short(d.flow_map_entries)}")
     if d.metrics_address:
         try:
             parse_address(d.metrics_address)

@@ -190,6 +190,7 @@ class Daemon:
         _warn_private_bpffs(d.bpffs_dir)
         dp = Datapath(pin_dir=d.bpffs_dir, state_file=os.path.join(d.state_dir, "datapath.json"),
                       **self._datapath_options())
+        _warn_flow_map_size(dp, d.flow_map_entries)
         ops = self.ops = Operations(self.config, dp)
         ops.apply_devices(live=False)
         if d.metrics_address:
@@ -226,7 +227,8 @@ class Daemon:
 
         from pyflow.datapath.loader import Datapath
 
-        options: dict[str, Any] = {"build": self.config.daemon.datapath_build}
+        options: dict[str, Any] = {"build": self.config.daemon.datapath_build,
+                                   "defines": {"PYFLOW_MAX_FLOWS": self.config.daemon.flow_map_entries}}
         if "hw_skip_hw" in inspect.signature(Datapath).parameters:
             options["hw_skip_hw"] = self.config.offload.hw_skip_hw
         elif self.config.offload.hw_skip_hw:
@@ -341,6 +343,20 @@ def _check_socket_dir(path: str) -> None:
 
     os.makedirs(path, mode=0o755, exist_ok=True)
     check_dir_stat(os.lstat(path), path, "socket dir")
+
+
+def _warn_flow_map_size(dp: Any, wanted: int) -> None:
+    """A flow map adopted from the pins keeps the size it was made with (its entries live on
+    in it): say so when the config asks for another size."""
+    from pyflow.datapath.abi import MAP_FLOWS
+    from pyflow.datapath.flowtable import FlowTable
+
+    table = FlowTable(dp.map_fd(MAP_FLOWS))
+    if table.max_entries != wanted:
+        log.warning("daemon.flow_map_entries = %d, but the flow map pinned in %s holds %d entries "
+                    "and is kept; the new size takes effect when the pins are removed (a clean "
+                    "stop with on_stop = \"hand-back\" removes them)", wanted, dp.pin_dir,
+                    table.max_entries)
 
 
 def _warn_private_bpffs(bpffs_dir: str) -> None:

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 # daemon settings a running pyflowd keeps until restarted (sockets and directories in use,
 # and the datapath build: the programs are loaded once, at start)
-RESTART_ONLY = ("socket", "socket_group", "metrics_address", "state_dir", "bpffs_dir", "datapath_build")
+RESTART_ONLY = ("socket", "socket_group", "metrics_address", "state_dir", "bpffs_dir", "datapath_build",
+                "flow_map_entries")
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 

@@ -530,12 +530,19 @@ def test_sigkill_mid_transfer_then_restart_adopts(env, tmp_path):
         assert d.wait(30) == 0
         assert hooks(topo) == {LAN: "tc", UP: "tc", UP2: "tc"} and os.path.isdir(d.bpffs)
         assert "datapath left running" in d.log.read_text()
-        d.write_config(devices=((LAN, "auto"), (UP, "auto")))
+        d.write_config(devices=((LAN, "auto"), (UP, "auto")), extra="flow_map_entries = 4096\n")
         d.start()
         assert {x["name"] for x in d.json("devices")["devices"]} == {LAN, UP, UP2}
+        # the adopted flow map keeps the size it was made with; the log says when 4096 applies
+        assert d.json("stats")["flow_map"]["capacity"] == 262144
+        assert "daemon.flow_map_entries = 4096, but the flow map pinned" in d.log.read_text()
         d.signal(signal.SIGTERM)
         assert d.wait(30) == 0
         assert hooks(topo) == {LAN: "none", UP: "none", UP2: "none"} and not os.path.exists(d.bpffs)
+        d.start()  # no pins left: the flow map is made with the configured size
+        assert d.json("stats")["flow_map"]["capacity"] == 4096
+        d.signal(signal.SIGTERM)
+        assert d.wait(30) == 0
     finally:
         d.cleanup()
 

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from pyflow.daemon import main as pyflowd
-from pyflow.daemon.config import OFFLOAD_BOUNDS, ConfigError, check_device, load, parse
+from pyflow.daemon.config import FLOW_MAP_ENTRIES, OFFLOAD_BOUNDS, ConfigError, check_device, load, parse
 
 
 @pytest.mark.parametrize("key, value", [
@@ -29,6 +29,20 @@ def test_the_bounds_themselves_are_accepted():
     for key, (low, high) in OFFLOAD_BOUNDS.items():
         for value in (low, high):
             assert getattr(parse(f"[offload]\n{key} = {value}\n", "f").offload, key) == value
+
+
+@pytest.mark.parametrize("value", ["0", "1023", "16777217", "-1", "1e6", "true"])
+def test_flow_map_entries_is_a_bounded_integer(value):
+    with pytest.raises(ConfigError, match="^f: daemon.flow_map_entries: must be"):
+        parse(f"[daemon]\nflow_map_entries = {value}\n", "f")
+
+
+def test_flow_map_entries_bounds_are_accepted_and_reach_the_datapath():
+    for value in FLOW_MAP_ENTRIES:
+        assert parse(f"[daemon]\nflow_map_entries = {value}\n", "f").daemon.flow_map_entries == value
+    daemon = pyflowd.Daemon.__new__(pyflowd.Daemon)  # only the config is read
+    daemon.config = parse("[daemon]\nflow_map_entries = 4096\n", "f")
+    assert daemon._datapath_options()["defines"] == {"PYFLOW_MAX_FLOWS": 4096}
 
 
 @pytest.mark.parametrize("text", [

@@ -194,6 +194,8 @@ class Datapath:
                               f"use native, generic, tc, hw or auto")
         with self._op() as st:
             facts = netdev.read_facts(self._ipr, ifname)
+            if mode != "tc":  # only XDP cares about VLAN uppers and tag stripping
+                facts = netdev.read_vlan_facts(self._ipr, facts)
             choice = switch.choose(facts, mode, skip_hw=self.hw_skip_hw)
             known = self._known_prog_ids(st)
             if facts.xdp_prog_id and facts.xdp_prog_id not in known and choice.mode != "tc":

@@ -17,10 +17,17 @@ The ``auto`` attach rule, kept deliberately simple:
   the driver turns out to have no native XDP the loader falls back to ``tc``
   and says so;
 * anything else (loopback, odd software devices) -> ``tc``.
+
+Whatever the rule says, a device with VLAN upper devices whose NIC strips VLAN
+tags on receive (rx-vlan-hw-parse / rx-vlan-stag-hw-parse) gets no XDP: the tag
+goes into the descriptor, XDP sees the frame as untagged and would forward a
+VLAN host's packet as if it came from the untagged LAN. TC reads the stripped
+tag from skb metadata, so ``tc`` is safe (pyflow.datapath.attach.switch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -42,6 +49,22 @@ class DeviceFacts:
     mtu: int
     xdp_mode: str | None      # None, "xdp" (native), "xdpgeneric", "xdpoffload", "xdpmulti"
     xdp_prog_id: int          # 0 = none
+    # read only where an attach needs them (read_vlan_facts): a link dump and an
+    # ethtool request are too dear for every facts read
+    vlan_uppers: tuple[tuple[str, str], ...] = ()  # (name, "802.1Q" | "802.1ad") on top of this
+    vlan_rx_strip: tuple[str, ...] = ()  # the ethtool rx VLAN strip features that are on
+
+    def vlan_hazard(self) -> str | None:
+        """Why XDP would misread this device's tagged frames (VLAN uppers and tag stripping
+        on), or None. Any stripping counts, not only the uppers' protocol: a port with a
+        VLAN upper is on a trunk, and a tag of either kind stripped is one XDP cannot see."""
+        if not self.vlan_uppers or not self.vlan_rx_strip:
+            return None
+        uppers = ", ".join(f"{name} ({proto})" for name, proto in self.vlan_uppers)
+        strip = ", ".join(self.vlan_rx_strip)
+        state = f"unreadable, taken as on ({strip})" if strip.startswith("unknown") else f"on ({strip})"
+        return (f"VLAN upper(s) {uppers} and rx VLAN offload {state}: "
+                f"the NIC strips the tags before XDP, which would take tagged frames for untagged ones")
 
 
 def _driver(bus: str | None, dev: str | None) -> str | None:
@@ -100,6 +123,41 @@ def read_facts(ipr, ifname: str | None = None, *, ifindex: int | None = None) ->
     if not msgs:
         raise DeviceError(f"no such device: {what}")
     return facts_from_msg(msgs[0])
+
+
+VLAN_PROTOCOLS = {0x8100: "802.1Q", 0x88A8: "802.1ad"}
+
+
+def vlan_uppers(ipr, ifindex: int) -> tuple[tuple[str, str], ...]:
+    """VLAN devices (802.1Q and 802.1ad) in this namespace whose lower device is ifindex.
+    IFLA_LINK names the lower device; with IFLA_LINK_NETNSID set it is an index in another
+    namespace, not ours. (A VLAN device moved to another namespace is not seen from here.)"""
+    found = []
+    for msg in ipr.link("dump"):
+        linkinfo = msg.get_attr("IFLA_LINKINFO")
+        if linkinfo is None or linkinfo.get_attr("IFLA_INFO_KIND") != "vlan":
+            continue
+        if msg.get_attr("IFLA_LINK") != ifindex or msg.get_attr("IFLA_LINK_NETNSID") is not None:
+            continue
+        data = linkinfo.get_attr("IFLA_INFO_DATA")
+        proto = data.get_attr("IFLA_VLAN_PROTOCOL") if data is not None else None
+        found.append((msg.get_attr("IFLA_IFNAME"), VLAN_PROTOCOLS.get(proto or 0x8100, hex(proto or 0))))
+    return tuple(sorted(found))
+
+
+def read_vlan_facts(ipr, facts: DeviceFacts) -> DeviceFacts:
+    """facts with vlan_uppers and vlan_rx_strip filled in. Features are read only when
+    there are uppers; unreadable features count as stripping (the safe side: tc)."""
+    from pyflow.netlink import ethtool
+
+    uppers = vlan_uppers(ipr, facts.ifindex)
+    if not uppers:
+        return dataclasses.replace(facts, vlan_uppers=(), vlan_rx_strip=())
+    try:
+        strip = ethtool.vlan_rx_strip(facts.ifname)
+    except DeviceError as exc:
+        strip = (f"unknown: {exc}",)
+    return dataclasses.replace(facts, vlan_uppers=uppers, vlan_rx_strip=strip)
 
 
 def choose_mode(facts: DeviceFacts) -> tuple[str, str]:

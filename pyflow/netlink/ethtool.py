@@ -1,5 +1,6 @@
 """ethtool over generic netlink: can a device run flower rules in hardware? Its
-``hw-tc-offload`` feature says.
+``hw-tc-offload`` feature says. Does it strip VLAN tags on receive? Its
+``rx-vlan-hw-parse`` (802.1Q) and ``rx-vlan-stag-hw-parse`` (802.1ad) features say.
 
 Read over ethtool netlink (ETHTOOL_MSG_FEATURES_GET, the genetlink family
 "ethtool"), the same source as ``ethtool -k``: NETIF_F_HW_TC is listed under
@@ -23,6 +24,9 @@ from pyflow.errors import DeviceError
 ETHTOOL_GENL_NAME = "ethtool"
 ETHTOOL_MSG_FEATURES_GET = 11
 HW_TC_OFFLOAD = "hw-tc-offload"
+# NETIF_F_HW_VLAN_CTAG_RX / NETIF_F_HW_VLAN_STAG_RX: the tag is taken out of the frame
+# into the descriptor (skb metadata), so XDP, which sees only frame data, never sees it
+RX_VLAN_STRIP = {"rx-vlan-hw-parse": "rxvlan", "rx-vlan-stag-hw-parse": "rx-vlan-stag-hw-parse"}
 
 
 class _features_msg(genlmsg):
@@ -65,8 +69,9 @@ def _bit_names(bitset, *, set_only: bool) -> set[str]:
     return names
 
 
-def tc_offload(ifname: str) -> TcOffload:
-    """hw-tc-offload of ifname, in the caller's network namespace; DeviceError if unreadable."""
+def features(ifname: str) -> tuple[set[str], set[str]]:
+    """(changeable or active, active) feature names of ifname as ``ethtool -k`` lists them,
+    in the caller's network namespace; DeviceError if unreadable."""
     sock = GenericNetlinkSocket()
     try:
         sock.bind(ETHTOOL_GENL_NAME, _features_msg)
@@ -86,4 +91,17 @@ def tc_offload(ifname: str) -> TcOffload:
     reply = replies[0]
     hw = _bit_names(reply.get_attr("ETHTOOL_A_FEATURES_HW"), set_only=True)
     active = _bit_names(reply.get_attr("ETHTOOL_A_FEATURES_ACTIVE"), set_only=True)
-    return TcOffload(ifname, HW_TC_OFFLOAD in hw or HW_TC_OFFLOAD in active, HW_TC_OFFLOAD in active)
+    return hw | active, active
+
+
+def tc_offload(ifname: str) -> TcOffload:
+    """hw-tc-offload of ifname, in the caller's network namespace; DeviceError if unreadable."""
+    known, active = features(ifname)
+    return TcOffload(ifname, HW_TC_OFFLOAD in known, HW_TC_OFFLOAD in active)
+
+
+def vlan_rx_strip(ifname: str) -> tuple[str, ...]:
+    """The VLAN-stripping features that are on for ifname (subset of RX_VLAN_STRIP's
+    names, in its order); DeviceError if unreadable."""
+    _, active = features(ifname)
+    return tuple(name for name in RX_VLAN_STRIP if name in active)

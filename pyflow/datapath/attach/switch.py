@@ -51,12 +51,32 @@ def hw_choice(ifname: str, *, asked: bool, skip_hw: bool) -> tuple[bool, str]:
     raise DeviceError(f"{ifname} cannot offload to hardware ({why_not}); use --mode auto or tc")
 
 
+def vlan_fix(facts: netdev.DeviceFacts) -> str:
+    """The ethtool command that turns this device's rx VLAN stripping off."""
+    from pyflow.netlink.ethtool import RX_VLAN_STRIP
+
+    words = [f"{RX_VLAN_STRIP[f]} off" for f in facts.vlan_rx_strip if f in RX_VLAN_STRIP]
+    return f"ethtool -K {facts.ifname} {' '.join(words or ['rxvlan off'])}"
+
+
 def choose(facts: netdev.DeviceFacts, mode: str, *, skip_hw: bool) -> Choice:
-    """The software mode for ``mode`` (auto's rule for hw and auto), and whether hw."""
+    """The software mode for ``mode`` (auto's rule for hw and auto), and whether hw.
+
+    XDP on a device with VLAN uppers that strips tags on receive is never chosen
+    (DeviceFacts.vlan_hazard): asked for explicitly it is refused before anything
+    changes, auto (and hw's software hook) takes TC, which reads the stripped tag."""
+    hazard = facts.vlan_hazard()
+    if mode in ("native", "generic") and hazard:
+        raise DeviceError(f"{facts.ifname}: {mode} XDP refused: {hazard}; use --mode tc "
+                          f"(or auto), or run `{vlan_fix(facts)}` first")
     if mode not in ("hw", "auto"):
         return Choice(mode, f"asked for {mode}", False, False)
     hw, hw_reason = hw_choice(facts.ifname, asked=mode == "hw", skip_hw=skip_hw)
     mode, reason = netdev.choose_mode(facts)
+    if hazard and mode != "tc":
+        mode, reason = "tc", f"TC ingress instead of {mode} XDP: {hazard} (TC reads them)"
+    elif hazard:
+        reason = f"{reason}; XDP would be ruled out anyway: {hazard}"
     if hw:
         reason = f"{hw_reason}; software hook for refused flows: {reason}"
     return Choice(mode, reason, mode == "native", hw)

@@ -45,6 +45,7 @@ import os
 import pstats
 import resource
 import selectors
+import shutil
 import signal
 import socket
 import statistics
@@ -644,6 +645,7 @@ def bench(args: argparse.Namespace) -> int:
                     e.stop()
             with netns.inside(topo.r1):
                 dp.destroy()
+            shutil.rmtree(work, ignore_errors=True)  # the helpers' sockets and outputs
     results["wall_s"] = time.monotonic() - t_start
     results["host_loop_s_after"] = host_speed()
     report(results)

@@ -5,6 +5,7 @@ grow the daemon's threads without bound nor lock root out of the control socket.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,7 @@ def daemon():
             yield topo, d
         finally:
             d.cleanup()
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def test_a_hostile_user_neither_multiplies_threads_nor_locks_root_out(daemon):

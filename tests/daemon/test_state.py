@@ -63,8 +63,8 @@ def test_reload_keeps_the_datapath_build_until_a_restart(caplog):
 
 
 def _record(hardware: bool = False) -> FlowRecord:
-    orig = Tuple("10.0.0.2", "198.51.100.7", 40000, 443)
-    reply = Tuple("198.51.100.7", "192.0.2.1", 443, 40000)
+    orig = Tuple("198.18.0.2", "198.19.0.7", 40000, 443)
+    reply = Tuple("198.19.0.7", "192.0.2.1", 443, 40000)
     counters = None if hardware else Traffic(5, 700)
     return FlowRecord(family=socket.AF_INET, proto=socket.IPPROTO_TCP, hardware=hardware,
                       original=Direction(orig, 2, 3, counters), reply=Direction(reply, 3, 2, counters),
@@ -77,7 +77,7 @@ def test_flows_view_and_filter():
     assert (res["total"], res["truncated"], len(res["flows"])) == (2, True, 1)
     flow = res["flows"][0]
     assert (flow["family"], flow["proto"], flow["placement"]) == ("ipv4", "tcp", "software")
-    assert flow["original"] == {"src": "10.0.0.2", "dst": "198.51.100.7", "sport": 40000, "dport": 443,
+    assert flow["original"] == {"src": "198.18.0.2", "dst": "198.19.0.7", "sport": 40000, "dport": 443,
                                 "in_device": "lan0", "out_device": "3", "packets": 5, "bytes": 700}
     assert (flow["age_seconds"], flow["idle_seconds"]) == (2.5, 0.001)
     hw = views.flow(_record(hardware=True), names)

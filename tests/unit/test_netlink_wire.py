@@ -67,12 +67,12 @@ def test_flag_bits_are_masked_off_the_type() -> None:
 
 def test_nested_attributes_round_trip() -> None:
     inner = nest(2, nla(1, b"\x06"), nla(2, BE16.pack(1234)), nla(3, BE16.pack(80)))
-    enc = nla(9, b"before") + nest(1, nest(1, nla(1, socket.inet_aton("10.0.0.1"))), inner)
+    enc = nla(9, b"before") + nest(1, nest(1, nla(1, socket.inet_aton("198.18.0.1"))), inner)
     top = attrs(enc, 0, len(enc))
     t = nested(enc, top[1])
     assert set(t) == {1, 2}
     ip = nested(enc, t[1])
-    assert payload(enc, ip[1]) == socket.inet_aton("10.0.0.1")
+    assert payload(enc, ip[1]) == socket.inet_aton("198.18.0.1")
     proto = nested(enc, t[2])
     assert u8(enc, proto[1]) == 6
     assert value(enc, proto[2], BE16) == 1234 and value(enc, proto[3], BE16) == 80
@@ -265,7 +265,7 @@ def test_ctnetlink_and_rtnetlink_decoders_keep_the_last_duplicate() -> None:
     from pyflow.control import conntrack, paths
     from pyflow.control.model import Conn, Tuple
 
-    t = Tuple("10.0.0.1", "10.0.0.2", 1000, 80)
+    t = Tuple("198.18.0.1", "198.18.0.2", 1000, 80)
     orig = conntrack._tuple_attr(uapi.CTA_TUPLE_ORIG, Conn(socket.AF_INET, 6, t, t))
     reply = conntrack._tuple_attr(uapi.CTA_TUPLE_REPLY, Conn(socket.AF_INET, 6, t, t))
     msg = bytearray(conntrack._request(conntrack._MSG_NEW, 0, 0, socket.AF_INET, orig + reply

@@ -26,8 +26,8 @@ def test_version_must_be_the_integer(version):
 
 
 def _record(port: int) -> FlowRecord:
-    orig = Tuple("10.0.0.2", "198.51.100.7", port, 443)
-    reply = Tuple("198.51.100.7", "192.0.2.1", 443, port)
+    orig = Tuple("198.18.0.2", "198.19.0.7", port, 443)
+    reply = Tuple("198.19.0.7", "192.0.2.1", 443, port)
     seen = Traffic(1, 60)
     return FlowRecord(family=socket.AF_INET, proto=socket.IPPROTO_TCP, hardware=False,
                       original=Direction(orig, 2, 3, seen), reply=Direction(reply, 3, 2, seen),

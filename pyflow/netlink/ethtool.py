@@ -20,9 +20,9 @@ from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic.ethtool import ethtoolbitset, ethtoolheader
 
 from pyflow.errors import DeviceError
+from pyflow.netlink.uapi import ETHTOOL_MSG_FEATURES_GET
 
 ETHTOOL_GENL_NAME = "ethtool"
-ETHTOOL_MSG_FEATURES_GET = 11
 HW_TC_OFFLOAD = "hw-tc-offload"
 # NETIF_F_HW_VLAN_CTAG_RX / NETIF_F_HW_VLAN_STAG_RX: the tag is taken out of the frame
 # into the descriptor (skb metadata), so XDP, which sees only frame data, never sees it

@@ -22,13 +22,12 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-# uapi/linux/pkt_sched.h
-TC_H_CLSACT = 0xFFFFFFF1          # == TC_H_INGRESS: the parent clsact/ingress hang from
-TC_H_MIN_INGRESS = 0xFFF2
-TC_H_MIN_EGRESS = 0xFFF3
-CLSACT_HANDLE = 0xFFFF0000        # TC_H_MAKE(TC_H_CLSACT, 0): the handle the kernel gives it
-PARENT_INGRESS = 0xFFFFFFF2       # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
-PARENT_EGRESS = 0xFFFFFFF3        # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
+from pyflow.netlink.uapi import TC_H_CLSACT, TC_H_MIN_EGRESS, TC_H_MIN_INGRESS
+
+# TC_H_MAKE(major, minor) of <linux/pkt_sched.h>: the major half of one, the minor of the other
+CLSACT_HANDLE = TC_H_CLSACT & 0xFFFF0000  # the handle the kernel gives clsact: ffff:0000
+PARENT_INGRESS = (TC_H_CLSACT & 0xFFFF0000) | TC_H_MIN_INGRESS  # ffff:fff2
+PARENT_EGRESS = (TC_H_CLSACT & 0xFFFF0000) | TC_H_MIN_EGRESS  # ffff:fff3
 CLSACT = "clsact"
 
 

@@ -1,4 +1,4 @@
-"""The kernel UAPI numbers pyflow's raw netlink code uses, written out.
+"""The kernel UAPI numbers pyflow's netlink code uses, written out.
 
 Each group names the header it comes from. They are part of the kernel's stable
 ABI, so they are spelled here rather than read from a library's tables (whose
@@ -120,6 +120,11 @@ IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_LINK_NETNSID = 37
 IFLA_INFO_KIND = 1  # inside IFLA_LINKINFO
+# XDP attach flags (IFLA_XDP_FLAGS)
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_REPLACE = 1 << 4
 
 # -- <linux/if.h> (enum net_device_flags) ------------------------------------------------
 IFF_UP = 0x1
@@ -132,6 +137,18 @@ ARPHRD_PPP = 512
 # -- <linux/if_ether.h> ------------------------------------------------------------------
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
+ETH_P_ALL = 0x0003
+
+# -- <linux/pkt_sched.h> -----------------------------------------------------------------
+TC_H_CLSACT = 0xFFFFFFF1  # == TC_H_INGRESS: the parent clsact/ingress hang from
+TC_H_MIN_INGRESS = 0xFFF2
+TC_H_MIN_EGRESS = 0xFFF3
+
+# -- <linux/pkt_cls.h> -------------------------------------------------------------------
+TCA_BPF_ID = 11
+
+# -- <linux/ethtool_netlink.h> -----------------------------------------------------------
+ETHTOOL_MSG_FEATURES_GET = 11
 
 # -- <linux/netconf.h> -------------------------------------------------------------------
 NETCONFA_IFINDEX = 1

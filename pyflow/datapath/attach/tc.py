@@ -7,7 +7,6 @@ and from tc's automatic ones (49152 and down).
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from pyflow.datapath import bpfsource, netdev
@@ -15,13 +14,11 @@ from pyflow.datapath.attach.programs import Programs
 from pyflow.errors import DeviceError
 from pyflow.netlink import tc, wire
 from pyflow.netlink.errors import error_text
+from pyflow.netlink.uapi import ETH_P_ALL, TCA_BPF_ID  # TCA_BPF_ID: pyroute2 0.9.7 does not decode it
 
 TC_PRIO = 0x2F10
 TC_HANDLE = 1
 TC_NAME = bpfsource.TC_FUNC
-ETH_P_ALL = 0x0003
-TCA_BPF_ID = 11  # pyroute2 0.9.7 does not decode it: read from the raw attribute
-_U32 = struct.Struct("=I")  # host order, as rtnetlink sends it
 
 
 def raw_u32_attr(nla_obj: Any, attr_type: int) -> int | None:
@@ -29,7 +26,7 @@ def raw_u32_attr(nla_obj: Any, attr_type: int) -> int | None:
     with the one attribute walker (pyflow.netlink.wire)."""
     data, start = nla_obj.data, nla_obj.offset
     inner = wire.attrs(data, start + wire.NLATTR.size, start + nla_obj.length)
-    return wire.value(data, inner.get(attr_type), _U32)
+    return wire.value(data, inner.get(attr_type), wire.U32)  # host order
 
 
 class TcHook:

@@ -8,12 +8,13 @@ from pyflow.datapath import netdev
 from pyflow.datapath.attach.programs import Programs
 from pyflow.errors import DeviceError
 from pyflow.netlink.errors import error_text
+from pyflow.netlink.uapi import (
+    XDP_FLAGS_DRV_MODE,
+    XDP_FLAGS_REPLACE,
+    XDP_FLAGS_SKB_MODE,
+    XDP_FLAGS_UPDATE_IF_NOEXIST,
+)
 
-# XDP attach flags (uapi/linux/if_link.h)
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
-XDP_FLAGS_REPLACE = 1 << 4
 # IFLA_XDP_ATTACHED values as pyroute2 names them, per mode
 XDP_ATTACHED = {"native": "xdp", "generic": "xdpgeneric"}
 XDP_FLAG = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}

@@ -223,17 +223,9 @@ class Daemon:
         self._pid_fd = fd
 
     def _datapath_options(self) -> dict[str, Any]:
-        import inspect
-
-        from pyflow.datapath.loader import Datapath
-
-        options: dict[str, Any] = {"build": self.config.daemon.datapath_build,
-                                   "defines": {"PYFLOW_MAX_FLOWS": self.config.daemon.flow_map_entries}}
-        if "hw_skip_hw" in inspect.signature(Datapath).parameters:
-            options["hw_skip_hw"] = self.config.offload.hw_skip_hw
-        elif self.config.offload.hw_skip_hw:
-            log.warning("offload.hw_skip_hw: this datapath has no hardware offload; ignored")
-        return options
+        return {"build": self.config.daemon.datapath_build,
+                "defines": {"PYFLOW_MAX_FLOWS": self.config.daemon.flow_map_entries},
+                "hw_skip_hw": self.config.offload.hw_skip_hw}
 
     def _request(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
         handler = self.ops.handlers().get(command)

@@ -41,7 +41,7 @@ MODULES = (
     "veth", "8021q", "sch_ingress", "cls_bpf", "cls_flower", "cls_matchall", "act_pedit", "act_csum",
     "act_mirred", "act_vlan", "act_gact", "act_skbedit", "act_ct", "nf_conntrack", "nf_conntrack_netlink",
     "nf_nat", "nf_tables", "nft_ct", "nft_nat", "nft_masq", "nft_chain_nat", "nf_flow_table",
-    "nf_flow_table_inet", "nft_flow_offload", "pppoe",
+    "nf_flow_table_inet", "nft_flow_offload", "pppoe", "pppox", "ppp_generic", "bridge",
 )
 # The guest's own bound sits below the runner's, so a hung test still leaves its output and
 # a status behind before the runner gives up on the whole machine.

@@ -90,7 +90,13 @@ struct pyflow_flow_action {
 	__u8 dmac[6];    /* next hop's address */
 	__u8 smac[6];    /* egress device's address */
 	struct pyflow_l2_encap encap;
-	__u8 pad[6];
+	__u8 pad[2];
+	/* With PYFLOW_ACT_PPPOE: the PPP device (pppoe-wan) of the session, 0 = none.
+	 * The TC build hands a packet that cannot carry a PPPoE header pushed in BPF
+	 * (a GSO super-packet: every segment needs its own PPPoE length) to this L3
+	 * device instead; the kernel segments it and the PPPoE driver puts the
+	 * session header on each segment. The XDP build never needs it. */
+	__u32 ppp_ifindex;
 };
 
 /* Per-flow counters, written by the datapath. Userspace reads them in batches

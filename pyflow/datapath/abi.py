@@ -138,7 +138,8 @@ def mac_bytes(mac: str | bytes) -> bytes:
 
 
 def _action_flags(nat_saddr: str | None, nat_sport: int | None, nat_daddr: str | None, nat_dport: int | None,
-                  vlan_outer_tci: int | None, vlan_inner_tci: int | None, pppoe_sid: int | None) -> int:
+                  vlan_outer_tci: int | None, vlan_inner_tci: int | None, pppoe_sid: int | None,
+                  ppp_ifindex: int = 0) -> int:
     """FlowAction.flags() from the fields themselves (entry_bytes packs without the object)."""
     f = 0
     if nat_saddr is not None or nat_sport is not None:
@@ -155,6 +156,11 @@ def _action_flags(nat_saddr: str | None, nat_sport: int | None, nat_daddr: str |
         if not 0 < pppoe_sid < 0xFFFF:
             raise ValueError(f"PPPoE session id out of range: {pppoe_sid}")
         f |= lib.PYFLOW_ACT_PPPOE
+    if ppp_ifindex:
+        if pppoe_sid is None:
+            raise ValueError("a PPP device (ppp_ifindex) needs a PPPoE session (pppoe_sid)")
+        if not 0 < ppp_ifindex < 1 << 32:
+            raise ValueError(f"PPP device ifindex out of range: {ppp_ifindex}")
     return f
 
 
@@ -176,10 +182,14 @@ class FlowAction:
     vlan_outer_tpid: int = ETH_P_8021Q
     vlan_inner_tci: int | None = None
     pppoe_sid: int | None = None
+    # With pppoe_sid: the session's PPP device (pppoe-wan), 0 = none. TC hands it the
+    # packets whose PPPoE header cannot be pushed in BPF (GSO super-packets); see
+    # struct pyflow_flow_action.
+    ppp_ifindex: int = 0
 
     def flags(self) -> int:
         return _action_flags(self.nat_saddr, self.nat_sport, self.nat_daddr, self.nat_dport,
-                             self.vlan_outer_tci, self.vlan_inner_tci, self.pppoe_sid)
+                             self.vlan_outer_tci, self.vlan_inner_tci, self.pppoe_sid, self.ppp_ifindex)
 
     def fill(self, a, key: FlowKey) -> None:
         """Fill a ``struct pyflow_flow_action``; NAT defaults to the key's own values."""
@@ -198,6 +208,7 @@ class FlowAction:
         a.encap.vlan_outer_tci = self.vlan_outer_tci or 0
         a.encap.vlan_inner_tci = self.vlan_inner_tci or 0
         a.encap.pppoe_sid = self.pppoe_sid or 0
+        a.ppp_ifindex = self.ppp_ifindex
 
 
 def flow_value(action: FlowAction, key: FlowKey, out=None):
@@ -264,7 +275,8 @@ _FLOW_ORDER = ("action.out_ifindex", "action.tx_port", "action.mtu", "action.fla
                "action.nat_dport", "action.nat_saddr[16]", "action.nat_daddr[16]", "action.in_mac[6]",
                "action.dmac[6]", "action.smac[6]", "action.encap.vlan_outer_tpid",
                "action.encap.vlan_outer_tci", "action.encap.vlan_inner_tci", "action.encap.pppoe_sid",
-               "counters.packets", "counters.bytes", "counters.last_seen_ns", "counters.closing")
+               "action.ppp_ifindex", "counters.packets", "counters.bytes", "counters.last_seen_ns",
+               "counters.closing")
 _KEY, _key_order = _layout(KEY_TYPE)
 _FLOW, _flow_order = _layout(FLOW_TYPE)
 if _key_order != _KEY_ORDER:
@@ -288,11 +300,11 @@ def _pack_key_fields(ifindex: int, proto: int, saddr: str, daddr: str, sport: in
 def _pack_value_fields(out_ifindex: int, tx_port: int, mtu: int, in_mac: str | bytes, dmac: str | bytes,
                        smac: str | bytes, nat_saddr: str | None, nat_sport: int | None, nat_daddr: str | None,
                        nat_dport: int | None, vlan_outer_tci: int | None, vlan_outer_tpid: int,
-                       vlan_inner_tci: int | None, pppoe_sid: int | None,
+                       vlan_inner_tci: int | None, pppoe_sid: int | None, ppp_ifindex: int,
                        key_saddr: str, key_daddr: str, key_sport: int, key_dport: int) -> bytes:
     """A FlowAction's fields (in its order), then the key's: NAT defaults come from the key."""
     flags = _action_flags(nat_saddr, nat_sport, nat_daddr, nat_dport, vlan_outer_tci, vlan_inner_tci,
-                          pppoe_sid)
+                          pppoe_sid, ppp_ifindex)
     _, nat_saddr_w = _addr_words(nat_saddr if nat_saddr is not None else key_saddr)
     _, nat_daddr_w = _addr_words(nat_daddr if nat_daddr is not None else key_daddr)
     outer = vlan_outer_tci is not None
@@ -302,7 +314,7 @@ def _pack_value_fields(out_ifindex: int, tx_port: int, mtu: int, in_mac: str | b
         _htons(nat_dport if nat_dport is not None else key_dport),
         nat_saddr_w, nat_daddr_w, mac_bytes(in_mac), mac_bytes(dmac), mac_bytes(smac),
         _htons(vlan_outer_tpid) if outer else 0, vlan_outer_tci or 0, vlan_inner_tci or 0,
-        pppoe_sid or 0, 0, 0, 0, 0)
+        pppoe_sid or 0, ppp_ifindex, 0, 0, 0, 0)
 
 
 def _pack_key(key: FlowKey) -> bytes:
@@ -313,7 +325,8 @@ def _pack_key(key: FlowKey) -> bytes:
 def _pack_value(a: FlowAction, key: FlowKey) -> bytes:
     return _pack_value_fields(a.out_ifindex, a.tx_port, a.mtu, a.in_mac, a.dmac, a.smac, a.nat_saddr,
                               a.nat_sport, a.nat_daddr, a.nat_dport, a.vlan_outer_tci, a.vlan_outer_tpid,
-                              a.vlan_inner_tci, a.pppoe_sid, key.saddr, key.daddr, key.sport, key.dport)
+                              a.vlan_inner_tci, a.pppoe_sid, a.ppp_ifindex, key.saddr, key.daddr, key.sport,
+                              key.dport)
 
 
 def key_bytes(key: FlowKey) -> bytes:

@@ -63,10 +63,34 @@ def test_action_encap_flags():
     assert struct.pack("=H", v.action.encap.vlan_outer_tpid) == b"\x88\xa8"
 
 
+def test_action_ppp_device_in_the_value():
+    """ppp_ifindex sits in the action after the encapsulation, host order, bytes 76..80 of
+    the 80-byte action (the header's two pad bytes before it): the fast bytes path and
+    the cffi path agree, and the default 0 leaves it empty."""
+    k = abi.FlowKey(3, 6, "198.18.0.1", "198.19.0.2", 1000, 80)
+    a = abi.FlowAction(4, 2, 1492, "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03",
+                       pppoe_sid=7, ppp_ifindex=0x01020304)
+    assert ffi.sizeof("struct pyflow_flow_action") == 80
+    assert ffi.offsetof("struct pyflow_flow_action", "ppp_ifindex") == 76
+    raw = abi.value_bytes(a, k)
+    assert raw[76:80] == struct.pack("=I", 0x01020304)
+    assert raw == bytes(ffi.buffer(abi.flow_value(a, k)))
+    fields = ((3, 6, "198.18.0.1", "198.19.0.2", 1000, 80),
+              (4, 2, 1492, "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03",
+               None, None, None, None, None, abi.ETH_P_8021Q, None, 7, 0x01020304))
+    assert abi.entry_bytes(*fields)[1] == raw
+    plain = abi.FlowAction(4, 2, 1492, "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03",
+                           pppoe_sid=7)
+    assert abi.value_bytes(plain, k)[76:80] == bytes(4)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"vlan_inner_tci": 5}, "inner VLAN tag needs an outer"),
     ({"pppoe_sid": 0}, "PPPoE session id out of range"),
     ({"pppoe_sid": 0xFFFF}, "PPPoE session id out of range"),
+    ({"ppp_ifindex": 9}, "needs a PPPoE session"),
+    ({"pppoe_sid": 7, "ppp_ifindex": 1 << 32}, "PPP device ifindex out of range"),
+    ({"pppoe_sid": 7, "ppp_ifindex": -1}, "PPP device ifindex out of range"),
 ])
 def test_action_bad_encap_refused(kwargs, message):
     a = abi.FlowAction(4, 2, 1500, "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03", **kwargs)

@@ -177,13 +177,17 @@ class Datapath:
 
     # -- devices ----------------------------------------------------------------------
 
-    def attach(self, ifname: str, mode: str = "auto") -> DeviceStatus:
+    def attach(self, ifname: str, mode: str = "auto", *, no_xdp: str | None = None) -> DeviceStatus:
         """Run the datapath on ``ifname`` in ``mode``; returns the device's status.
 
         Re-attaching a device that runs our program replaces it atomically (XDP:
         one netlink request swapping the program; TC: a filter replace). A mode
         switch attaches the new hook first and removes the old one after
         (pyflow.datapath.attach.switch says why that is safe).
+
+        ``no_xdp``: the caller's reason why this device must not forward by XDP or by
+        rules in the NIC (traffic shaping it must not skip; switch.choose): auto takes
+        TC, an explicit XDP or hw mode is refused with that reason.
 
         Raises DeviceError (missing device, bad mode, a mode the device cannot
         run, a foreign program in the way) or DatapathError; on error the device,
@@ -196,7 +200,7 @@ class Datapath:
             facts = netdev.read_facts(self._ipr, ifname)
             if mode != "tc":  # only XDP cares about VLAN uppers and tag stripping
                 facts = netdev.read_vlan_facts(self._ipr, facts)
-            choice = switch.choose(facts, mode, skip_hw=self.hw_skip_hw)
+            choice = switch.choose(facts, mode, skip_hw=self.hw_skip_hw, no_xdp=no_xdp)
             known = self._known_prog_ids(st)
             if facts.xdp_prog_id and facts.xdp_prog_id not in known and choice.mode != "tc":
                 raise DeviceError(f"{ifname}: runs another XDP program (id {facts.xdp_prog_id}), "

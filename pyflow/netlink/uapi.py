@@ -48,6 +48,12 @@ RTM_DELNEIGH = 29
 RTM_GETNEIGH = 30
 RTM_NEWRULE = 32
 RTM_DELRULE = 33
+RTM_NEWQDISC = 36
+RTM_DELQDISC = 37
+RTM_GETQDISC = 38
+RTM_NEWTFILTER = 44
+RTM_DELTFILTER = 45
+RTM_GETTFILTER = 46
 RTM_NEWNETCONF = 80
 RTM_DELNETCONF = 81
 RTM_GETNETCONF = 82
@@ -88,6 +94,7 @@ RTN_XRESOLVE = 11
 # enum rtnetlink_groups; bind() takes group n as bit n-1
 RTNLGRP_LINK = 1
 RTNLGRP_NEIGH = 3
+RTNLGRP_TC = 4
 RTNLGRP_IPV4_ROUTE = 7
 RTNLGRP_IPV4_RULE = 8
 RTNLGRP_IPV6_ROUTE = 11
@@ -160,13 +167,40 @@ NFNETLINK_V0 = 0
 NFNL_SUBSYS_CTNETLINK = 1
 # enum nfnetlink_groups
 NFNLGRP_CONNTRACK_NEW = 1
+# enum TCA_* (struct tcmsg's attributes)
+TCA_KIND = 1
+TCA_OPTIONS = 2
+
 NFNLGRP_CONNTRACK_UPDATE = 2
+TC_H_ROOT = 0xFFFFFFFF
+TC_H_INGRESS = 0xFFFFFFF1
 NFNLGRP_CONNTRACK_DESTROY = 3
 
 # -- <linux/netfilter/nfnetlink_conntrack.h> ---------------------------------------------
+# qdisc options that carry a rate (bytes per second)
+TCA_TBF_PARMS = 1  # struct tc_tbf_qopt: its first member is struct tc_ratespec rate
+TCA_TBF_RATE64 = 4
+TCA_CAKE_BASE_RATE64 = 2
 # enum cntl_msg_types (the low byte of nlmsg_type; the subsystem is the high byte)
 IPCTNL_MSG_CT_NEW = 0
 IPCTNL_MSG_CT_GET = 1
+# the action list of each classifier that can carry one
+TCA_BPF_ACT = 1
+TCA_U32_ACT = 7
+TCA_FW_ACT = 4
+TCA_BASIC_ACT = 3
+TCA_FLOWER_ACT = 3
+TCA_MATCHALL_ACT = 2
+# inside each action of a list
+TCA_ACT_KIND = 1
+TCA_ACT_OPTIONS = 2
+
+# -- <linux/tc_act/tc_mirred.h> ----------------------------------------------------------
+TCA_MIRRED_PARMS = 2  # struct tc_mirred: tc_gen (5 x 32 bits), eaction, ifindex
+TCA_EGRESS_REDIR = 1
+TCA_EGRESS_MIRROR = 2
+TCA_INGRESS_REDIR = 3
+TCA_INGRESS_MIRROR = 4
 IPCTNL_MSG_CT_DELETE = 2
 
 # enum ctattr_type

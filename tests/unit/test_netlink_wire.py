@@ -229,7 +229,7 @@ _HEADERS = ["asm/socket.h", "linux/netlink.h", "linux/rtnetlink.h", "linux/neigh
             "linux/if_link.h", "linux/if.h", "linux/if_arp.h", "linux/if_ether.h", "linux/netconf.h",
             "linux/netfilter/nfnetlink.h", "linux/netfilter/nfnetlink_conntrack.h",
             "linux/netfilter/nf_conntrack_tcp.h", "linux/pkt_sched.h", "linux/pkt_cls.h",
-            "linux/ethtool_netlink.h"]
+            "linux/ethtool_netlink.h", "linux/tc_act/tc_mirred.h"]
 
 
 @pytest.mark.parametrize("include", ["/usr/include"] + sorted(

@@ -59,20 +59,38 @@ def vlan_fix(facts: netdev.DeviceFacts) -> str:
     return f"ethtool -K {facts.ifname} {' '.join(words or ['rxvlan off'])}"
 
 
-def choose(facts: netdev.DeviceFacts, mode: str, *, skip_hw: bool) -> Choice:
+def choose(facts: netdev.DeviceFacts, mode: str, *, skip_hw: bool, no_xdp: str | None = None) -> Choice:
     """The software mode for ``mode`` (auto's rule for hw and auto), and whether hw.
 
     XDP on a device with VLAN uppers that strips tags on receive is never chosen
     (DeviceFacts.vlan_hazard): asked for explicitly it is refused before anything
-    changes, auto (and hw's software hook) takes TC, which reads the stripped tag."""
+    changes, auto (and hw's software hook) takes TC, which reads the stripped tag.
+
+    ``no_xdp``: the caller's reason why no XDP redirect and no rule run by the NIC may
+    forward from this device (a managed device shapes its egress, and both would skip
+    its qdisc; pyflow.daemon.shaping). Explicit native, generic or hw (in the NIC) are
+    then refused with it; auto takes TC and no hardware placement (software flower rules,
+    skip_hw, redirect through the qdisc and stay)."""
     hazard = facts.vlan_hazard()
     if mode in ("native", "generic") and hazard:
         raise DeviceError(f"{facts.ifname}: {mode} XDP refused: {hazard}; use --mode tc "
                           f"(or auto), or run `{vlan_fix(facts)}` first")
+    if no_xdp and mode in ("native", "generic"):
+        raise DeviceError(f"{facts.ifname}: {mode} XDP refused: {no_xdp}; use --mode tc (or auto)")
+    if no_xdp and mode == "hw" and not skip_hw:
+        raise DeviceError(f"{facts.ifname}: hw refused: {no_xdp} (flower rules in the NIC skip it "
+                          f"too); use --mode tc (or auto)")
     if mode not in ("hw", "auto"):
         return Choice(mode, f"asked for {mode}", False, False)
-    hw, hw_reason = hw_choice(facts.ifname, asked=mode == "hw", skip_hw=skip_hw)
+    if no_xdp and not skip_hw:
+        hw, hw_reason = False, ""
+    else:
+        hw, hw_reason = hw_choice(facts.ifname, asked=mode == "hw", skip_hw=skip_hw)
     mode, reason = netdev.choose_mode(facts)
+    if no_xdp and mode != "tc":
+        mode, reason = "tc", f"TC ingress instead of {mode} XDP: {no_xdp}"
+    elif no_xdp:
+        reason = f"{reason}; XDP would be ruled out anyway: {no_xdp}"
     if hazard and mode != "tc":
         mode, reason = "tc", f"TC ingress instead of {mode} XDP: {hazard} (TC reads them)"
     elif hazard:

@@ -35,8 +35,13 @@ from dataclasses import dataclass, field
 from pyflow.control import keepalive
 from pyflow.control.keepalive import Slots
 from pyflow.control.model import (
+    IPS_ASSURED,
+    IPS_CONFIRMED,
     IPS_DYING,
+    IPS_NAT_CLASH,
+    IPS_OFFLOAD,
     IPS_SEEN_REPLY,
+    IPS_SEQ_ADJUST,
     TCP_CONNTRACK_ESTABLISHED,
     Actions,
     Conn,
@@ -135,17 +140,39 @@ class Engine:
     # ---- policy -----------------------------------------------------------------------
 
     def refusal(self, conn: Conn) -> str | None:
-        """Why conn may not be offloaded, or None. Device checks happen at resolution."""
+        """Why conn may not be offloaded, or None. Device checks happen at resolution.
+
+        What the kernel's own flowtable admits (nft_flow_offload.c) is admitted here and no
+        more: TCP established *and* assured, no helper, no sequence adjustment, no NAT clash,
+        confirmed, and not already carried by the kernel flowtable (IPS_OFFLOAD, which
+        pyflow itself never sets: it marks its connections with the conntrack mark)."""
+        status = conn.status
         if conn.proto not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
             return "protocol"
-        if conn.status & IPS_DYING:
+        if status & IPS_DYING:
             return "dying"
-        if not conn.status & IPS_SEEN_REPLY:
+        if status & IPS_OFFLOAD:
+            # the kernel flowtable (fw4's flow offloading) has it: carrying it too would
+            # forward one connection two ways, with two sets of counters and timeouts
+            return "kernel_offloaded"
+        if not status & IPS_SEEN_REPLY:
             return "no_reply_yet"
-        if conn.proto == socket.IPPROTO_TCP and conn.tcp_state != TCP_CONNTRACK_ESTABLISHED:
-            return "tcp_not_established"
+        if not status & IPS_CONFIRMED:
+            return "unconfirmed"  # not in the conntrack table yet (it may still be dropped)
+        if conn.proto == socket.IPPROTO_TCP:
+            if conn.tcp_state != TCP_CONNTRACK_ESTABLISHED:
+                return "tcp_not_established"
+            if not status & IPS_ASSURED:
+                # established by a picked-up mid-stream segment, not yet confirmed by the
+                # other side: the kernel waits for that too (nf_conntrack_tcp_established)
+                return "tcp_not_assured"
         if conn.helper:
             return "helper"  # ftp, sip ...: the helper must see every packet
+        if status & IPS_SEQ_ADJUST:
+            return "seq_adjust"  # every segment's sequence numbers need conntrack's rewrite
+        if status & IPS_NAT_CLASH:
+            # merged into another entry on a NAT race: its reply tuple belongs to that one
+            return "nat_clash"
         if conn.mark & self.config.exclude_mark_mask:
             return "excluded_by_mark"
         return None

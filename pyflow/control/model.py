@@ -23,10 +23,15 @@ from pyflow.datapath.flowtable import Counters
 # conntrack status bits (<linux/netfilter/nf_conntrack_common.h>, enum ip_conntrack_status)
 IPS_SEEN_REPLY = 1 << 1
 IPS_ASSURED = 1 << 2
+IPS_CONFIRMED = 1 << 3
 IPS_SRC_NAT = 1 << 4
 IPS_DST_NAT = 1 << 5
+IPS_SEQ_ADJUST = 1 << 6  # TCP sequence numbers rewritten (a helper's NAT changed a payload's length)
 IPS_DYING = 1 << 9
-IPS_OFFLOAD = 1 << 14
+# the kernel's name for bit 12 since it stopped marking untracked entries with it: an entry
+# that clashed with another on insertion (UDP NAT races) and was merged into it
+IPS_NAT_CLASH = 1 << 12
+IPS_OFFLOAD = 1 << 14  # the kernel's nf flowtable carries the connection (pyflow never sets it)
 IPS_HW_OFFLOAD = 1 << 15
 
 # TCP conntrack states (enum tcp_conntrack)

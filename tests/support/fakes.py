@@ -23,6 +23,7 @@ from pyflow._native import ffi
 from pyflow.control.engine import Engine, ManagedDevice
 from pyflow.control.model import (
     IPS_ASSURED,
+    IPS_CONFIRMED,
     IPS_SEEN_REPLY,
     TCP_CONNTRACK_ESTABLISHED,
     Conn,
@@ -51,11 +52,12 @@ CLIENT_MAC, GW_MAC, GW2_MAC = (mac_bytes(m) for m in ("02:00:00:00:00:0c", "02:0
                                                       "02:00:00:00:00:98"))
 SEC = 1_000_000_000
 TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+LIVE = IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED  # a replied, assured, confirmed entry
 
 _COUNTERS_AT = ffi.offsetof(FLOW_TYPE, "counters")  # in struct pyflow_flow
 
 
-def masq_conn(proto=TCP, sport=40000, *, state=TCP_CONNTRACK_ESTABLISHED, status=IPS_SEEN_REPLY | IPS_ASSURED,
+def masq_conn(proto=TCP, sport=40000, *, state=TCP_CONNTRACK_ESTABLISHED, status=LIVE,
               mark=0, helper=None) -> Conn:
     """Client 198.18.0.10:sport -> 198.19.0.50:443, masqueraded to 198.19.0.1:61000."""
     return Conn(socket.AF_INET, proto, Tuple("198.18.0.10", "198.19.0.50", sport, 443),

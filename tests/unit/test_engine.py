@@ -10,6 +10,8 @@ import pytest
 
 from pyflow.control.engine import Engine, EngineConfig
 from pyflow.control.model import (
+    IPS_ASSURED,
+    IPS_CONFIRMED,
     IPS_DYING,
     IPS_SEEN_REPLY,
     TCP_CONNTRACK_ESTABLISHED,
@@ -40,6 +42,7 @@ from tests.support.fakes import (
 )
 
 CONFIG = EngineConfig(idle_timeout_s=30, conntrack_timeout_s=120, exclude_mark_mask=0x10)
+LIVE = IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED  # a replied, assured, confirmed entry
 
 
 @pytest.fixture
@@ -72,14 +75,14 @@ def test_dnat_is_copied_and_unnated_flows_get_no_rewrite(rig):
     eng, ct, _, _, _ = rig
     # port forward: outside 198.19.0.77:5000 -> router 198.19.0.1:8080, DNAT to 198.18.0.20:80
     dnat = Conn(socket.AF_INET, TCP, Tuple("198.19.0.77", "198.19.0.1", 5000, 8080),
-                Tuple("198.18.0.20", "198.19.0.77", 80, 5000), status=IPS_SEEN_REPLY,
+                Tuple("198.18.0.20", "198.19.0.77", 80, 5000), status=LIVE,
                 tcp_state=TCP_CONNTRACK_ESTABLISHED)
     offer(eng, ct, dnat)
     ao, ar = eng.offloaded[dnat.ident].actions
     assert (ao.nat_saddr, ao.nat_daddr, ao.nat_dport) == (None, "198.18.0.20", 80)
     assert (ar.nat_saddr, ar.nat_sport, ar.nat_daddr) == ("198.19.0.1", 8080, None)
     plain = Conn(socket.AF_INET, UDP, Tuple("198.18.0.10", "198.19.0.50", 5353, 53),
-                 Tuple("198.19.0.50", "198.18.0.10", 53, 5353), status=IPS_SEEN_REPLY)
+                 Tuple("198.19.0.50", "198.18.0.10", 53, 5353), status=LIVE)
     offer(eng, ct, plain)
     for a in eng.offloaded[plain.ident].actions:
         assert a.flags() == 0

@@ -18,6 +18,8 @@ from dataclasses import replace
 
 from pyflow.control.engine import BATCH, Engine, EngineConfig
 from pyflow.control.model import (
+    IPS_ASSURED,
+    IPS_CONFIRMED,
     IPS_SEEN_REPLY,
     TCP_CONNTRACK_ESTABLISHED,
     Conn,
@@ -42,6 +44,7 @@ from tests.support.fakes import (
 
 WAN2 = 4  # a second uplink: moving to it changes the reply direction's key (its ingress device)
 MACS = {**MAC, WAN2: bytes.fromhex("020000000400")}
+LIVE = IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED  # a replied, assured, confirmed entry
 
 
 class EncapPaths(FakePaths):
@@ -87,7 +90,7 @@ def conns(n: int, seed: int) -> list[Conn]:
                 r = Tuple("198.18.0.20", "198.19.0.77", 80, sport)
             else:
                 r = Tuple("198.19.0.50", "198.18.0.10", 443, sport)
-        out.append(Conn(family, proto, o, r, status=IPS_SEEN_REPLY, tcp_state=state))
+        out.append(Conn(family, proto, o, r, status=LIVE, tcp_state=state))
     return out
 
 

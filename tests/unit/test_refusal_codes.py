@@ -22,7 +22,8 @@ from tests.support import fakes
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 POLICY_CODES = ("protocol", "dying", "no_reply_yet", "tcp_not_established", "helper",
-                "excluded_by_mark", "gone")
+                "excluded_by_mark", "gone", "kernel_offloaded", "unconfirmed", "tcp_not_assured",
+                "seq_adjust", "nat_clash")
 ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+|[0-9a-f]*:[0-9a-f:]+:")
 
 ETH0 = P.LinkInfo(ifindex=2, ifname="eth0", arptype=P.ARPHRD_ETHER, flags=0x11043, mtu=1500,

@@ -156,11 +156,18 @@ BAD_ADDRESS = "bad_address"  # not an IPv4/IPv6 address of the family
 LOOKUP_FAILED = "lookup_failed"  # the route lookup itself failed (timeout, ENOMEM ...): not a verdict
 INGRESS_NOT_MANAGED = "ingress_not_managed"  # a direction arrives on a device pyflow does not run on
 EGRESS_NOT_MANAGED = "egress_not_managed"  # a direction leaves through a device pyflow does not run on
+# bridges (pyflow.control.bridge): why the port behind which a MAC is learned cannot be used
+NOT_A_BRIDGE = "not_a_bridge"  # asked for the port of a device that is not a bridge
+BRIDGE_LOCAL_MAC = "bridge_local_mac"  # the MAC is the bridge's own or a port's: delivered to the host
+BRIDGE_PORT_BLOCKED = "bridge_port_blocked"  # the port is not forwarding (spanning tree)
+BRIDGE_VLAN_FILTERED = "bridge_vlan_filtered"  # the bridge or the port is not a member of the VLAN
+BRIDGE_NO_PVID = "bridge_no_pvid"  # VLAN filtering and no PVID on the bridge: untagged frames dropped
 
 NO_PATH_CODES = (NO_PATH, NO_ROUTE, UNREACHABLE, PROHIBITED, BLACKHOLE, RP_FILTER, THROW_ROUTE,
                  LOCAL_DESTINATION, MULTICAST_DESTINATION, ROUTE_TYPE, ENCAP_ROUTE, NO_OUTPUT_DEVICE,
                  DEVICE_GONE, DEVICE_DOWN, NOT_ETHERNET, NO_MAC, VLAN_UNSUPPORTED, BAD_NEXT_HOP,
-                 IPV6_FORWARDING_OFF, BAD_ADDRESS, LOOKUP_FAILED, INGRESS_NOT_MANAGED, EGRESS_NOT_MANAGED)
+                 IPV6_FORWARDING_OFF, BAD_ADDRESS, LOOKUP_FAILED, INGRESS_NOT_MANAGED, EGRESS_NOT_MANAGED,
+                 NOT_A_BRIDGE, BRIDGE_LOCAL_MAC, BRIDGE_PORT_BLOCKED, BRIDGE_VLAN_FILTERED, BRIDGE_NO_PVID)
 
 
 class NoPath(Exception):

@@ -614,6 +614,12 @@ Change = tuple[str, int, str | None]
   attach and the like are not reported). A VLAN device's change is also
   reported under its lower device's ifindex, because Egress.ifindex names the
   device frames leave on.
+* fdb: a bridge's forwarding database entry for a MAC was first seen, moved to
+  another port (a client roamed), turned local, or went away (deleted, aged,
+  port removed); ifindex = the bridge, addr = the MAC ("02:00:5e:10:00:01",
+  "02:00:5e:10:00:01 vlan 10" under VLAN filtering). Refreshes of a learned
+  entry are not reported. Bridge port state and VLAN changes are ``link``
+  changes of the port.
 * rule: an ``ip rule`` was added or removed (ifindex 0).
 * netconf: a forwarding / rp_filter setting changed (ifindex 0 = all devices).
 * resync: notifications were lost (socket overrun): re-resolve everything.
@@ -622,6 +628,7 @@ Change = tuple[str, int, str | None]
 
 # the link attributes whose change can change a path (the rest is statistics and the like)
 _LINK_SIG = (IFLA_MTU, IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MASTER)
+_AF_BRIDGE = int(socket.AF_BRIDGE)  # bridge FDB entries and port views share the neighbour and link groups
 
 
 class PathWatcher:
@@ -633,13 +640,15 @@ class PathWatcher:
     network namespace of the constructing thread.
     """
 
-    def __init__(self, *, rcvbuf: int = 4 << 20) -> None:
+    def __init__(self, *, rcvbuf: int = 4 << 20, groups: tuple[int, ...] = WATCH_GROUPS) -> None:
         # A large buffer (SO_RCVBUFFORCE past rmem_max when we may): a short burst
         # of neighbour churn must not overrun the socket.
-        self._nl = NetlinkSocket(NETLINK_ROUTE, group_mask(*WATCH_GROUPS), rcvbuf=rcvbuf)
+        self._nl = NetlinkSocket(NETLINK_ROUTE, group_mask(*groups), rcvbuf=rcvbuf)
         self.sock = self._nl.sock
         self.lost_events = 0  # overruns seen (each one reported as a 'resync')
         self._neigh: dict[tuple[int, int, bytes], tuple[bool, bytes | None]] = {}
+        # bridge FDB: (bridge, vid, mac) -> (port ifindex, local) as last reported
+        self._fdb: dict[tuple[int, int, bytes], tuple[int, bool]] = {}
         self._links: dict[int, tuple] = {}
 
     def fileno(self) -> int:
@@ -671,6 +680,7 @@ class PathWatcher:
                 # The kernel dropped notifications: what we remembered may be stale too.
                 self.lost_events += 1
                 self._neigh.clear()
+                self._fdb.clear()
                 self._links.clear()
                 out.append(("resync", 0, None))
                 continue
@@ -702,9 +712,12 @@ class PathWatcher:
             oif = value(msg, a.get(RTA_OIF), U32) or 0 if RTA_MULTIPATH not in a else 0
             out.append(("route", oif, f"{_ntop(family, dst)}/{dlen}"))
         elif mtype in (RTM_NEWNEIGH, RTM_DELNEIGH):
+            if msg[NLMSG_HDRLEN] == _AF_BRIDGE:
+                self._fdb_change(mtype, msg, out)
+                return
             n = parse_neigh(msg)
             if n.family not in _ALEN or n.dst is None:
-                return  # bridge FDB entries share the group; they do not change a route's next hop
+                return
             key = (n.family, n.ifindex, n.dst)
             if mtype == RTM_DELNEIGH:
                 self._neigh.pop(key, None)
@@ -717,6 +730,11 @@ class PathWatcher:
             out.append(("neigh", n.ifindex, _ntop(n.family, n.dst)))
         elif mtype in (RTM_NEWLINK, RTM_DELLINK):
             _fam, _type, index, flags, _change = _IFINFO.unpack_from(msg, NLMSG_HDRLEN)
+            if _fam == _AF_BRIDGE:
+                # the bridge's view of a port (or of itself): sent only when its spanning-tree
+                # state, VLAN list or port flags change, never for statistics
+                out.append(("link", index, None))
+                return
             a = attrs(msg, NLMSG_HDRLEN + _IFINFO.size, len(msg))
             info = payload(msg, a.get(IFLA_LINKINFO)) or b""
             lower = None
@@ -739,6 +757,27 @@ class PathWatcher:
             a = attrs(msg, NLMSG_HDRLEN + _NETCONFMSG.size, len(msg))
             ifindex = value(msg, a.get(NETCONFA_IFINDEX), I32) or 0
             out.append(("netconf", max(ifindex, 0), None))
+
+    def _fdb_change(self, mtype: int, msg: bytes, out: list[Change]) -> None:
+        """A bridge FDB entry: reported when its MAC is first seen, moves to another port,
+        turns local or not, or goes away (deleted, aged out, its port removed). The bridge
+        notifies only such changes, not each refresh of a learned entry; what is filtered
+        here is a notification that changes nothing pyflow uses (flags, a replace to the
+        same port)."""
+        from pyflow.control.bridge import mac_text, parse_fdb
+
+        e = parse_fdb(msg)
+        if e is None or not e.master:
+            return  # a port's own address list (NTF_SELF), vxlan and the like: no bridge decides
+        key = (e.master, e.vid, e.mac)
+        if mtype == RTM_DELNEIGH:
+            self._fdb.pop(key, None)
+        else:
+            now = (e.ifindex, bool(e.state & NUD_PERMANENT))
+            if self._fdb.get(key) == now:
+                return
+            self._fdb[key] = now
+        out.append(("fdb", e.master, mac_text(e.mac) + (f" vlan {e.vid}" if e.vid else "")))
 
 
 # ---------------------------------------------------------------------------

@@ -40,6 +40,7 @@ NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xFFFF
 # -- <linux/rtnetlink.h> -----------------------------------------------------------------
 RTM_NEWLINK = 16
 RTM_DELLINK = 17
+RTM_GETLINK = 18
 RTM_NEWROUTE = 24
 RTM_DELROUTE = 25
 RTM_GETROUTE = 26
@@ -102,9 +103,13 @@ RTNLGRP_IPV6_RULE = 19
 RTNLGRP_IPV4_NETCONF = 24
 RTNLGRP_IPV6_NETCONF = 25
 
+RTEXT_FILTER_BRVLAN = 1 << 1  # IFLA_EXT_MASK: list each bridge VLAN
+
 # -- <linux/neighbour.h> -----------------------------------------------------------------
 NDA_DST = 1
 NDA_LLADDR = 2
+NDA_VLAN = 5  # a bridge FDB entry's VLAN id (u16)
+NDA_MASTER = 9  # the bridge whose FDB holds the entry (u32)
 
 NUD_INCOMPLETE = 0x01
 NUD_REACHABLE = 0x02
@@ -117,6 +122,8 @@ NUD_PERMANENT = 0x80
 NUD_NONE = 0x00
 
 NTF_USE = 0x01
+NTF_SELF = 0x02
+NTF_MASTER = 0x04
 
 # -- <linux/if_link.h> -------------------------------------------------------------------
 IFLA_ADDRESS = 1
@@ -126,12 +133,27 @@ IFLA_LINK = 5
 IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_LINK_NETNSID = 37
+IFLA_PROTINFO = 12  # AF_BRIDGE: the port's IFLA_BRPORT_* attributes
+IFLA_AF_SPEC = 26  # AF_BRIDGE: the VLAN list (IFLA_BRIDGE_VLAN_INFO)
+IFLA_EXT_MASK = 29  # a dump request's RTEXT_FILTER_* bits
 IFLA_INFO_KIND = 1  # inside IFLA_LINKINFO
+IFLA_INFO_DATA = 2
+IFLA_BR_VLAN_FILTERING = 7  # inside IFLA_INFO_DATA of a bridge
+IFLA_BR_VLAN_PROTOCOL = 8
+IFLA_BRPORT_STATE = 1  # inside IFLA_PROTINFO
 # XDP attach flags (IFLA_XDP_FLAGS)
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_FLAGS_REPLACE = 1 << 4
+
+# -- <linux/if_bridge.h> -----------------------------------------------------------------
+BR_STATE_FORWARDING = 3
+IFLA_BRIDGE_VLAN_INFO = 2  # inside IFLA_AF_SPEC: struct bridge_vlan_info {u16 flags; u16 vid}
+BRIDGE_VLAN_INFO_PVID = 1 << 1
+BRIDGE_VLAN_INFO_UNTAGGED = 1 << 2
+BRIDGE_VLAN_INFO_RANGE_BEGIN = 1 << 3
+BRIDGE_VLAN_INFO_RANGE_END = 1 << 4
 
 # -- <linux/if.h> (enum net_device_flags) ------------------------------------------------
 IFF_UP = 0x1

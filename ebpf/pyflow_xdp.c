@@ -74,7 +74,7 @@ static __always_inline int pyflow_process(void *ctx, const int is_tc)
 	void *data;
 	__u32 out_l2, cov, acc = 0;
 	__be16 l3proto;
-	int proto, rc;
+	int proto, rc, via_ppp;
 
 	__builtin_memset(&key, 0, sizeof(key));
 	__builtin_memset(&pkt, 0, sizeof(pkt));
@@ -157,11 +157,14 @@ static __always_inline int pyflow_process(void *ctx, const int is_tc)
 		pkt.reason = PYFLOW_R_OVER_MTU;
 		return pyflow_pass(is_tc, &pkt);
 	}
-	if (ctx_redirect(ctx, is_tc, act) < 0) {
+	via_ppp = ctx_via_ppp(ctx, is_tc, act);
+	if (ctx_redirect(ctx, is_tc, act, via_ppp) < 0) {
 		pkt.reason = PYFLOW_R_REDIRECT_FAILED;
 		return pyflow_pass(is_tc, &pkt);
 	}
-	out_l2 = l2_out_len(act, is_tc);
+	/* via the PPP device: the Ethernet header stays as it came (the device drops
+	 * it) and an accelerated tag is cleared (the device would insert it) */
+	out_l2 = via_ppp ? ETH_HLEN : l2_out_len(act, is_tc);
 	rc = ctx_resize_l2(ctx, is_tc, &pkt, out_l2, &cov);
 	if (rc == PYFLOW_RESIZE_REFUSED) {
 		pkt.reason = PYFLOW_R_L2_REWRITE_FAILED;
@@ -175,10 +178,10 @@ static __always_inline int pyflow_process(void *ctx, const int is_tc)
 	 * accepted; a failure here means a helper ran out of memory. */
 	if (l3_rewrite(ctx, is_tc, &pkt, &key, out_l2, act, &acc) < 0)
 		goto broken;
-	if (l2_write(ctx, is_tc, act, &pkt, l3proto, cov, &acc) < 0)
+	if (!via_ppp && l2_write(ctx, is_tc, act, &pkt, l3proto, cov, &acc) < 0)
 		goto broken;
 	ctx_csum_update(ctx, is_tc, acc);
-	if (is_tc && tc_push_tags(ctx_skb(ctx), act) < 0)
+	if (is_tc && !via_ppp && tc_push_tags(ctx_skb(ctx), act) < 0)
 		goto broken;
 
 	__sync_fetch_and_add(&flow->counters.packets, ctx_gso_segs(ctx, is_tc));

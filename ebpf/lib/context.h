@@ -114,18 +114,38 @@ static __always_inline __u32 ctx_gso_segs(void *ctx, const int is_tc)
 }
 
 /*
+ * TC: does this packet leave through the session's PPP device instead of
+ * with a PPPoE header pushed here? Only a GSO super-packet that must leave in a
+ * PPPoE session, and only when the action names the PPP device: one L2 header
+ * is copied onto every segment, so no PPPoE length written here could be right
+ * for each of them (and no GSO handler segments a PPPoE frame). The PPP device
+ * is an L3 device: bpf_redirect drops the mac header (dev_is_mac_header_xmit is
+ * false for ARPHRD_PPP), the device has no segmentation offload, so the kernel
+ * cuts the segments in validate_xmit_skb, and the PPPoE channel writes the PPP
+ * protocol, the session header with each segment's own length, the VLAN tags
+ * of its lower device and the MACs. XDP frames are never GSO.
+ */
+static __always_inline int ctx_via_ppp(void *ctx, const int is_tc, const struct pyflow_flow_action *act)
+{
+	return is_tc && ctx_skb(ctx)->gso_size && (act->flags & PYFLOW_ACT_PPPOE) && act->ppp_ifindex;
+}
+
+/*
  * Choose the egress before the packet is touched, so that a refusal leaves it
  * as it came. XDP: the action's devmap slot (an empty slot yields XDP_PASS);
- * TC: the egress ifindex (bpf_redirect only records it; the kernel sends the
- * skb when the program returns TC_ACT_REDIRECT). Returns 0 or -1.
+ * TC: the egress ifindex, or the PPP device's (ctx_via_ppp) (bpf_redirect only
+ * records it; the kernel sends the skb when the program returns
+ * TC_ACT_REDIRECT). Returns 0 or -1.
  */
 static __always_inline int ctx_redirect(void *ctx, const int is_tc,
-					const struct pyflow_flow_action *act)
+					const struct pyflow_flow_action *act, const int via_ppp)
 {
 	if (is_tc) {
-		if (!act->out_ifindex)
+		__u32 ifindex = via_ppp ? act->ppp_ifindex : act->out_ifindex;
+
+		if (!ifindex)
 			return -1;
-		return bpf_redirect(act->out_ifindex, 0) == TC_ACT_REDIRECT ? 0 : -1;
+		return bpf_redirect(ifindex, 0) == TC_ACT_REDIRECT ? 0 : -1;
 	}
 	return txports_redirect(act->tx_port) == XDP_REDIRECT ? 0 : -1;
 }
@@ -204,10 +224,12 @@ static __always_inline int tc_pppoe_to_tags(struct __sk_buff *skb, const struct 
  *
  * A GSO skb is taken only with a bare Ethernet header in the data on both
  * sides (VLAN tags travel as metadata, see l2.h): one L2 header is copied
- * onto every segment, so no PPPoE length could be right for each of them,
- * and tags inline in the data would have to be popped from a super-packet
- * (the kernel moves the outer tag into metadata before TC ingress, so inline
- * tags here are QinQ inner ones; that case is left to the kernel path).
+ * onto every segment, so no PPPoE length could be right for each of them
+ * (such a packet leaves through the PPP device when the action names one, see
+ * ctx_via_ppp, and the caller then asks for a bare Ethernet header), and tags
+ * inline in the data would have to be popped from a super-packet (the
+ * kernel moves the outer tag into metadata before TC ingress, so inline tags
+ * here are QinQ inner ones; that case is left to the kernel path).
  * Clearing an accelerated tag alone does not change the data.
  *
  * *cov gets the offset from which CHECKSUM_COMPLETE's skb->csum covers the

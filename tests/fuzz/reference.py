@@ -30,7 +30,9 @@ Order of checks (the first that fails names the reason):
   flow: no entry (miss); destination MAC not the flow's ingress MAC
        (not_for_us); TCP FIN or RST (tcp_fin_rst, flow marked closing); TTL /
        hop limit <= 1 (ttl_expired); L3 length over the MTU (over_mtu); no egress
-       (redirect_failed); the hook cannot resize L2 (l2_rewrite_failed).
+       (redirect_failed); the hook cannot resize L2 (l2_rewrite_failed). TC: a GSO
+       super-packet that must leave in a PPPoE session leaves through the flow's PPP
+       device when it names one, its Ethernet header untouched (only L3 rewritten).
   Then: forwarded, with NAT, TTL - 1, incremental checksums (RFC 1624) and the
   egress L2 header.
 """
@@ -159,6 +161,7 @@ class ModelFlow:
     l2_out: bytes     # egress L2 header without the PPPoE length and PPP protocol (see _egress_l2)
     l2_out_tc: bytes  # the same in TC's frame data: the outer VLAN tag goes as skb metadata
     pppoe_sid: int | None
+    ppp_ifindex: int  # the session's PPP device: TC hands it GSO super-packets (0 = none)
 
 
 def _mac(m: str | bytes) -> bytes:
@@ -185,7 +188,8 @@ def model_flow(k, a) -> ModelFlow:
         nat_daddr=_addr16(a.nat_daddr if a.nat_daddr is not None else k.daddr),
         nat_sport=a.nat_sport if a.nat_sport is not None else k.sport,
         nat_dport=a.nat_dport if a.nat_dport is not None else k.dport,
-        l2_out=macs + outer + inner, l2_out_tc=macs + inner, pppoe_sid=a.pppoe_sid)
+        l2_out=macs + outer + inner, l2_out_tc=macs + inner, pppoe_sid=a.pppoe_sid,
+        ppp_ifindex=a.ppp_ifindex if a.pppoe_sid is not None else 0)
 
 
 # ---- checksum arithmetic (RFC 1071, RFC 1624) ----------------------------------------------
@@ -390,18 +394,24 @@ class Model:
                 return Verdict(OVER_MTU, flow=flow.key)
         elif p.l3len > flow.mtu:
             return Verdict(OVER_MTU, flow=flow.key)
-        # XDP redirects through its devmap slot, TC to the egress ifindex.
+        # TC only: a GSO super-packet that must leave in a PPPoE session goes to the
+        # session's PPP device when the flow names one (an L3 device: the kernel drops
+        # the mac header, segments, and the PPPoE channel encapsulates each segment).
+        via_ppp = gso is not None and bool(gso[1]) and flow.pppoe_sid is not None and flow.ppp_ifindex != 0
+        # XDP redirects through its devmap slot, TC to the egress ifindex (or the PPP device).
         if hook == "xdp" and flow.tx_port not in self.tx_slots:
             return Verdict(REDIRECT_FAILED, flow=flow.key)
-        if hook == "tc" and not flow.out_ifindex:
+        if hook == "tc" and not via_ppp and not flow.out_ifindex:
             return Verdict(REDIRECT_FAILED, flow=flow.key)
-        l2 = self._egress_l2(flow, p, hook)
-        if gso is not None and gso[1] and (p.l3off != ETH_HLEN or flow.pppoe_sid is not None):
+        pppoe_here = flow.pppoe_sid is not None and not via_ppp
+        if gso is not None and gso[1] and (p.l3off != ETH_HLEN or pppoe_here):
             # TC only: one L2 header is copied onto every segment, so no PPPoE length
             # could be right for every segment, and inline tags are not popped from a
             # super-packet: a GSO skb is taken only with a bare Ethernet header in
             # its data (its egress VLAN tags are pushed by the kernel).
             return Verdict(L2_REWRITE_FAILED, flow=flow.key)
+        # via the PPP device the Ethernet header stays as it came: the device drops it
+        l2 = frame[:ETH_HLEN] if via_ppp else self._egress_l2(flow, p, hook)
         # XDP: bpf_xdp_adjust_head fails only without headroom, and the test run gives
         # 256 bytes where at most 16 are needed; TC grows at the head and pops tags.
         # Neither refuses here, so the model has no l2_rewrite_failed for non-GSO frames.

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 import pytest
+from redirects import RedirectCheck
 from reference import FORWARDED, Model, ipv4_header_checksum, model_flow
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
@@ -56,6 +57,7 @@ from tests.support.packets import (
     IN_MAC,
     NAT_PORT,
     OTHER_MAC,
+    PPP_IFINDEX,
     PUB_PORT,
     PUBLIC4,
     PUBLIC6,
@@ -184,7 +186,7 @@ MATRIX_OUT: tuple[tuple[str, dict], ...] = (
     ("ad41+q42", dict(vlan_outer_tci=41, vlan_outer_tpid=ETH_P_8021AD, vlan_inner_tci=42)),
     ("q43(prio 3)+q44", dict(vlan_outer_tci=(3 << 13) | 43, vlan_inner_tci=44)),
     ("pppoe", dict(pppoe_sid=0x3001)),
-    ("q45+pppoe", dict(vlan_outer_tci=45, pppoe_sid=0x3002)),
+    ("q45+pppoe (ppp device)", dict(vlan_outer_tci=45, pppoe_sid=0x3002, ppp_ifindex=PPP_IFINDEX)),
     ("ad46+q47+pppoe", dict(vlan_outer_tci=46, vlan_outer_tpid=ETH_P_8021AD, vlan_inner_tci=47,
                             pppoe_sid=0x3003)),
 )
@@ -239,11 +241,16 @@ def corpus() -> Corpus:
         pppoe_sid=0x1234)
     l3 = tcp4(src=SERVER4, dst=ROUTER4, sport=SPORT, dport=NAT_PORT + 1)
     hit("t4 vlan+pppoe in, pppoe out", [eth(), vlan(10), pppoe(0x1234, l3)], l3,
-        action(nat_daddr=CLIENT4, nat_dport=CPORT + 1, pppoe_sid=0x99), vlan_outer=10, pppoe_sid=0x1234)
+        action(nat_daddr=CLIENT4, nat_dport=CPORT + 1, pppoe_sid=0x99, ppp_ifindex=PPP_IFINDEX),
+        vlan_outer=10, pppoe_sid=0x1234)
     l3 = udp4(src=SERVER4, dst=ROUTER4, sport=SPORT, dport=NAT_PORT + 2)
     hit("u4 qinq+pppoe in, untagged out", [eth(), vlan(100, ETH_P_8021AD), vlan(10), pppoe(0x1234, l3)],
         l3, action(nat_daddr=CLIENT4), vlan_outer=100, vlan_inner=10, pppoe_sid=0x1234)
-    hit("u4 pppoe out", [eth()], udp4(sport=CPORT + 5), action(**SNAT4, pppoe_sid=7))
+    hit("u4 pppoe out (ppp device)", [eth()], udp4(sport=CPORT + 5),
+        action(**SNAT4, pppoe_sid=7, ppp_ifindex=PPP_IFINDEX))
+    # TC redirects a GSO super-packet of this one to its PPP device, anything else to no port
+    hit("t4 pppoe out, only a ppp device", [eth()], tcp4(sport=CPORT + 15),
+        action(**SNAT4, out_ifindex=0, pppoe_sid=0x42, ppp_ifindex=PPP_IFINDEX))
     hit("t6 snat+dnat", [eth()], tcp6(dst=PUBLIC6, dport=PUB_PORT), action(**SNAT6, **DNAT6))
     hit("u6 snat, pppoe out", [eth()], udp6(), action(**SNAT6, pppoe_sid=9))
     l3 = tcp6(src=SERVER6, dst=ROUTER6, sport=SPORT, dport=NAT_PORT)
@@ -672,6 +679,47 @@ def op_flip(b: bytearray, L: Layout, r: random.Random) -> str | None:
     return "flip " + ",".join(map(str, spots))
 
 
+# VLAN ids and PPPoE sessions some installed flow has: a frame moved onto one of them is a
+# near miss of another flow (or a hit of it, when every other field agrees)
+INSTALLED_VIDS = (10, 11, 20, 30, 31, 32, 33, 34, 100, 300, 301, 302)
+INSTALLED_SIDS = (0x1234, 0x2001, 0x2002, 0x2003, 0x42, 7, 9)
+
+
+def op_vid_of_another_flow(b: bytearray, L: Layout, r: random.Random) -> str | None:
+    if not L.tags:
+        return None
+    t = r.choice(L.tags)
+    v = (_u16(b, t) & 0xF000) | r.choice(INSTALLED_VIDS)
+    _put16(b, t, v)
+    return f"vid@{t}={v & 0xFFF}"
+
+
+def op_sid_of_another_flow(b: bytearray, L: Layout, r: random.Random) -> str | None:
+    if L.pppoe is None or L.pppoe + 4 > len(b):
+        return None
+    v = r.choice(INSTALLED_SIDS + (_u16(b, L.pppoe + 2) + 1, _u16(b, L.pppoe + 2) - 1)) & 0xFFFF
+    _put16(b, L.pppoe + 2, v)
+    return f"sid={v:#06x}"
+
+
+def op_pppoe_len_mismatch(b: bytearray, L: Layout, r: random.Random) -> str | None:
+    """A PPPoE length a few bytes either side of the IP packet's or of the frame's end."""
+    if L.pppoe is None or L.pppoe + 6 > len(b):
+        return None
+    ip = _l3len(b, L) + 2 if L.fam is not None and L.l3 + 6 <= len(b) else 0
+    room = len(b) - L.pppoe - 6
+    v = r.choice((ip - 2, ip - 1, ip, ip + 1, ip + 2, room - 1, room, room + 1, 0, 1, 2, 0xFFFF)) & 0xFFFF
+    _put16(b, L.pppoe + 4, v)
+    return f"pppoe len={v} (ip {ip}, room {room})"
+
+
+def op_cut_l2(b: bytearray, L: Layout, r: random.Random) -> str | None:
+    """Cut the frame inside its L2 header (tags, PPPoE) or the first bytes of L3."""
+    n = r.randrange(12, min(len(b), L.l3 + 24) + 1) if len(b) >= 12 else len(b)
+    del b[n:]
+    return f"cut {n} (l2)"
+
+
 IPV4_OPS: tuple[Op, ...] = (op_ip4_tot_len, op_ip4_ihl, op_ip_version, op_ip4_options, op_ip4_frag,
                             op_ip_proto, op_ttl, op_addr_port, op_ip_flow_fields)
 IPV6_OPS: tuple[Op, ...] = (op_ip6_plen, op_ip_version, op_ip6_ext, op_ip_proto, op_ttl, op_addr_port,
@@ -680,6 +728,12 @@ L4_OPS: tuple[Op, ...] = (op_udp_len, op_l4_checksum, op_tcp_doff, op_tcp_flags,
 L2_OPS: tuple[Op, ...] = (op_vlan_tci, op_ethertype, op_insert_tag, op_remove_tag, op_pppoe_field,
                           op_pppoe_wrap, op_macs, op_trailer)
 STRUCTURED_OPS = IPV4_OPS + IPV6_OPS + L4_OPS + L2_OPS
+ENCAP_OPS: tuple[Op, ...] = L2_OPS + (op_vid_of_another_flow, op_sid_of_another_flow, op_pppoe_len_mismatch,
+                                      op_cut_l2, op_ip4_tot_len, op_ip6_plen, op_ttl, op_tcp_flags)
+
+
+def _encapsulated(b: Base) -> bool:
+    return bool(b.layout.tags) or b.layout.pppoe is not None
 
 
 def _mutate(base: Base, ops: tuple[Op, ...], r: random.Random, count: int) -> tuple[str, bytes] | None:
@@ -793,6 +847,11 @@ FAMILIES: dict[str, Callable[[Corpus, random.Random], Frames]] = {
                              op_ip4_tot_len, op_ip6_plen, op_udp_len, op_pppoe_field, op_vlan_tci,
                              op_macs, op_cut), 8000, stack=(0, 2), matrix=True),
     "stacked": _family(STRUCTURED_OPS + (op_cut, op_flip), 16000, stack=(2, 4)),
+    # tagged and PPPoE frames (and PPPoE over VLAN): cut tags and session headers, VLAN ids and
+    # sessions of other flows, PPPoE lengths either side of right, stacked with the L2 ops
+    "encap": _family(ENCAP_OPS, 16000, stack=(1, 3), want=_encapsulated),
+    "encap_matrix_l2": _family(ENCAP_OPS, 12000, stack=(1, 2), matrix=True,
+                               want=_encapsulated),
 }
 
 
@@ -817,6 +876,8 @@ class Tally:
     runs: int = 0
     failures: list[str] = field(default_factory=list)
     failed: int = 0
+    redirects: int = 0
+    wrong_redirects: int = 0
 
     def fail(self, text: str) -> None:
         self.failed += 1
@@ -836,7 +897,7 @@ def _runs(i: int, r: random.Random):
         yield "tc", gso_ctx_of(r)
 
 
-def run_family(dp, model: Model, family: str, frames: Frames) -> Tally:
+def run_family(dp, model: Model, family: str, frames: Frames, check: RedirectCheck | None = None) -> Tally:
     t = Tally()
     r = random.Random(f"{SEED}/{family}/gso")
     for i, (label, frame) in enumerate(frames):
@@ -858,6 +919,12 @@ def run_family(dp, model: Model, family: str, frames: Frames) -> Tally:
                 continue
             ran += gso is None
             pass_code, redirect_code = VERDICTS[hook]
+            if res.retval == redirect_code and check is not None:
+                t.redirects += 1
+                why = check.wrong(frame, IFINDEX)
+                if why is not None:
+                    t.wrong_redirects += 1
+                    t.fail(_describe(family, i, label, hook, gso, frame) + f"\n    wrong redirect: {why}")
             if want.reason == FORWARDED:
                 if res.retval != redirect_code or res.data != want.output:
                     t.fail(_describe(family, i, label, hook, gso, frame)
@@ -972,11 +1039,13 @@ def test_fuzz(datapath, family: str):
     try:
         before = datapath.stats()
         t0 = time.monotonic()
-        tally = run_family(datapath, model, family, frames)
+        tally = run_family(datapath, model, family, frames, RedirectCheck(flows))
         elapsed = time.monotonic() - t0
         after = datapath.stats()
         counted = stats_delta(before, after)
 
+        assert not tally.wrong_redirects, (f"{tally.wrong_redirects} wrong redirects: "
+                                           + "\n".join(tally.failures))
         assert not tally.failed, (f"{tally.failed} of {len(frames)} frames judged wrong "
                                   f"(seed {SEED}, family {family}), first ones:\n"
                                   + "\n".join(tally.failures))
@@ -997,6 +1066,41 @@ def test_fuzz(datapath, family: str):
                              f"last_seen_ns {c.last_seen_ns}")
         assert not wrong, f"flow counters (seed {SEED}, family {family}):\n" + "\n".join(wrong)
         print(f"{family}: {len(frames)} frames, {tally.ran_both} through both hooks, {tally.runs} runs, "
+              f"{tally.redirects} redirects, {tally.wrong_redirects} wrong, "
               f"{elapsed:.1f} s; reasons {sorted((k, v[0]) for k, v in expected.items())}")
     finally:
         datapath.clear_flows()
+
+
+def test_redirect_check_knows_a_hit_from_a_near_miss():
+    """The independent redirect check accepts the corpus's hits and refuses each kind of
+    near miss of a tagged / PPPoE hit, so that its 0 in the fuzz runs means something."""
+    c = corpus()
+    check = RedirectCheck(c.flows)
+    model = new_model(c.flows)
+    for b in c.matrix:
+        assert check.wrong(b.frame, IFINDEX) is None, b.name
+    base = next(b for b in c.bases if b.name == "u4 qinq+pppoe in, untagged out")
+    assert model.verdict(base.frame, "xdp").reason == FORWARDED
+    L = base.layout
+    near = {
+        "other ingress device": (base.frame, IFINDEX + 1),
+        "other inner vid": (_patched(base.frame, L.tags[1], 11), IFINDEX),
+        "vid 0": (_patched(base.frame, L.tags[0], 0), IFINDEX),
+        "other session": (_patched(base.frame, L.pppoe + 2, 0x1235), IFINDEX),
+        "pppoe length short": (_patched(base.frame, L.pppoe + 4,
+                                        _u16(bytearray(base.frame), L.pppoe + 4) - 1), IFINDEX),
+        "pppoe length past the frame": (_patched(base.frame, L.pppoe + 4, len(base.frame)), IFINDEX),
+        "ppp protocol lcp": (_patched(base.frame, L.pppoe + 6, 0xC021), IFINDEX),
+        "cut in the tag": (base.frame[:L.tags[1] + 1], IFINDEX),
+        "cut in the session header": (base.frame[:L.pppoe + 5], IFINDEX),
+        "other mac": (bytes.fromhex(OTHER_MAC.replace(":", "")) + base.frame[6:], IFINDEX),
+    }
+    for what, (frame, ifindex) in near.items():
+        assert check.wrong(frame, ifindex) is not None, what
+
+
+def _patched(frame: bytes, off: int, v: int) -> bytes:
+    b = bytearray(frame)
+    _put16(b, off, v)
+    return bytes(b)

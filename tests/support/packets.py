@@ -42,6 +42,7 @@ OTHER_MAC = "02:00:00:00:00:cc"
 IFINDEX = TEST_IFINDEX  # XDP: ingress_ifindex of the test context; TC: test skbs run on lo
 OUT_IFINDEX = TEST_IFINDEX  # TC redirect target (the test run does not transmit)
 TX_SLOT = 0  # devmap slot holding a device (lo) for the XDP redirect
+PPP_IFINDEX = 77  # a PPP device's ifindex in an action: a TC test run records the redirect, sends nothing
 EMPTY_SLOT = 5  # devmap slot left empty: the XDP redirect falls back to XDP_PASS
 MTU = 1500
 
@@ -271,6 +272,9 @@ def build_cases() -> list[Case]:
                       action(vlan_outer_tci=200, vlan_inner_tci=7), key=key_of(l3, vlan_outer=10)))
     c.append(fwd_case("untagged in, pppoe out (ipv4)", eth(), l3, action(**SNAT4, pppoe_sid=0x1234)))
     c.append(fwd_case("untagged in, pppoe out (ipv6)", eth(), udp6(), action(pppoe_sid=7)))
+    # a PPP device in the action changes nothing for a packet that is not GSO
+    c.append(fwd_case("untagged in, pppoe out, ppp device named", eth(), udp4(),
+                      action(**SNAT4, pppoe_sid=0x77, ppp_ifindex=PPP_IFINDEX)))
     c.append(fwd_case("vlan in, vlan+pppoe out", eth() / vlan(10), udp4(),
                       action(vlan_outer_tci=35, pppoe_sid=0x55), key=key_of(udp4(), vlan_outer=10)))
     l3 = tcp4(src=SERVER4, dst=ROUTER4, sport=SPORT, dport=NAT_PORT)
@@ -369,6 +373,7 @@ def build_cases() -> list[Case]:
     c.append(pass_case("pppoe length shorter than ip",
                        eth() / PPPoE(sessionid=1, len=30) / PPP(proto=0x21) / tcp4(), "malformed",
                        flows=[(key_of(tcp4(), pppoe_sid=1), action())]))
+    c.extend(_encap_edge_cases())
     c.append(pass_case("ipv4 options", eth() / (IP(src=CLIENT4, dst=SERVER4, options=[b"\x01\x01\x01\x00"])
                                                  / TCP(sport=CPORT, dport=SPORT)), "ipv4_options"))
     c.append(pass_case("ipv4 bad header checksum", _ipv4_with(tcp4(), chksum=0x1234), "ipv4_bad_checksum",
@@ -385,6 +390,92 @@ def build_cases() -> list[Case]:
     c.append(pass_case("icmp", eth() / IP(src=CLIENT4, dst=SERVER4) / ICMP(), "not_tcp_udp"))
     c.append(pass_case("icmpv6", eth() / IPv6(src=CLIENT6, dst=SERVER6) / ICMPv6EchoRequest(), "not_tcp_udp"))
     c.append(pass_case("gre", eth() / IP(src=CLIENT4, dst=SERVER4, proto=47) / payload(24), "not_tcp_udp"))
+    return c
+
+
+def _encap_edge_cases() -> list[Case]:
+    """Tagged and PPPoE frames at the edges: cut headers, wrong ids and lengths, frames
+    of the PPPoE control plane. The flow each one nearly matches is installed, so a
+    wrong decision would be a redirect."""
+    c: list[Case] = []
+    l3 = tcp4(src=SERVER4, dst=ROUTER4, sport=SPORT, dport=NAT_PORT)
+    reply = action(nat_daddr=CLIENT4, nat_dport=CPORT)
+    sid = 0x1234
+    plain = key_of(l3)
+    k_sid = key_of(l3, pppoe_sid=sid)
+    k_vlan_sid = key_of(l3, vlan_outer=10, pppoe_sid=sid)
+    k_qinq_sid = key_of(l3, vlan_outer=100, vlan_inner=10, pppoe_sid=sid)
+    every = [(plain, reply), (k_sid, reply), (k_vlan_sid, reply), (k_qinq_sid, reply),
+             (key_of(l3, vlan_outer=10), reply), (key_of(l3, vlan_outer=100, vlan_inner=10), reply)]
+    full = {"vlan": bytes(eth() / vlan(10) / l3),
+            "qinq": bytes(eth() / vlan(100, ETH_P_8021AD) / vlan(10) / l3),
+            "pppoe": bytes(eth() / pppoe(sid, l3) / l3),
+            "vlan+pppoe": bytes(eth() / vlan(10) / pppoe(sid, l3) / l3)}
+
+    # forwarded: single 802.1ad tag; a PPPoE length that also covers Ethernet padding after
+    # the IP packet (the kernel trims the frame to it, then IP trims to its own length)
+    c.append(fwd_case("802.1ad in, untagged out", eth() / vlan(100, ETH_P_8021AD), l3, reply,
+                      key=key_of(l3, vlan_outer=100)))
+    pad = bytes(6)
+    padded = PPPoE(sessionid=sid, len=len(l3) + 2 + len(pad)) / PPP(proto=0x21)
+    c.append(fwd_case("pppoe length covering padding after ip", eth() / padded, l3, reply, key=k_sid,
+                      trailer=pad))
+
+    # cut headers: a tag, the inner tag, the PPPoE session header, the PPP protocol field
+    c.append(pass_case("vlan tag cut", full["vlan"][:14 + 2], "malformed", flows=every))
+    c.append(pass_case("qinq inner tag cut", full["qinq"][:18 + 3], "malformed", flows=every))
+    c.append(pass_case("pppoe session header cut", full["pppoe"][:14 + 4], "malformed", flows=every))
+    c.append(pass_case("pppoe cut before the ppp protocol", full["pppoe"][:14 + 6], "malformed", flows=every))
+    c.append(pass_case("vlan+pppoe cut in the session header", full["vlan+pppoe"][:18 + 5], "malformed",
+                       flows=every))
+    c.append(pass_case("pppoe cut inside the ip header", full["pppoe"][:22 + 12], "malformed", flows=every))
+
+    # wrong ids: the flow of another session, VLAN or encapsulation is there, this one is not
+    c.append(pass_case("vlan+pppoe, other session", eth() / vlan(10) / pppoe(sid + 1, l3) / l3, "miss",
+                       flows=every))
+    c.append(pass_case("pppoe session of a vlan flow, untagged", eth() / pppoe(sid, l3) / l3, "miss",
+                       flows=[(k_vlan_sid, reply), (k_qinq_sid, reply), (plain, reply)]))
+    c.append(pass_case("vlan+pppoe, other vlan", eth() / vlan(11) / pppoe(sid, l3) / l3, "miss", flows=every))
+    c.append(pass_case("qinq+pppoe, other inner vlan",
+                       eth() / vlan(100, ETH_P_8021AD) / vlan(11) / pppoe(sid, l3) / l3, "miss", flows=every))
+    c.append(pass_case("untagged packet, only pppoe flows", eth() / l3, "miss",
+                       flows=[(k_sid, reply), (k_vlan_sid, reply)]))
+    c.append(pass_case("pppoe session 0 over vlan", eth() / vlan(10) / pppoe(0, l3) / l3, "l2_unsupported",
+                       flows=every))
+
+    # PPPoE lengths that disagree with the frame
+    n = len(l3)
+    for name, length, reason in (("pppoe length 0", 0, "malformed"),
+                                 ("pppoe length one short of ip", n + 1, "malformed"),
+                                 ("pppoe length past the frame", n + 3, "malformed"),
+                                 ("pppoe length 0xffff", 0xFFFF, "malformed")):
+        c.append(pass_case(name, eth() / PPPoE(sessionid=sid, len=length) / PPP(proto=0x21) / l3, reason,
+                           flows=every))
+    c.append(pass_case("vlan+pppoe length past the frame",
+                       eth() / vlan(10) / PPPoE(sessionid=sid, len=n + 40) / PPP(proto=0x21) / l3,
+                       "malformed", flows=every))
+
+    # the PPPoE header's other fields, and what PPP carries besides IP
+    c.append(pass_case("pppoe version 2", eth() / PPPoE(version=2, sessionid=sid) / PPP(proto=0x21) / l3,
+                       "l2_unsupported", flows=every))
+    c.append(pass_case("pppoe code not session data",
+                       eth() / PPPoE(code=0xA7, sessionid=sid) / PPP(proto=0x21) / l3, "l2_unsupported",
+                       flows=every))
+    c.append(pass_case("pppoe ipcp", eth() / vlan(10) / PPPoE(sessionid=sid) / PPP(proto=0x8021)
+                       / Raw(b"\x01\x01\x00\x0a\x03\x06\xc6\x12\x00\x01"), "not_ip", flows=every))
+    c.append(pass_case("pppoe ipv4 protocol number compressed to one byte",
+                       eth() / PPPoE(sessionid=sid, len=n + 1) / Raw(b"\x21") / l3, "not_ip", flows=every))
+    c.append(pass_case("pppoe discovery over vlan (PADT)",
+                       eth() / vlan(10) / PPPoED(code=0xA7, sessionid=sid), "not_ip", flows=every))
+    c.append(pass_case("pppoe discovery over qinq (PADI)",
+                       eth("ff:ff:ff:ff:ff:ff") / vlan(100, ETH_P_8021AD) / vlan(10) / PPPoED(code=0x09),
+                       "not_ip", flows=every))
+
+    # VLAN id 0: a priority tag, outer or inner, also in front of PPPoE
+    c.append(pass_case("inner vlan id 0", eth() / vlan(100, ETH_P_8021AD) / vlan(3 << 13) / l3,
+                       "l2_unsupported", flows=every))
+    c.append(pass_case("priority tag before pppoe", eth() / vlan(6 << 13) / pppoe(sid, l3) / l3,
+                       "l2_unsupported", flows=every))
     return c
 
 
@@ -429,6 +520,41 @@ def build_gso_cases() -> list[Case]:
                     flows=((key_of(l3q, vlan_outer=100, vlan_inner=10), action(**SNAT4, pppoe_sid=3)),),
                     xdp=None,
                     tc=Expect("l2_rewrite_failed", why="a PPPoE length cannot be right for each segment"),
+                    skb_ctx=skb_ctx(3, 1000)))
+    # Through the session's PPP device: the super-packet keeps its Ethernet header as it came
+    # (the L3 device drops it; the kernel segments and the PPPoE channel encapsulates each
+    # segment), only L3 is rewritten. Any tags the action names are the PPP device's business.
+    via_ppp = "the PPP device drops the mac header and encapsulates each segment after segmentation"
+    for name, act in (
+        ("gso: untagged in, pppoe out through the ppp device",
+         action(**SNAT4, mtu=1492, pppoe_sid=3, ppp_ifindex=PPP_IFINDEX)),
+        ("gso: untagged in, vlan+pppoe out through the ppp device",
+         action(**SNAT4, mtu=1492, vlan_outer_tci=7, pppoe_sid=3, ppp_ifindex=PPP_IFINDEX)),
+        ("gso: pppoe out through the ppp device, no egress port needed",
+         action(**SNAT4, mtu=1492, out_ifindex=0, pppoe_sid=3, ppp_ifindex=PPP_IFINDEX)),
+    ):
+        out.append(Case(name, bytes(eth() / l3), flows=((key_of(l3), act),), xdp=None,
+                        tc=Expect("forwarded", bytes(eth() / rewritten_l3(l3, act)), why=via_ppp),
+                        skb_ctx=skb_ctx(3, 1000), packets=3))
+    l3v6 = tcp6(n=3000)
+    act = action(**SNAT6, mtu=1492, pppoe_sid=3, ppp_ifindex=PPP_IFINDEX)
+    out.append(Case("gso: ipv6 untagged in, pppoe out through the ppp device", bytes(eth() / l3v6),
+                    flows=((key_of(l3v6), act),), xdp=None,
+                    tc=Expect("forwarded", bytes(eth() / rewritten_l3(l3v6, act)), why=via_ppp),
+                    skb_ctx=skb_ctx(3, 1000), packets=3))
+    out.append(Case("gso: pppoe out, no ppp device", bytes(eth() / l3),
+                    flows=((key_of(l3), action(**SNAT4, mtu=1492, pppoe_sid=3)),), xdp=None,
+                    tc=Expect("l2_rewrite_failed", why="a PPPoE length cannot be right for each segment"),
+                    skb_ctx=skb_ctx(3, 1000)))
+    out.append(Case("gso: ppp device, segments over its mtu", bytes(eth() / l3),
+                    flows=((key_of(l3), action(**SNAT4, mtu=1000, pppoe_sid=3, ppp_ifindex=PPP_IFINDEX)),),
+                    xdp=None, tc=Expect("over_mtu"), skb_ctx=skb_ctx(3, 1000)))
+    out.append(Case("gso: tagged in, pppoe out with a ppp device", bytes(eth() / vlan(100) / vlan(10) / l3q),
+                    flows=((key_of(l3q, vlan_outer=100, vlan_inner=10),
+                            action(**SNAT4, pppoe_sid=3, ppp_ifindex=PPP_IFINDEX)),),
+                    xdp=None,
+                    tc=Expect("l2_rewrite_failed", why="a GSO skb is taken only with a bare Ethernet header "
+                              "in its data"),
                     skb_ctx=skb_ctx(3, 1000)))
     l3v = tcp4(n=3000)
     out.append(Case("gso: tag inline in the data", bytes(eth() / vlan(10) / l3v),

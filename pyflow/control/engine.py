@@ -63,6 +63,7 @@ from pyflow.control.model import (
     entry_fields,
 )
 from pyflow.control.placement import HwPlacement, MapPlacement, pack_entries
+from pyflow.control.returning import Returning
 from pyflow.datapath.abi import FlowAction, FlowKey, datapath_clock_ns, key_bytes
 
 __all__ = ["BATCH", "Engine", "EngineConfig", "EngineStats", "ManagedDevice", "Offloaded"]
@@ -80,6 +81,11 @@ class EngineConfig:
     idle_timeout_s: float = 30.0  # as the kernel flowtable: idle flows go back to the slow path
     conntrack_timeout_s: int = 120  # timeout written to conntrack while the fast path carries a flow
     exclude_mark_mask: int = 0  # conntrack mark bits that opt a connection out (SQM, shaping, DSCP)
+    # a connection a path change took off the fast path is offloaded again at the first later
+    # path change that resolves its path, if that comes within this window (returning.py); at
+    # most this many wait at once
+    return_window_s: float = 300.0
+    return_max: int = 65536
 
 
 @dataclass
@@ -95,6 +101,7 @@ class EngineStats:
     hw_offloaded: int = 0  # connections placed as flower rules (also counted in offloaded)
     hw_failures: int = 0  # placements the hardware refused: those flows went to the XDP path
     hw_refused: dict[str, int] = field(default_factory=dict)  # hw_failures by reason
+    reoffloaded: int = 0  # connections a path change took off, offloaded again when it came back
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -109,6 +116,8 @@ class Engine:
         self.clock = clock  # must be the datapath's clock: last_seen_ns is compared with it
         self.offloaded: dict[tuple, Offloaded] = {}
         self.pending: dict[tuple, Conn] = {}
+        # taken off by a path change, offered again at each later one (returning.py)
+        self.returning = Returning(int(self.config.return_window_s * 1e9), self.config.return_max)
         self.stats = EngineStats()
         self.planner = Planner(paths, devices)
         # Within one pass: connections planned but not yet written (written together by _flush)
@@ -192,6 +201,7 @@ class Engine:
                     self._flush()  # a later event about a queued connection sees it installed
                 if ev.type is EventType.DESTROY:
                     self.pending.pop(ident, None)
+                    self.returning.discard(ident)
                     self.remove(ident, "destroyed", tell_conntrack=False)
                 else:
                     self._consider(ev.conn, ident, queue=True)
@@ -205,6 +215,11 @@ class Engine:
 
     def _consider(self, conn: Conn, ident: tuple, *, queue: bool) -> bool:
         why = self.refusal(conn)
+        if ident in self.returning:  # waiting for its path: keep its latest state, or let it go
+            if why is None:
+                self.returning.update(ident, conn)
+            else:
+                self.returning.discard(ident)
         if ident in self.offloaded:
             if why is not None:
                 self.remove(ident, why, tell_conntrack=True)
@@ -234,6 +249,7 @@ class Engine:
             for ident in list(self.pending):
                 if ident not in live:
                     del self.pending[ident]
+            self.returning.retain(live)
             for ident, conn in live.items():
                 self._consider(conn, ident, queue=True)
             self._flush()
@@ -410,6 +426,7 @@ class Engine:
         for ident in list(self.offloaded):
             self.remove(ident, "flushed", tell_conntrack=True)
         self.pending.clear()
+        self.returning.clear()
 
     # ---- keep-alive, expiry, FIN/RST --------------------------------------------------
 
@@ -418,6 +435,7 @@ class Engine:
         table, matched against every connection in C; only the connections that need
         something done come back: entry missing, FIN/RST, packets moved (refresh), idle."""
         keepalive.tick(self)
+        self.returning.expire(self.clock())
 
     # ---- path changes -----------------------------------------------------------------
 
@@ -447,10 +465,8 @@ class Engine:
                 if type(path) is not tuple:
                     try:
                         path = self.planner.resolve(conn)
-                    except (NotYet, NoPath) as exc:
-                        self._path_lost(ident)
-                        if isinstance(exc, NotYet):
-                            self.pending[ident] = conn
+                    except (NotYet, NoPath):
+                        self._path_lost(ident)  # waits in self.returning for its path
                         continue
                 if path == off.path:
                     continue
@@ -468,10 +484,37 @@ class Engine:
                     self.map.rewrite(changed, self.slots, self._path_lost)
                     changed = []
             self.map.rewrite(changed, self.slots, self._path_lost)
+            self._retry_returning()
             self.retry_pending()
 
     def _path_lost(self, ident: tuple) -> None:
+        """Take ident off for a path change; it waits in self.returning for its path."""
+        off = self.offloaded.get(ident)
         self.remove(ident, "path_lost", tell_conntrack=True)
+        if off is not None:
+            self.returning.add(ident, off.conn, self.clock())
+
+    def _retry_returning(self) -> None:
+        """Offload again the waiting connections whose path resolves now: one resolution per
+        group of connections with the same path key, so a change costs O(groups), never a
+        conntrack dump. Inside a pass (paths_changed)."""
+        ret = self.returning
+        ret.expire(self.clock())
+        if not ret:
+            return
+        back: list[tuple] = []
+        for key, group in list(ret.groups.items()):
+            try:
+                self.planner.resolve(next(iter(group.values())))
+            except (NotYet, NoPath):
+                continue  # still no path: the group waits for the next change
+            for ident, conn in ret.take(key):
+                if ident in self.offloaded or ident in self._queued:
+                    continue  # a conntrack event brought it back already
+                back.append(ident)
+                self._enqueue(conn, ident)
+        self._flush()
+        self.stats.reoffloaded += sum(1 for ident in back if ident in self.offloaded)
 
 
 class Planner:

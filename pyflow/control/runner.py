@@ -403,7 +403,10 @@ class ControlPlane:
             engine=EngineCounters(offloads=es.offloaded, removed=dict(es.removed), refused=dict(es.refused),
                                   pending=len(engine.pending), install_errors=es.install_errors,
                                   rewritten=es.rewritten, hw_offloads=es.hw_offloaded,
-                                  hw_failures=es.hw_failures),
+                                  hw_failures=es.hw_failures, returning=len(engine.returning),
+                                  reoffloaded=es.reoffloaded,
+                                  returns_abandoned={"expired": engine.returning.expired,
+                                                     "overflow": engine.returning.overflow}),
             latency=self.latency.snapshot(),
         )
 

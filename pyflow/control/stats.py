@@ -88,6 +88,9 @@ class EngineCounters:
     rewritten: int = 0
     hw_offloads: int = 0
     hw_failures: int = 0
+    returning: int = 0  # connections a path change took off, waiting for a path, now
+    reoffloaded: int = 0  # of those, offloaded again when their path came back
+    returns_abandoned: dict[str, int] = field(default_factory=dict)  # waits ended: expired, overflow
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ def test_pyflowctl_stats_reads_the_same_snapshot():
                                "discarded_events": 9, "resyncs": 2, "refreshes": 11}
     assert js["engine"] == {"offloads": 4, "removed": {"idle": 1}, "refused": {"tcp_not_established": 3},
                             "pending": 0, "install_errors": 0, "rewritten": 0, "hw_offloads": 1,
+                            "returning": 0, "reoffloaded": 0, "returns_abandoned": {},
                             "hw_failures": 0}
     assert js["devices"] == {"managed": 2, "failed": 0, "by_mode": {"tc": 2}}
 

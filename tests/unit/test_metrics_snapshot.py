@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from prometheus_client import generate_latest
 
+from pyflow.control.returning import Returning
 from pyflow.control.runner import ControlPlane
 from pyflow.control.stats import LatencyHistogram, LoopStats
 from pyflow.daemon import metrics
@@ -35,9 +36,10 @@ def _plane() -> ControlPlane:
     cp = ControlPlane(datapath=SimpleNamespace(reason_counts=lambda: {"forwarded": (5, 500)}))  # type: ignore[arg-type]
     cp.flows = Flows()  # type: ignore[assignment]
     cp.ct = SimpleNamespace(lost_events=0, discarded_events=0)  # type: ignore[assignment]
-    cp.engine = SimpleNamespace(offloaded={}, pending={}, stats=SimpleNamespace(  # type: ignore[assignment]
-        resyncs=1, refreshes=0, offloaded=0, removed={}, refused={}, install_errors=0, rewritten=0,
-        hw_offloaded=0, hw_failures=0))
+    cp.engine = SimpleNamespace(  # type: ignore[assignment]
+        offloaded={}, pending={}, returning=Returning(1, 1), stats=SimpleNamespace(
+            resyncs=1, refreshes=0, offloaded=0, removed={}, refused={}, install_errors=0, rewritten=0,
+            hw_offloaded=0, hw_failures=0, reoffloaded=0))
     cp.latency = LatencyHistogram()
     return cp
 

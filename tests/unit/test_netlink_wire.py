@@ -225,8 +225,8 @@ def test_socket_is_nonblocking_cloexec_with_a_sized_buffer() -> None:
 
 # -- the UAPI numbers, checked against the kernel's headers ----------------------------
 
-_HEADERS = ["asm/socket.h", "linux/netlink.h", "linux/rtnetlink.h", "linux/neighbour.h",
-            "linux/if_link.h", "linux/if_bridge.h", "linux/if.h", "linux/if_arp.h", "linux/if_ether.h", "linux/netconf.h",
+_HEADERS = ["asm/socket.h", "linux/netlink.h", "linux/rtnetlink.h", "linux/neighbour.h", "linux/if_bridge.h",
+            "linux/if_link.h", "linux/if.h", "linux/if_arp.h", "linux/if_ether.h", "linux/netconf.h",
             "linux/netfilter/nfnetlink.h", "linux/netfilter/nfnetlink_conntrack.h",
             "linux/netfilter/nf_conntrack_tcp.h", "linux/pkt_sched.h", "linux/pkt_cls.h",
             "linux/ethtool_netlink.h", "linux/tc_act/tc_mirred.h"]

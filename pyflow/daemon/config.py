@@ -66,6 +66,9 @@ class DaemonConfig:
     on_stop: str = "hand-back"
     datapath_build: str = "prebuilt"
     flow_map_entries: int = 262144  # the flow map's size, set when the map is made (2 per connection)
+    # while a device is managed, keep a table that makes conntrack track forwarded traffic
+    # (pyflow.daemon.tracking); false: the ruleset must use conntrack itself
+    ensure_conntrack: bool = True
 
 
 @dataclass(frozen=True)

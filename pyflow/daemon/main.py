@@ -48,6 +48,9 @@ log = logging.getLogger("pyflowd")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
+# How often the main thread checks that pyflowd's conntrack table is still in place.
+TRACKING_CHECK_S = 10.0
+
 # How long a request or a reload waits for the control loop. A request the loop did not
 # start by then is cancelled and answered "busy" (it never runs); one it started is
 # answered "still_running" and completes.
@@ -193,6 +196,7 @@ class Daemon:
         _warn_flow_map_size(dp, d.flow_map_entries)
         ops = self.ops = Operations(self.config, dp)
         ops.apply_devices(live=False)
+        ops.sync_tracking()  # before the loop's first dump: conntrack tracks from now on
         if d.metrics_address:
             ops.cp.snapshot_source = ops.stats  # kept at every tick: scrapes never enter the loop
         ops.cp.start()
@@ -265,6 +269,7 @@ class Daemon:
 
             def apply() -> None:  # in the loop: a reload that finishes late still takes effect whole
                 self.ops.reload(new)
+                self.ops.sync_tracking()
                 self.config = self.ops.config
 
             try:
@@ -283,6 +288,7 @@ class Daemon:
         ping_every = wd / 2 if wd else None
         next_ping = 0.0
         next_status = 0.0
+        next_tracking = time.monotonic() + TRACKING_CHECK_S
         cp = self.ops.cp
         while True:
             self.signals.wake.wait(0.5 if ping_every is None else min(0.5, ping_every))
@@ -305,6 +311,10 @@ class Daemon:
             if self.notifier.address and now >= next_status:
                 self.notifier.notify(self._status_line())
                 next_status = now + 10
+            if now >= next_tracking:
+                # puts back a table a firewall reload flushed away (nft flush ruleset)
+                self.ops.tracking.sync()
+                next_tracking = time.monotonic() + TRACKING_CHECK_S
 
     def shutdown(self) -> None:
         self.notifier.notify("STOPPING=1")
@@ -321,6 +331,7 @@ class Daemon:
         if hand_back:
             ops.detach_all()
             log.info("every flow handed back to the kernel path; devices detached")
+            ops.tracking.release()
         else:
             ops.dp.close()
             log.info("datapath left running (on_stop = keep): the next start adopts it")

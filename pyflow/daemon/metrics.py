@@ -101,6 +101,13 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("pyflow_conntrack_refreshes", COUNTER,
               "Conntrack timeouts refreshed for connections the fast path carries",
               lambda s: s.conntrack.refreshes),
+    MetricDef("pyflow_conntrack_tracking", GAUGE,
+              "1 when conntrack tracks forwarded traffic in pyflowd's namespace (pyflowd's table or "
+              "the ruleset uses conntrack), 0 when not or when it cannot be told",
+              lambda s: 1 if s.tracking.on else 0),
+    MetricDef("pyflow_conntrack_tracking_ensured", GAUGE,
+              "1 when pyflowd's own nftables table (inet pyflow_conntrack) makes conntrack track",
+              lambda s: 1 if s.tracking.ensured else 0),
     MetricDef("pyflow_offloads", COUNTER, "Connections put on the fast path",
               lambda s: s.engine.offloads),
     MetricDef("pyflow_hw_offloads", COUNTER, "Connections placed in hardware",

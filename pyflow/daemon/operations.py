@@ -23,6 +23,7 @@ from pyflow.daemon import views
 from pyflow.daemon.config import Config, ConfigError, check_device, short, valid_ifname
 from pyflow.daemon.devices import DeviceList
 from pyflow.daemon.stats import DeviceCounts, Stats
+from pyflow.daemon.tracking import Tracking
 from pyflow.datapath.loader import Datapath, DeviceStatus
 from pyflow.errors import DeviceError, PyflowError, RequestError
 
@@ -67,6 +68,7 @@ class Operations:
         self.cp = ControlPlane(datapath, control_config(config))
         self.devices = DeviceList(config.devices, config.daemon.state_dir)
         self.started = started if started is not None else time.time()
+        self.tracking = Tracking(wanted=config.daemon.ensure_conntrack)  # pyflow.daemon.tracking
 
     # ---- the attached devices ---------------------------------------------------------
 
@@ -193,18 +195,29 @@ class Operations:
         for st in attached.values():
             modes[st.mode or "none"] = modes.get(st.mode or "none", 0) + 1
         counts = DeviceCounts(managed=len(attached), failed=len(self.devices.failed), by_mode=modes)
-        return Stats.of(self.cp.snapshot(fresh=fresh), counts)
+        return Stats.of(self.cp.snapshot(fresh=fresh), counts, self.tracking.state)
+
+    def sync_tracking(self) -> None:
+        """pyflowd's conntrack table as the config and the devices want it: there while a
+        device is attached and daemon.ensure_conntrack is on, gone otherwise."""
+        self.tracking.sync(wanted=self.config.daemon.ensure_conntrack, active=bool(self.attached()))
+
+    def _tracked(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A device request's answer, once tracking follows the new device list."""
+        self.sync_tracking()
+        return result
 
     def status(self) -> dict[str, Any]:
         return views.status(self.config, uptime_s=time.time() - self.started, attached=len(self.attached()),
                             failed=self.devices.failed, offloaded=self.cp.offloaded_count,
-                            loop_lag_s=time.monotonic() - self.cp.last_turn)
+                            loop_lag_s=time.monotonic() - self.cp.last_turn,
+                            tracking=self.tracking.state.to_json())
 
     def handlers(self) -> dict[str, Handler]:
         """The control socket's commands: name -> handler of the request's args."""
         return {
-            "add-device": lambda a: self.add_device(a.get("name"), a.get("mode", "auto")),
-            "del-device": lambda a: self.del_device(a.get("name")),
+            "add-device": lambda a: self._tracked(self.add_device(a.get("name"), a.get("mode", "auto"))),
+            "del-device": lambda a: self._tracked(self.del_device(a.get("name"))),
             "devices": lambda a: views.device_table(self.devices, self.attached()),
             "flows": self.flows,
             "stats": lambda a: self.stats(fresh=True).to_json(),

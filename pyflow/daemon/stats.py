@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from pyflow.control.stats import LoopStats
+from pyflow.daemon.tracking import TrackingState
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,12 @@ class Stats(LoopStats):
     """The control loop's counters with the daemon's device counts."""
 
     devices: DeviceCounts = field(default_factory=DeviceCounts)
+    tracking: TrackingState = field(default_factory=TrackingState)  # conntrack's tracking here
 
     @classmethod
-    def of(cls, loop: LoopStats, devices: DeviceCounts) -> Stats:
-        return cls(**{f.name: getattr(loop, f.name) for f in fields(loop)}, devices=devices)
+    def of(cls, loop: LoopStats, devices: DeviceCounts, tracking: TrackingState | None = None) -> Stats:
+        return cls(**{f.name: getattr(loop, f.name) for f in fields(loop)}, devices=devices,
+                   tracking=tracking if tracking is not None else TrackingState())
 
     def to_json(self) -> dict[str, Any]:
         """The ``stats`` answer: every section but the latency histogram (a metric only)."""

@@ -154,7 +154,7 @@ def flow_list(records: Iterable[FlowRecord], names: Mapping[int, str],
 # ---- the daemon ---------------------------------------------------------------------------
 
 def status(config: Config, *, uptime_s: float, attached: int, failed: Iterable[str], offloaded: int,
-           loop_lag_s: float) -> dict[str, Any]:
+           loop_lag_s: float, tracking: dict[str, Any] | None = None) -> dict[str, Any]:
     d = config.daemon
     return {
         "version": __version__,
@@ -169,4 +169,6 @@ def status(config: Config, *, uptime_s: float, attached: int, failed: Iterable[s
         "failed_devices": sorted(failed),
         "offloaded": offloaded,
         "loop_lag_seconds": round(max(0.0, loop_lag_s), 3),
+        # conntrack's tracking of forwarded traffic here: {wanted, ensured, on, source, error}
+        "tracking": tracking,
     }

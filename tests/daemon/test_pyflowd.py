@@ -194,7 +194,9 @@ def test_status_and_devices(env):
     assert st["state_dir"] == str(d.state_dir) and st["bpffs_dir"] == d.bpffs
     assert st["metrics_address"] == f"127.0.0.1:{METRICS_PORT}" and st["devices"] == 2
     assert set(st) == {"version", "pid", "uptime_seconds", "config", "socket", "metrics_address", "state_dir",
-                       "bpffs_dir", "devices", "failed_devices", "offloaded", "loop_lag_seconds"}
+                       "bpffs_dir", "devices", "failed_devices", "offloaded", "loop_lag_seconds", "tracking"}
+    # r1 runs a ruleset with ct rules, and pyflowd holds its own table too
+    assert st["tracking"] == {"wanted": True, "ensured": True, "on": True, "source": "pyflow", "error": None}
     devs = {x["name"]: x for x in d.json("devices")["devices"]}
     assert set(devs) == {LAN, UP}
     for x in devs.values():

@@ -64,7 +64,8 @@ def test_names_follow_the_conventions():
 def test_pyflowctl_stats_reads_the_same_snapshot():
     """The stats answer: the sections and names pyflowctl prints, from the snapshot /metrics read."""
     js = STATS.to_json()
-    assert set(js) == {"offloaded", "flow_map", "fast_path", "slow_path", "conntrack", "engine", "devices"}
+    assert set(js) == {"offloaded", "flow_map", "fast_path", "slow_path", "conntrack", "engine", "devices",
+                       "tracking"}
     assert js["flow_map"] == {"entries": 6, "capacity": 1024, "pressure": round(6 / 1024, 6)}
     assert js["slow_path"] == {"miss": {"packets": 4, "bytes": 400}}
     assert js["fast_path"] == {"packets": 10, "bytes": 15000}

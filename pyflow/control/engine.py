@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pyflow.control import keepalive
 from pyflow.control.keepalive import Slots
 from pyflow.control.model import (
+    EGRESS_NOT_MANAGED,
+    INGRESS_NOT_MANAGED,
     IPS_ASSURED,
     IPS_CONFIRMED,
     IPS_DYING,
@@ -48,6 +50,7 @@ from pyflow.control.model import (
     Conntrack,
     CtEvent,
     Devices,
+    Egress,
     EventType,
     Fields,
     FlowMap,
@@ -59,6 +62,7 @@ from pyflow.control.model import (
     Offloaded,
     Path,
     PathResolver,
+    egress_at,
     entries_of,
     entry_fields,
 )
@@ -522,7 +526,17 @@ class Planner:
     and the device registry. The path is a function of (family, A, B', mark) only, so within
     a pass (``memo`` set, by the engine) every connection between the same two hosts shares
     one answer (nothing the kernel says changes between two connections of the same pass: a
-    change is another pass)."""
+    change is another pass).
+
+    Each direction's route is looked up with the device its source lives behind as iif (the
+    device conntrack and routing see: eth0.7, pppoe-wan, br-lan). The resolver's answer
+    lists the layers from the route's device down to the real port; the planner takes,
+    going down, the first one whose device is managed (where the datapath runs) and the
+    encapsulation below it: the egress redirects there with those headers written, and the
+    other direction's key holds that device, those VLAN ids and that PPPoE session (traffic
+    from a host arrives where traffic to it leaves). An unmanaged bridge on the way goes on
+    to the port its FDB names (PathResolver.below_bridge); a managed bridge is the egress
+    itself."""
 
     def __init__(self, paths: PathResolver, devices: Devices):
         self.paths = paths
@@ -556,16 +570,41 @@ class Planner:
         return paths.setdefault(path, path)
 
     def _ask(self, family: int, a: str, b: str, mark: int) -> Path:
-        in_o = self._managed(self.paths.device_of(family, a, mark=mark), "ingress")
-        in_r = self._managed(self.paths.device_of(family, b, mark=mark), "ingress")
-        eg_o = self.paths.egress(family, a, b, iif=in_o.ifindex, mark=mark)
-        eg_r = self.paths.egress(family, b, a, iif=in_r.ifindex, mark=mark)
-        out_o = self._managed(eg_o.ifindex, "egress")
-        out_r = self._managed(eg_r.ifindex, "egress")
-        return in_o, in_r, eg_o, eg_r, out_o, out_r
+        at_a = self.paths.device_of(family, a, mark=mark)  # the L3 device A lives behind
+        at_b = self.paths.device_of(family, b, mark=mark)
+        eg_o, out_o = self._down(self.paths.egress(family, a, b, iif=at_a, mark=mark), at_b)
+        eg_r, out_r = self._down(self.paths.egress(family, b, a, iif=at_b, mark=mark), at_a)
+        # the original direction arrives where the reply leaves, and the other way round
+        return out_r, out_o, eg_o, eg_r, out_o, out_r
 
-    def _managed(self, ifindex: int, role: str) -> ManagedDevice:
-        dev = self.devices.get(ifindex)
-        if dev is None:
-            raise NoPath(f"{role} device ifindex {ifindex} is not managed", f"{role}_not_managed")
-        return dev
+    def _down(self, eg: Egress, lives_at: int) -> tuple[Egress, ManagedDevice]:
+        """The Egress at the first managed layer of eg, going down, and that device.
+
+        ``lives_at``: the device a route to eg's destination leaves through (device_of); when
+        it is eg's route device, no managed layer means the destination's traffic arrives on
+        a device pyflow does not run on (ingress_not_managed), as before layers existed;
+        otherwise (policy routing sends it elsewhere) egress_not_managed."""
+        layers = eg.layers
+        if not layers:  # a path of one device
+            dev = self.devices.get(eg.ifindex)
+            if dev is None:
+                raise self._not_managed(eg, eg.ifindex == lives_at)
+            return eg, dev
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            dev = self.devices.get(layer.ifindex)
+            if dev is not None:
+                return egress_at(eg, layer), dev
+            if layer.bridge and i == len(layers) - 1:
+                # an unmanaged bridge: on to the port where the next hop's MAC is learned
+                layers = layers + self.paths.below_bridge(layer, eg.dmac)
+            i += 1
+        raise self._not_managed(eg, layers[0].ifindex == lives_at)
+
+    @staticmethod
+    def _not_managed(eg: Egress, symmetric: bool) -> NoPath:
+        names = ", ".join(layer.ifname for layer in eg.layers) or eg.ifname
+        if symmetric:
+            return NoPath(f"no device of the path {names} is managed", INGRESS_NOT_MANAGED)
+        return NoPath(f"no device of the egress path {names} is managed", EGRESS_NOT_MANAGED)

@@ -113,12 +113,42 @@ class Conntrack(Protocol):
 
 @dataclass(frozen=True)
 class Egress:
-    """Where one direction of a connection leaves and how its frames look."""
+    """Where one direction of a connection leaves and how its frames look.
+
+    The resolver's answer (PathResolver.egress) describes the whole way down: ``layers``
+    from the route's device to the lowest device it knows (a bridge's port is looked up
+    separately), the other fields as seen at the route's device (no encapsulation). The
+    planner picks the managed layer and makes the Egress at it (``egress_at``): no
+    ``layers`` then. An Egress without layers is a path of one device (what the fakes
+    give)."""
 
     ifindex: int
     ifname: str
-    smac: bytes  # egress device address
-    dmac: bytes  # next hop's address (resolved neighbour)
+    smac: bytes  # source address of the frames (the route device's, or the PPPoE session device's)
+    dmac: bytes  # next hop's address (resolved neighbour, or the PPPoE concentrator)
+@dataclass(frozen=True)
+class Layer:
+    """One device on the way from the route's device (the one conntrack and routing see:
+    eth0.7, pppoe-wan, br-lan) down to the port frames leave on, with the encapsulation the
+    datapath must write when it hands a frame to this device: what the layers above it add
+    (nothing for the route's device itself, the PPPoE header for the device a session runs
+    over, that and the VLAN tag for the VLAN's lower device ...)."""
+
+    ifindex: int
+    ifname: str
+    vlan_outer_tci: int | None = None
+    vlan_outer_tpid: int = 0x8100
+    vlan_inner_tci: int | None = None
+    pppoe_sid: int | None = None
+    # a bridge the path goes through: unless the bridge itself is managed, frames go on to the
+    # port where its FDB has learned the next hop's MAC (PathResolver.below_bridge)
+    bridge: bool = False
+    # (code, text) when frames cannot be handed to this device as Ethernet frames with this
+    # encapsulation (a ppp device, a VLAN stack the datapath cannot write): a path that would
+    # leave here is refused with it
+    refusal: tuple[str, str] | None = None
+
+
     mtu: int  # L3 MTU of the egress (the VLAN / PPPoE device's own MTU)
     vlan_outer_tci: int | None = None
     vlan_outer_tpid: int = 0x8100
@@ -133,6 +163,22 @@ class NotYet(Exception):
 
 # Why a connection has no usable path: a fixed word each, counted as the refusal reason
 # (a metric label, so never an address or a device name: those go to the log).
+    layers: tuple[Layer, ...] = ()
+    ppp_ifindex: int = 0  # the PPP device of a PPPoE path (0: none)
+
+
+def egress_at(eg: Egress, layer: Layer) -> Egress:
+    """The Egress of frames handed to ``layer``'s device (one of eg's layers, or a port below
+    a bridge of them): that device, that layer's encapsulation, eg's addresses and MTU.
+    Raises NoPath when the layer cannot take frames."""
+    if layer.refusal is not None:
+        raise NoPath(layer.refusal[1], layer.refusal[0])
+    encap = layer.vlan_outer_tci is not None or layer.pppoe_sid is not None
+    return Egress(ifindex=layer.ifindex, ifname=layer.ifname, smac=eg.smac, dmac=eg.dmac, mtu=eg.mtu,
+                  vlan_outer_tci=layer.vlan_outer_tci, vlan_outer_tpid=layer.vlan_outer_tpid,
+                  vlan_inner_tci=layer.vlan_inner_tci, pppoe_sid=layer.pppoe_sid,
+                  lower_ifindex=layer.ifindex if encap else None,
+                  ppp_ifindex=eg.ppp_ifindex if layer.pppoe_sid is not None else 0)
 NO_PATH = "no_path"  # a path refused for a reason without a word of its own
 NO_ROUTE = "no_route"  # ENETUNREACH
 UNREACHABLE = "unreachable_route"  # EHOSTUNREACH: an unreachable route, or forwarding off on the input
@@ -164,6 +210,8 @@ BRIDGE_VLAN_FILTERED = "bridge_vlan_filtered"  # the bridge or the port is not a
 BRIDGE_NO_PVID = "bridge_no_pvid"  # VLAN filtering and no PVID on the bridge: untagged frames dropped
 
 NO_PATH_CODES = (NO_PATH, NO_ROUTE, UNREACHABLE, PROHIBITED, BLACKHOLE, RP_FILTER, THROW_ROUTE,
+PPPOE_NO_SESSION = "pppoe_no_session"  # a ppp device with no PPPoE session (L2TP, serial, not connected)
+PPPOE_AMBIGUOUS = "pppoe_ambiguous"  # which PPPoE session a ppp device runs over cannot be told
                  LOCAL_DESTINATION, MULTICAST_DESTINATION, ROUTE_TYPE, ENCAP_ROUTE, NO_OUTPUT_DEVICE,
                  DEVICE_GONE, DEVICE_DOWN, NOT_ETHERNET, NO_MAC, VLAN_UNSUPPORTED, BAD_NEXT_HOP,
                  IPV6_FORWARDING_OFF, BAD_ADDRESS, LOOKUP_FAILED, INGRESS_NOT_MANAGED, EGRESS_NOT_MANAGED,
@@ -175,6 +223,7 @@ class NoPath(Exception):
 
     ``code`` is one of NO_PATH_CODES (what is counted); the message says which address or
     device, for the log only."""
+                 PPPOE_NO_SESSION, PPPOE_AMBIGUOUS,
 
     def __init__(self, message: str = "", code: str = NO_PATH):
         super().__init__(message, code)  # both in args: a copy is type(exc)(*exc.args)
@@ -208,6 +257,13 @@ PathListener = Callable[[str, int], None]
 class HwRefused(Exception):
     """The hardware adapter would not place a flow (a full table, a match or action the NIC
     cannot do, no flower in the kernel); ``reason`` is a short label for counting. The engine
+    def below_bridge(self, bridge: Layer, dmac: bytes) -> tuple[Layer, ...]:
+        """The layers below a bridge layer of an egress for frames to dmac: the port where
+        the bridge's FDB has learned dmac (with the tag frames carry on the wire there, as the
+        bridge's VLAN filtering says) and the devices below that port. Raises NotYet (dmac
+        not learned yet) or NoPath."""
+        ...
+
     carries that flow on the XDP path instead."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -289,13 +345,16 @@ def entry_fields(conn: Conn, path: Path) -> Fields:
     Original direction: arrives A:a -> B:b, leaves A':a' -> B':b' (reply tuple reversed).
     Reply direction: arrives B':b' -> A':a', leaves B:b -> A:a.
     """
-    in_o, in_r, eg_o, eg_r, out_o, out_r = path
+    _in_o, _in_r, eg_o, eg_r, out_o, out_r = path
     o, r = conn.orig, conn.reply
-    return ((in_o.ifindex, conn.proto, o.src, o.dst, o.sport, o.dport),
-            (in_r.ifindex, conn.proto, r.src, r.dst, r.sport, r.dport),
-            _action(in_o, out_o, eg_o, snat=_nat((o.src, o.sport), (r.dst, r.dport)),
+    return ((eg_r.ifindex, conn.proto, o.src, o.dst, o.sport, o.dport, *_encap_key(eg_r)),
+            (eg_o.ifindex, conn.proto, r.src, r.dst, r.sport, r.dport, *_encap_key(eg_o)),
+            _action(eg_r.smac, out_o, eg_o, snat=_nat((o.src, o.sport), (r.dst, r.dport)),
                     dnat=_nat((o.dst, o.dport), (r.src, r.sport))),
-            _action(in_r, out_r, eg_r, snat=_nat((r.src, r.sport), (o.dst, o.dport)),
+            _action(eg_o.smac, out_r, eg_r, snat=_nat((r.src, r.sport), (o.dst, o.dport)),
+    A direction arrives where the other one leaves (as the kernel flowtable assumes): its
+    key holds the device, VLAN ids and PPPoE session of the other direction's egress, and
+    its frames are addressed to that egress's source MAC.
                     dnat=_nat((r.dst, r.dport), (o.src, o.sport))))
 
 
@@ -307,6 +366,12 @@ def entries_of(conn: Conn, path: Path) -> tuple[Keys, Actions]:
 def entry_objects(fields: Fields) -> tuple[Keys, Actions]:
     kf_o, kf_r, af_o, af_r = fields
     return (FlowKey(*kf_o), FlowKey(*kf_r)), (FlowAction(*af_o), FlowAction(*af_r))
+def _encap_key(eg: Egress) -> tuple[int, int, int]:
+    """The key's (outer VLAN id, inner VLAN id, PPPoE session) of frames arriving where eg's
+    frames leave: the ids of its tags (the priority bits are not part of the key)."""
+    return ((eg.vlan_outer_tci or 0) & 0xFFF, (eg.vlan_inner_tci or 0) & 0xFFF, eg.pppoe_sid or 0)
+
+
 
 
 def _nat(seen: tuple[str, int], wanted: tuple[str, int]) -> tuple[str, int] | None:
@@ -314,13 +379,13 @@ def _nat(seen: tuple[str, int], wanted: tuple[str, int]) -> tuple[str, int] | No
     return wanted if wanted != seen else None
 
 
-def _action(ingress: ManagedDevice, egress_dev: ManagedDevice, eg: Egress, *,
+def _action(in_mac: bytes, egress_dev: ManagedDevice, eg: Egress, *,
             snat: tuple[str, int] | None, dnat: tuple[str, int] | None) -> tuple:
     """FlowAction's constructor arguments, in its field order."""
-    return (eg.ifindex, egress_dev.tx_port, eg.mtu, ingress.mac, eg.dmac, eg.smac,
+    return (eg.ifindex, egress_dev.tx_port, eg.mtu, in_mac, eg.dmac, eg.smac,
             snat[0] if snat else None, snat[1] if snat else None,
             dnat[0] if dnat else None, dnat[1] if dnat else None,
-            eg.vlan_outer_tci, eg.vlan_outer_tpid, eg.vlan_inner_tci, eg.pppoe_sid)
+            eg.vlan_outer_tci, eg.vlan_outer_tpid, eg.vlan_inner_tci, eg.pppoe_sid, eg.ppp_ifindex)
 
 
 @dataclass(eq=False)

@@ -79,10 +79,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pyflow.control import model as refusal
-from pyflow.control.model import Egress, NoPath, NotYet, PathListener
+from pyflow.control.model import Egress, Layer, NoPath, NotYet, PathListener
+from pyflow.control.pppoe import Session, SessionTable, session_of
+from pyflow.control.pppoe import netns_id as pppoe_netns
 from pyflow.errors import DeviceError
 from pyflow.netlink.errors import error_text
 from pyflow.netlink.sock import NetlinkSocket, group_mask
@@ -180,6 +182,9 @@ from pyflow.netlink.wire import (
     payload,
     value,
 )
+
+if TYPE_CHECKING:
+    from pyflow.control.bridge import BridgePort, BridgePorts
 
 # ---------------------------------------------------------------------------
 # rtnetlink: the numbers are pyflow.netlink.uapi's; what follows is derived from them
@@ -352,15 +357,15 @@ def link_from_msg(msg: Any) -> LinkInfo:
 
 
 class Plan:
-    """A resolved route: everything of an Egress except the next hop's MAC."""
+    """A resolved route: everything of an Egress except the next hop's MAC (unless the path
+    fixes it: a PPPoE session's concentrator)."""
 
     __slots__ = ("oif", "nh_family", "nh_addr", "nkey", "ifindex", "ifname", "smac", "mtu",
-                 "vlan_outer_tci", "vlan_outer_tpid", "vlan_inner_tci", "lower_ifindex", "last")
+                 "layers", "dmac", "ppp_ifindex", "last")
 
     def __init__(self, *, oif: int, nh_family: int, nh_addr: bytes, ifindex: int, ifname: str,
-                 smac: bytes, mtu: int, vlan_outer_tci: int | None = None,
-                 vlan_outer_tpid: int = ETH_P_8021Q, vlan_inner_tci: int | None = None,
-                 lower_ifindex: int | None = None) -> None:
+                 smac: bytes, mtu: int, layers: tuple[Layer, ...] = (), dmac: bytes | None = None,
+                 ppp_ifindex: int = 0) -> None:
         self.oif = oif  # the route's device: neighbours live there
         self.nh_family = nh_family
         self.nh_addr = nh_addr
@@ -369,15 +374,14 @@ class Plan:
         self.ifname = ifname
         self.smac = smac
         self.mtu = mtu
-        self.vlan_outer_tci = vlan_outer_tci
-        self.vlan_outer_tpid = vlan_outer_tpid
-        self.vlan_inner_tci = vlan_inner_tci
-        self.lower_ifindex = lower_ifindex
+        self.layers = layers  # from the route's device down (model.Layer)
+        self.dmac = dmac  # the next hop's MAC when the path fixes it (PPPoE); None: the neighbour's
+        self.ppp_ifindex = ppp_ifindex
         self.last: Egress | None = None  # the last Egress built from this plan (reused while dmac holds)
 
     def __repr__(self) -> str:
         return (f"Plan(oif={self.oif}, nh={self.nkey[1]}, ifindex={self.ifindex}, ifname={self.ifname!r}, "
-                f"mtu={self.mtu}, vlan_outer={self.vlan_outer_tci}, vlan_inner={self.vlan_inner_tci})")
+                f"mtu={self.mtu}, layers={[layer.ifname for layer in self.layers]})")
 
 
 def _is_multicast_or_broadcast(family: int, packed: bytes) -> bool:
@@ -394,12 +398,95 @@ def _device_usable(dev: LinkInfo) -> NoPath | None:
     return None
 
 
-def plan_egress(family: int, dst: bytes, route: RouteReply,
-                link: Callable[[int], LinkInfo | None]) -> Plan:
+PppoeLookup = Callable[[LinkInfo], tuple[Session, LinkInfo]]
+"""The PPPoE session a ppp device runs over and the device the session runs over; raises
+NoPath (pppoe.session_of says when)."""
+
+
+def _no_pppoe(dev: LinkInfo) -> tuple[Session, LinkInfo]:
+    raise NoPath(f"no PPPoE session table to find the session of ppp device {dev.ifname}",
+                 refusal.PPPOE_NO_SESSION)
+
+
+def _is_ppp(dev: LinkInfo) -> bool:
+    return dev.kind == "ppp" or dev.arptype == ARPHRD_PPP
+
+
+def _layer(dev: LinkInfo, tags: list[tuple[int, int]], sid: int | None, qos_above: str | None) -> Layer:
+    """dev as a layer of a path: frames handed to it carry ``tags`` (innermost first, as the
+    devices above pushed them) and PPPoE session ``sid``. A stack the datapath cannot write
+    makes a layer with a refusal (an upper layer may still be managed and take the frames)."""
+    why = None
+    if len(tags) > 2:
+        why = f"{dev.ifname} is below more than two VLAN tags"
+    elif tags and tags[-1][1] not in (ETH_P_8021Q, ETH_P_8021AD):
+        why = f"VLAN protocol 0x{tags[-1][1]:04x} above {dev.ifname} is not 802.1Q/802.1ad"
+    elif len(tags) == 2 and tags[0][1] != ETH_P_8021Q:
+        why = (f"the inner VLAN tag above {dev.ifname} uses protocol 0x{tags[0][1]:04x}; only 802.1Q "
+               f"inner tags are supported")
+    elif qos_above is not None:
+        why = (f"VLAN device {qos_above} above {dev.ifname} has an egress-qos-map: its PCP depends on "
+               f"each packet's priority")
+    if why is not None:
+        return Layer(dev.ifindex, dev.ifname, pppoe_sid=sid, bridge=dev.kind == "bridge",
+                     refusal=(refusal.VLAN_UNSUPPORTED, why))
+    outer = tags[-1] if tags else None
+    return Layer(dev.ifindex, dev.ifname,
+                 vlan_outer_tci=outer[0] if outer else None,
+                 vlan_outer_tpid=outer[1] if outer else ETH_P_8021Q,
+                 vlan_inner_tci=tags[0][0] if len(tags) == 2 else None,
+                 pppoe_sid=sid, bridge=dev.kind == "bridge")
+
+
+def walk_down(dev: LinkInfo, link: Callable[[int], LinkInfo | None], *,
+              tags: tuple[tuple[int, int], ...] = (), sid: int | None = None) -> list[Layer]:
+    """The layers from dev down through its VLAN lower devices to an Ethernet device or a
+    bridge (whose port depends on the destination's MAC: PathResolver.below_bridge). ``tags``
+    (innermost first) and ``sid``: what frames handed to dev already carry. Raises NoPath
+    when the way down is broken (a lower device gone, down, in another namespace, not
+    Ethernet)."""
+    stack = list(tags)
+    layers = []
+    qos_above = None
+    cur = dev
+    while True:
+        layers.append(_layer(cur, stack, sid, qos_above))
+        if cur.kind != "vlan":
+            break
+        if cur.vlan_id is None:
+            raise NoPath(f"VLAN device {cur.ifname} reports no VLAN id", refusal.VLAN_UNSUPPORTED)
+        why = _device_usable(cur)
+        if why:
+            raise why
+        if cur.link_netnsid is not None:
+            raise NoPath(f"lower device of VLAN {cur.ifname} is in another network namespace",
+                         refusal.VLAN_UNSUPPORTED)
+        if not cur.link:
+            raise NoPath(f"VLAN device {cur.ifname} reports no lower device", refusal.VLAN_UNSUPPORTED)
+        if cur.vlan_egress_qos:
+            qos_above = cur.ifname
+        # No egress-qos-map on the device: the kernel sends PCP 0, DEI 0, so TCI = id.
+        stack.append((cur.vlan_id, cur.vlan_proto or ETH_P_8021Q))
+        lower = link(cur.link)
+        if lower is None:
+            raise NoPath(f"lower device ifindex {cur.link} of VLAN {cur.ifname} is gone", refusal.DEVICE_GONE)
+        cur = lower
+    if _is_ppp(cur) or cur.arptype != ARPHRD_ETHER:
+        raise NoPath(f"egress device {cur.ifname} is not Ethernet (ARPHRD type {cur.arptype})",
+                     refusal.NOT_ETHERNET)
+    why = _device_usable(cur)
+    if why:
+        raise why
+    return layers
+
+
+def plan_egress(family: int, dst: bytes, route: RouteReply, link: Callable[[int], LinkInfo | None],
+                pppoe: PppoeLookup = _no_pppoe) -> Plan:
     """The path of a packet to dst (packed) from the kernel's route answer and the devices' facts.
 
-    ``link(ifindex)`` returns a device's LinkInfo or None if it is gone. Raises
-    NoPath with a one-line reason when the fast path must not take the packet.
+    ``link(ifindex)`` returns a device's LinkInfo or None if it is gone; ``pppoe(dev)`` the
+    session a ppp device runs over and that session's device. Raises NoPath with a one-line
+    reason when the fast path must not take the packet.
     """
     where = _ntop(family, dst)
     if _is_multicast_or_broadcast(family, dst):
@@ -418,8 +505,6 @@ def plan_egress(family: int, dst: bytes, route: RouteReply,
     if dev is None:
         raise NoPath(f"egress device ifindex {route.oif} of the route to {where} is gone",
                      refusal.DEVICE_GONE)
-    if dev.kind == "ppp" or dev.arptype == ARPHRD_PPP:
-        raise NoPath("pppoe egress not supported yet", refusal.NOT_ETHERNET)
 
     if route.via is not None:
         nh_family, nh = route.via_family, route.via
@@ -431,69 +516,51 @@ def plan_egress(family: int, dst: bytes, route: RouteReply,
     else:
         nh_family, nh = family, dst  # on-link: the destination is its own next hop
 
-    # Walk down the VLAN stack to the device frames leave on. tags[0] is the
-    # route device's own tag (innermost), tags[-1] the one on the wire first.
-    tags: list[tuple[int, int]] = []
-    cur = dev
-    while cur.kind == "vlan":
-        if len(tags) == 2:
-            raise NoPath(f"egress {dev.ifname} stacks more than two VLAN tags", refusal.VLAN_UNSUPPORTED)
-        if cur.vlan_id is None:
-            raise NoPath(f"VLAN device {cur.ifname} reports no VLAN id", refusal.VLAN_UNSUPPORTED)
-        if cur.vlan_egress_qos:
-            raise NoPath(f"VLAN device {cur.ifname} has an egress-qos-map: its PCP depends on each "
-                         f"packet's priority", refusal.VLAN_UNSUPPORTED)
-        why = _device_usable(cur)
-        if why:
-            raise why
-        if cur.link_netnsid is not None:
-            raise NoPath(f"lower device of VLAN {cur.ifname} is in another network namespace",
-                         refusal.VLAN_UNSUPPORTED)
-        if not cur.link:
-            raise NoPath(f"VLAN device {cur.ifname} reports no lower device", refusal.VLAN_UNSUPPORTED)
-        tags.append((cur.vlan_id, cur.vlan_proto or ETH_P_8021Q))
-        lower = link(cur.link)
-        if lower is None:
-            raise NoPath(f"lower device ifindex {cur.link} of VLAN {cur.ifname} is gone", refusal.DEVICE_GONE)
-        cur = lower
-    if cur.kind == "ppp" or cur.arptype == ARPHRD_PPP:
-        raise NoPath("pppoe egress not supported yet", refusal.NOT_ETHERNET)
-    if cur.arptype != ARPHRD_ETHER:
-        raise NoPath(f"egress device {cur.ifname} is not Ethernet (ARPHRD type {cur.arptype})",
-                     refusal.NOT_ETHERNET)
-    why = _device_usable(cur)
-    if why:
-        raise why
-    if dev.mac is None or len(dev.mac) != 6:
-        raise NoPath(f"egress device {dev.ifname} has no Ethernet address", refusal.NO_MAC)
+    dmac = None
+    ppp_ifindex = 0
+    if _is_ppp(dev):
+        # PPPoE: frames leave on the session's device with a session header, to the
+        # concentrator's MAC (a point-to-point link has no neighbours to look up)
+        session, lower = pppoe(dev)
+        head = Layer(dev.ifindex, dev.ifname, refusal=(
+            refusal.NOT_ETHERNET, f"ppp device {dev.ifname} is not Ethernet: the fast path runs on "
+                                  f"{lower.ifname}, the device its PPPoE session runs over"))
+        layers = (head, *walk_down(lower, link, sid=session.sid))
+        framing, dmac, ppp_ifindex = lower, session.remote, dev.ifindex
+    else:
+        layers = tuple(walk_down(dev, link))
+        framing = dev
+    if framing.mac is None or len(framing.mac) != 6:
+        raise NoPath(f"egress device {framing.ifname} has no Ethernet address", refusal.NO_MAC)
 
-    outer_tci = inner_tci = None
-    outer_tpid = ETH_P_8021Q
-    if tags:
-        outer_id, outer_tpid = tags[-1]
-        if outer_tpid not in (ETH_P_8021Q, ETH_P_8021AD):
-            raise NoPath(f"VLAN protocol 0x{outer_tpid:04x} under {dev.ifname} is not 802.1Q/802.1ad",
-                         refusal.VLAN_UNSUPPORTED)
-        # No egress-qos-map on the device: the kernel sends PCP 0, DEI 0, so TCI = id.
-        outer_tci = outer_id
-        if len(tags) == 2:
-            inner_id, inner_tpid = tags[0]
-            if inner_tpid != ETH_P_8021Q:
-                raise NoPath(f"inner VLAN {dev.ifname} uses protocol 0x{inner_tpid:04x}; only 802.1Q "
-                             f"inner tags are supported", refusal.VLAN_UNSUPPORTED)
-            inner_tci = inner_id
-
-    mtu = dev.mtu
+    mtu = dev.mtu  # the route device's: a PPPoE device's is the session's (1492 over 1500)
     if route.mtu and route.mtu < mtu:
         # A route MTU above the device's would only let frames the device drops:
         # the smaller one sends every such packet to the kernel instead.
         mtu = route.mtu
-    return Plan(
-        oif=dev.ifindex, nh_family=nh_family, nh_addr=nh,
-        ifindex=cur.ifindex, ifname=dev.ifname, smac=dev.mac, mtu=mtu,
-        vlan_outer_tci=outer_tci, vlan_outer_tpid=outer_tpid, vlan_inner_tci=inner_tci,
-        lower_ifindex=cur.ifindex if tags else None,
-    )
+    return Plan(oif=dev.ifindex, nh_family=nh_family, nh_addr=nh, ifindex=dev.ifindex, ifname=dev.ifname,
+                smac=framing.mac, mtu=mtu, layers=tuple(layers), dmac=dmac, ppp_ifindex=ppp_ifindex)
+
+
+def port_layers(bridge: Layer, port: BridgePort, link: Callable[[int], LinkInfo | None]) -> tuple[Layer, ...]:
+    """The layers below bridge layer ``bridge`` when frames leave on ``port`` (BridgePorts.
+    port_of): the port with the tag the bridge gives frames there (it replaces the tag they
+    entered the bridge with) and the devices below the port. Raises NoPath."""
+    dev = link(port.ifindex)
+    if dev is None:
+        raise NoPath(f"port {port.ifname} of bridge {bridge.ifname} is gone", refusal.DEVICE_GONE)
+    tags = ((port.vlan_tci, port.vlan_tpid),) if port.vlan_tci is not None else ()
+    return tuple(walk_down(dev, link, tags=tags, sid=bridge.pppoe_sid))
+
+
+def bridge_vid(bridge: Layer) -> int | None:
+    """The VLAN frames enter bridge layer ``bridge`` in (from a VLAN device on the bridge,
+    br-lan.10), None when untagged; NoPath when they would carry two tags into it."""
+    if bridge.refusal is not None:
+        raise NoPath(bridge.refusal[1], bridge.refusal[0])
+    if bridge.vlan_inner_tci is not None:
+        raise NoPath(f"frames enter bridge {bridge.ifname} with two VLAN tags", refusal.VLAN_UNSUPPORTED)
+    return bridge.vlan_outer_tci & 0xFFF if bridge.vlan_outer_tci is not None else None
 
 
 def neigh_mac(plan: Plan, neigh: NeighReply | None) -> bytes:
@@ -508,19 +575,20 @@ def neigh_mac(plan: Plan, neigh: NeighReply | None) -> bytes:
 
 
 def build_egress(plan: Plan, dmac: bytes) -> Egress:
-    return Egress(
-        ifindex=plan.ifindex, ifname=plan.ifname, smac=plan.smac, dmac=dmac, mtu=plan.mtu,
-        vlan_outer_tci=plan.vlan_outer_tci, vlan_outer_tpid=plan.vlan_outer_tpid,
-        vlan_inner_tci=plan.vlan_inner_tci, lower_ifindex=plan.lower_ifindex,
-    )
+    """The resolver's answer: the route device's view (ifindex, ifname, MTU, addresses) and
+    the layers below it; the planner picks the layer frames are handed to (model.egress_at)."""
+    return Egress(ifindex=plan.ifindex, ifname=plan.ifname, smac=plan.smac, dmac=dmac, mtu=plan.mtu,
+                  layers=plan.layers, ppp_ifindex=plan.ppp_ifindex)
 
 
 def decode_egress(family: int, dst: str, route_msg: bytes, links: Mapping[int, Any] | Mapping[int, LinkInfo],
-                  neigh_msg: bytes | None) -> Egress:
+                  neigh_msg: bytes | None, pppoe: PppoeLookup = _no_pppoe) -> Egress:
     """Egress from recorded messages: the route answer, the devices (ifinfmsg or LinkInfo by
-    ifindex) and the neighbour answer (None: the kernel had no entry)."""
+    ifindex) and the neighbour answer (None: the kernel had no entry; unused on a PPPoE path)."""
     infos = {i: (m if isinstance(m, LinkInfo) else link_from_msg(m)) for i, m in links.items()}
-    plan = plan_egress(family, socket.inet_pton(family, dst), parse_route(route_msg), infos.get)
+    plan = plan_egress(family, socket.inet_pton(family, dst), parse_route(route_msg), infos.get, pppoe)
+    if plan.dmac is not None:
+        return build_egress(plan, plan.dmac)
     return build_egress(plan, neigh_mac(plan, parse_neigh(neigh_msg) if neigh_msg is not None else None))
 
 
@@ -784,6 +852,15 @@ class PathWatcher:
 # The resolver
 
 
+class _PppoeView(NamedTuple):
+    """What the namespace says about PPPoE at one moment: its sessions, the names of its ppp
+    devices, every device's ifindex by name (a session names its device)."""
+
+    sessions: list[Session]
+    ppp_devices: tuple[str, ...]
+    by_name: dict[str, int]
+
+
 class RtPaths:
     """model.PathResolver over rtnetlink, in the constructing thread's network namespace.
 
@@ -809,12 +886,20 @@ class RtPaths:
         self._links: dict[int, LinkInfo | None] = {}
         self._asked: dict[tuple[int, str], float] = {}
         self._v6_forwarding: bool | None = None
+        # PPPoE: the namespace's sessions and ppp devices, read when a ppp path is planned and
+        # kept until a link or route changes; the plans that used them, dropped with them
+        self._sessions = SessionTable()
+        self._pppoe: _PppoeView | None = None
+        self._pppoe_plans: set[tuple] = set()
+        self._bridges: BridgePorts | None = None  # made when a path first goes below a bridge
         self.lookups = 0  # route queries sent to the kernel (cache misses)
 
     def close(self) -> None:
         self._watch.close()
         self._rt.close()
         self._ipr.close()
+        if self._bridges is not None:
+            self._bridges.close()
 
     def __enter__(self) -> RtPaths:
         return self
@@ -832,7 +917,16 @@ class RtPaths:
             if kind == "neigh":
                 self._neigh.pop((ifindex, addr or ""), None)
                 continue
+            if kind == "fdb":
+                continue  # the bridge's port for a MAC: BridgePorts watches it, no route depends on it
             self._routes.clear()
+            if self._pppoe_plans:
+                # a PPPoE re-dial gets a new session id; pppd re-adds its routes even when the
+                # ppp device stays (demand dialling), so route changes drop those plans too
+                for pkey in self._pppoe_plans:
+                    self._plans.pop(pkey, None)
+                self._pppoe_plans.clear()
+            self._pppoe = None
             if kind in ("link", "resync"):
                 self._links.clear()
                 self._plans.clear()
@@ -848,6 +942,10 @@ class RtPaths:
         self._neigh.clear()
         self._links.clear()
         self._v6_forwarding = None
+        self._pppoe = None
+        self._pppoe_plans.clear()
+        if self._bridges is not None:
+            self._bridges.invalidate()
 
     # -- kernel queries ------------------------------------------------------
 
@@ -929,9 +1027,11 @@ class RtPaths:
                     None if route.gateway or route.via else pdst)
             plan = self._plans.get(pkey)
             if plan is None:
-                plan = plan_egress(family, pdst, route, self._link)
+                plan = plan_egress(family, pdst, route, self._link, self._pppoe_session)
                 if self._cache:
                     self._plans[pkey] = plan
+                    if plan.ppp_ifindex:
+                        self._pppoe_plans.add(pkey)
                     if len(self._plans) > self._route_max:
                         self._plans.popitem(last=False)
             return plan
@@ -1025,7 +1125,7 @@ class RtPaths:
         if plan.__class__ is NoPath:
             raise NoPath(*plan.args)
         assert isinstance(plan, Plan)
-        mac = self._neigh.get(plan.nkey)
+        mac = plan.dmac or self._neigh.get(plan.nkey)
         if mac is None:
             mac = self._neighbour(plan)
         eg = plan.last
@@ -1068,6 +1168,59 @@ class RtPaths:
             return NoPath(f"route to {addr} is of type {_RTN_NAMES.get(route.type, route.type)}",
                           refusal.ROUTE_TYPE)
         return route.oif
+
+    def below_bridge(self, bridge: Layer, dmac: bytes) -> tuple[Layer, ...]:
+        """model.PathResolver.below_bridge: the port of bridge layer ``bridge`` where dmac is
+        learned (pyflow.control.bridge.BridgePorts, which watches the FDB) and the devices
+        below it. Raises NotYet (not learned yet) or NoPath."""
+        self._sync()
+        if self._bridges is None:
+            from pyflow.control.bridge import BridgePorts
+
+            # its sockets must be in this resolver's namespace, as ours are
+            self._check_netns()
+            self._bridges = BridgePorts(cache=self._cache)
+        try:
+            port = self._bridges.port_of(bridge.ifindex, dmac, bridge_vid(bridge))
+            return port_layers(bridge, port, self._link)
+        except DeviceError as exc:
+            raise NoPath(str(exc), refusal.LOOKUP_FAILED) from None
+
+    def _check_netns(self) -> None:
+        if self._sessions.netns != pppoe_netns():
+            raise NoPath("the path resolver is used from another network namespace than its own",
+                         refusal.LOOKUP_FAILED)
+
+    def _pppoe_session(self, dev: LinkInfo) -> tuple[Session, LinkInfo]:
+        """The PPPoE session ppp device dev runs over (pppoe.session_of decides which) and the
+        device the session runs over. Read from the kernel once per link or route change."""
+        view = self._pppoe
+        if view is None:
+            try:
+                sessions = self._sessions.read()
+            except (OSError, ValueError) as exc:
+                raise DeviceError(f"cannot read the PPPoE sessions: {exc}") from None
+            devices = self._namespace_links()
+            view = _PppoeView(sessions, tuple(d.ifname for d in devices if _is_ppp(d)),
+                              {d.ifname: d.ifindex for d in devices})
+            if self._cache:
+                self._pppoe = view
+        session = session_of(dev.ifname, view.ppp_devices, view.sessions)
+        index = view.by_name.get(session.device)
+        lower = self._link(index) if index is not None else None
+        if lower is None:
+            raise NoPath(f"device {session.device} of the PPPoE session of {dev.ifname} is gone",
+                         refusal.DEVICE_GONE)
+        return session, lower
+
+    def _namespace_links(self) -> list[LinkInfo]:
+        """Every device of the namespace (one dump: only when a ppp path is planned)."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            return [link_from_msg(msg) for msg in self._ipr.get_links()]
+        except NetlinkError as exc:
+            raise DeviceError(f"cannot list the devices: {exc}") from None
 
     def mac_of(self, ifindex: int) -> bytes:
         self._sync()

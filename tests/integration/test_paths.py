@@ -30,7 +30,7 @@ import pytest
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from pyflow.control import paths as P
-from pyflow.control.model import Egress, NoPath, NotYet
+from pyflow.control.model import PPPOE_NO_SESSION, VLAN_UNSUPPORTED, Egress, Layer, NoPath, NotYet, egress_at
 from tests import netns
 
 pytestmark = pytest.mark.root  # the decode tests at the end need no root; the rest do
@@ -156,10 +156,11 @@ def test_ipv4_via_gateway_and_on_link(topo: Topo, paths: P.RtPaths) -> None:
     up1_mac, lan_mac = topo.mac(topo.r, "pft-up1"), topo.mac(topo.r, "pft-lan")
     out = paths.egress(V4, HOST4, REMOTE4, iif=topo.lan, mark=0)
     assert out == Egress(ifindex=topo.up1, ifname="pft-up1", smac=up1_mac,
-                         dmac=topo.mac(topo.gw1, "pft-gw1"), mtu=1500)
+                         dmac=topo.mac(topo.gw1, "pft-gw1"), mtu=1500, layers=(Layer(topo.up1, "pft-up1"),))
     back = paths.egress(V4, REMOTE4, HOST4, iif=topo.up1, mark=0)
     assert back == Egress(ifindex=topo.lan, ifname="pft-lan", smac=lan_mac,
-                          dmac=topo.mac(topo.host, "pft-host"), mtu=1500)
+                          dmac=topo.mac(topo.host, "pft-host"), mtu=1500,
+                          layers=(Layer(topo.lan, "pft-lan"),))
     # no iif: the output lookup (locally sent packets) takes the same route
     assert paths.egress(V4, "198.18.1.1", REMOTE4, iif=None, mark=0).ifindex == topo.up1
 
@@ -169,7 +170,7 @@ def test_ipv6_via_gateway_and_on_link(topo: Topo, paths: P.RtPaths) -> None:
     topo.ping(HOST6)
     out = paths.egress(V6, HOST6, REMOTE6, iif=topo.lan, mark=0)
     assert out == Egress(ifindex=topo.up1, ifname="pft-up1", smac=topo.mac(topo.r, "pft-up1"),
-                         dmac=topo.mac(topo.gw1, "pft-gw1"), mtu=1500)
+                         dmac=topo.mac(topo.gw1, "pft-gw1"), mtu=1500, layers=(Layer(topo.up1, "pft-up1"),))
     back = paths.egress(V6, REMOTE6, HOST6, iif=topo.up1, mark=0)
     assert (back.ifindex, back.dmac) == (topo.lan, topo.mac(topo.host, "pft-host"))
 
@@ -522,11 +523,18 @@ ETH0 = _link_msg(2, "eth0", "02:00:00:00:00:02")
 GW_MAC = "02:00:00:00:00:99"
 
 
+def _lowest(eg: Egress) -> Egress:
+    """The egress at the last layer (frames handed to the real port, every header written)."""
+    return egress_at(eg, eg.layers[-1])
+
+
 def test_decode_plain_ethernet() -> None:
     out = P.decode_egress(V4, REMOTE4, _route_msg(2, gateway="198.18.1.2", mtu=1400), {2: ETH0},
                           _neigh_msg(2, "198.18.1.2", P.NUD_STALE, GW_MAC))
     assert out == Egress(ifindex=2, ifname="eth0", smac=_mac("02:00:00:00:00:02"), dmac=_mac(GW_MAC),
-                         mtu=1400)
+                         mtu=1400, layers=(Layer(2, "eth0"),))
+    assert _lowest(out) == Egress(ifindex=2, ifname="eth0", smac=_mac("02:00:00:00:00:02"),
+                                  dmac=_mac(GW_MAC), mtu=1400)
 
 
 def test_decode_vlan() -> None:
@@ -534,8 +542,10 @@ def test_decode_vlan() -> None:
                      vlan=(100, P.ETH_P_8021Q))
     out = P.decode_egress(V4, REMOTE4, _route_msg(10, gateway="198.18.1.2"), {2: ETH0, 10: vlan},
                           _neigh_msg(10, "198.18.1.2", P.NUD_REACHABLE, GW_MAC))
-    assert out == Egress(ifindex=2, ifname="eth0.100", smac=_mac("02:00:00:00:01:00"), dmac=_mac(GW_MAC),
-                         mtu=1496, vlan_outer_tci=100, vlan_outer_tpid=0x8100, lower_ifindex=2)
+    assert out.layers == (Layer(10, "eth0.100"), Layer(2, "eth0", vlan_outer_tci=100))
+    assert (out.ifindex, out.ifname, out.vlan_outer_tci) == (10, "eth0.100", None)  # the route device
+    assert _lowest(out) == Egress(ifindex=2, ifname="eth0", smac=_mac("02:00:00:00:01:00"), dmac=_mac(GW_MAC),
+                                  mtu=1496, vlan_outer_tci=100, vlan_outer_tpid=0x8100, lower_ifindex=2)
 
 
 def test_decode_qinq() -> None:
@@ -546,31 +556,44 @@ def test_decode_qinq() -> None:
     links = {2: ETH0, 11: svlan, 12: cvlan}
     out = P.decode_egress(V6, REMOTE6, _route_msg(12, family=V6), links,
                           _neigh_msg(12, REMOTE6, P.NUD_PERMANENT, GW_MAC, family=V6))
-    assert out == Egress(ifindex=2, ifname="eth0.300.20", smac=_mac("02:00:00:00:01:02"),
-                         dmac=_mac(GW_MAC), mtu=1492, vlan_outer_tci=300, vlan_outer_tpid=0x88A8,
-                         vlan_inner_tci=20, lower_ifindex=2)
-    # an 802.1ad tag inside, or a third tag, is refused
+    assert out.layers == (Layer(12, "eth0.300.20"), Layer(11, "eth0.300", vlan_outer_tci=20),
+                          Layer(2, "eth0", vlan_outer_tci=300, vlan_outer_tpid=0x88A8, vlan_inner_tci=20))
+    assert _lowest(out) == Egress(ifindex=2, ifname="eth0", smac=_mac("02:00:00:00:01:02"),
+                                  dmac=_mac(GW_MAC), mtu=1492, vlan_outer_tci=300, vlan_outer_tpid=0x88A8,
+                                  vlan_inner_tci=20, lower_ifindex=2)
+    # an 802.1ad tag inside, or a third tag, cannot be written on the real port (a managed
+    # device higher up can still take the frames)
+    neigh = _neigh_msg(12, REMOTE6, P.NUD_PERMANENT, GW_MAC, family=V6)
     bad_inner = _link_msg(12, "eth0.300.20", "02:00:00:00:01:02", kind="vlan", link=11,
                           vlan=(20, P.ETH_P_8021AD))
-    with pytest.raises(NoPath, match="only 802.1Q inner"):
-        P.decode_egress(V6, REMOTE6, _route_msg(12, family=V6), {**links, 12: bad_inner}, None)
+    out = P.decode_egress(V6, REMOTE6, _route_msg(12, family=V6), {**links, 12: bad_inner}, neigh)
+    assert egress_at(out, out.layers[1]).vlan_outer_tpid == 0x88A8
+    with pytest.raises(NoPath, match="only 802.1Q inner") as info:
+        _lowest(out)
+    assert info.value.code == VLAN_UNSUPPORTED
     third = _link_msg(13, "x", "02:00:00:00:01:03", kind="vlan", link=12, vlan=(5, P.ETH_P_8021Q))
+    neigh = _neigh_msg(13, REMOTE6, P.NUD_PERMANENT, GW_MAC, family=V6)
+    out = P.decode_egress(V6, REMOTE6, _route_msg(13, family=V6), {**links, 13: third}, neigh)
     with pytest.raises(NoPath, match="more than two"):
-        P.decode_egress(V6, REMOTE6, _route_msg(13, family=V6), {**links, 13: third}, None)
+        _lowest(out)
 
 
 def test_decode_refusals() -> None:
     vlan_qos = _link_msg(10, "eth0.100", "02:00:00:00:01:00", kind="vlan", link=2,
                          vlan=(100, P.ETH_P_8021Q), qos=True)
+    out = P.decode_egress(V4, REMOTE4, _route_msg(10), {2: ETH0, 10: vlan_qos},
+                          _neigh_msg(10, REMOTE4, P.NUD_REACHABLE, GW_MAC))
+    assert egress_at(out, out.layers[0]).ifindex == 10  # the VLAN device itself writes its PCP
     with pytest.raises(NoPath, match="egress-qos-map"):
-        P.decode_egress(V4, REMOTE4, _route_msg(10), {2: ETH0, 10: vlan_qos}, None)
+        _lowest(out)
     vlan_elsewhere = _link_msg(10, "eth0.100", "02:00:00:00:01:00", kind="vlan", link=2,
                                vlan=(100, P.ETH_P_8021Q), netnsid=0)
     with pytest.raises(NoPath, match="another network namespace"):
         P.decode_egress(V4, REMOTE4, _route_msg(10), {2: ETH0, 10: vlan_elsewhere}, None)
     ppp = _link_msg(20, "ppp0", None, arptype=P.ARPHRD_PPP, kind="ppp", flags=0x10051)
-    with pytest.raises(NoPath, match="pppoe egress not supported yet"):
+    with pytest.raises(NoPath, match="no PPPoE session") as info:
         P.decode_egress(V4, REMOTE4, _route_msg(20), {20: ppp}, None)
+    assert info.value.code == PPPOE_NO_SESSION
     tun = _link_msg(21, "tun0", None, arptype=65534, kind="tun")
     with pytest.raises(NoPath, match="not Ethernet"):
         P.decode_egress(V4, REMOTE4, _route_msg(21), {21: tun}, None)

@@ -5,20 +5,22 @@
  * Every keep-alive period the engine reads the flow map's counters (one batched
  * walk, pyflow_ft_read_counters) and must decide, for every offloaded connection,
  * whether both its entries are still there, whether the datapath saw FIN/RST,
- * whether packets moved (then conntrack is refreshed) or whether it has been idle
- * too long. In Python that is a dictionary of the whole dump plus a loop over
- * every connection, about 2 us per connection while the control loop handles
- * nothing else: 16 ms a second for 8000 connections, and every new connection
- * arriving meanwhile waits. Here the dump is indexed once (open addressing) and
- * each connection's two keys are looked up in it; only the connections that need
- * something done are handed back to Python.
+ * whether it has been idle too long, or whether conntrack's timeout runs low.
+ * Conntrack never sees the packets the fast path carries, so while a connection is
+ * offloaded its entry holds a long timeout (a day by default, written with the
+ * offload mark) and idleness is judged here from the datapath's last-seen times,
+ * as the kernel's own flowtable does. Packets that moved only update the slot:
+ * nothing goes to Python or to conntrack for them, so a tick costs Python work in
+ * proportion to what changed, not to what moved. The dump is indexed once (open
+ * addressing) and each connection's two keys are looked up in it.
  *
  * The engine keeps, per connection, a slot: its two keys (original direction,
  * reply direction) in `conn_keys`, and what it recorded at the last tick in
  * `conns`. The decisions are the engine's, in the engine's order:
- *   an entry missing -> MISSING; else FIN/RST seen -> CLOSING; else packets of
- *   both directions differ from the recorded count -> MOVED (count and last-seen
- *   updated here); else idle for longer than idle_ns -> IDLE.
+ *   an entry missing -> MISSING; else FIN/RST seen -> CLOSING; else (count and
+ *   last-seen updated when the packets of both directions moved) idle for longer
+ *   than idle_ns -> IDLE; else conntrack's timeout has less than extend_ns left
+ *   -> EXTEND.
  */
 #include "pyflow_abi.h"
 #include "pyflow_native.h"
@@ -64,7 +66,7 @@ static int32_t index_find(const struct index *ix, const unsigned char *key)
 
 int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t n, uint32_t key_size,
 		   const void *dump_keys, const void *dump_counters, uint32_t ndump, int64_t now_ns,
-		   int64_t idle_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout)
+		   int64_t idle_ns, int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout)
 {
 	const struct pyflow_flow_counters *cnt = dump_counters;
 	const unsigned char *ck = conn_keys;
@@ -116,10 +118,11 @@ int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t
 					seen = cnt[r].last_seen_ns;
 				c->packets = packets;
 				c->last_seen_ns = (int64_t)seen;
-				what = PYFLOW_KA_MOVED;
-			} else if (now_ns - c->last_seen_ns > idle_ns) {
-				what = PYFLOW_KA_IDLE;
 			}
+			if (now_ns - c->last_seen_ns > idle_ns)
+				what = PYFLOW_KA_IDLE;
+			else if (c->ct_deadline_ns - now_ns < extend_ns)
+				what = PYFLOW_KA_EXTEND;
 		}
 		if (what) {
 			out_index[found] = i;

@@ -140,27 +140,30 @@ int pyflow_bpf_load(struct pyflow_bpf_load *req);
  * one slot per offloaded connection: two keys (original, reply direction) at
  * conn_keys + 2 * i * key_size, and conns[i]. For every used slot the two keys are
  * looked up in a counters dump (dump_keys[j] -> struct pyflow_flow_counters
- * dump_counters[j], j < ndump) and the slot's verdict, if it needs one, is appended
- * to out_index/out_what (room for n each; *nout = how many), in slot order:
- * MISSING (an entry is not in the map), else CLOSING (FIN/RST seen), else MOVED
- * (packets of both directions differ from conns[i].packets: packets and
- * last_seen_ns are updated in the slot), else IDLE (now_ns - last_seen_ns >
- * idle_ns). Allocates (and frees) an index of the dump: -ENOMEM if it cannot. */
+ * dump_counters[j], j < ndump). Packets that moved (the count of both directions
+ * differs from conns[i].packets) update the slot's packets and last_seen_ns here and
+ * need nothing else. The slot's verdict, if it needs one, is appended to
+ * out_index/out_what (room for n each; *nout = how many), in slot order:
+ * MISSING (an entry is not in the map), else CLOSING (FIN/RST seen), else IDLE
+ * (now_ns - last_seen_ns > idle_ns), else EXTEND (conntrack's timeout, which runs
+ * out at ct_deadline_ns, has less than extend_ns left). Allocates (and frees) an
+ * index of the dump: -ENOMEM if it cannot. */
 #define PYFLOW_KA_MISSING 1
 #define PYFLOW_KA_CLOSING 2
-#define PYFLOW_KA_MOVED 3
+#define PYFLOW_KA_EXTEND 3
 #define PYFLOW_KA_IDLE 4
 
 struct pyflow_ka_conn {
-	uint64_t packets;     /* both directions, at the last tick */
-	int64_t last_seen_ns; /* datapath clock (counters.last_seen_ns) */
-	uint32_t used;        /* 0: a free slot, skipped */
+	uint64_t packets;       /* both directions, at the last tick */
+	int64_t last_seen_ns;   /* datapath clock (counters.last_seen_ns) */
+	int64_t ct_deadline_ns; /* datapath clock: when the conntrack timeout last written runs out */
+	uint32_t used;          /* 0: a free slot, skipped */
 	uint32_t pad;
 };
 
 int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t n, uint32_t key_size,
 		   const void *dump_keys, const void *dump_counters, uint32_t ndump, int64_t now_ns,
-		   int64_t idle_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout);
+		   int64_t idle_ns, int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout);
 /* ==== end of keep-alive section ============================================= */
 
 #endif /* PYFLOW_NATIVE_H */

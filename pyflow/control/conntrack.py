@@ -29,6 +29,7 @@ import errno
 import select
 import socket
 import struct
+import time
 
 from pyflow.control.model import Conn, CtEvent, EventType, Tuple
 from pyflow.errors import PyflowError
@@ -110,6 +111,26 @@ _ADDR: dict[int, tuple[int, int, int]] = {
 
 DEFAULT_RCVBUF = 8 << 20
 
+# The kernel's timeouts of the states pyflow offloads (per network namespace), read where
+# the adapter was made; the kernel's defaults when a file cannot be read.
+TIMEOUT_SYSCTLS = {
+    socket.IPPROTO_TCP: ("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established", 432000),
+    socket.IPPROTO_UDP: ("/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream", 120),
+}
+TIMEOUTS_TTL_S = 10.0  # how long a read of them is used (hand-backs come by the thousand)
+
+
+def read_timeouts(sysctls: dict[int, tuple[str, int]] = TIMEOUT_SYSCTLS) -> dict[int, int]:
+    """{protocol: seconds} from the sysctl files of the calling thread's namespace."""
+    out = {}
+    for proto, (path, default) in sysctls.items():
+        try:
+            with open(path) as f:
+                out[proto] = int(f.read().strip())
+        except (OSError, ValueError):
+            out[proto] = default
+    return out
+
 
 class ConntrackError(PyflowError):
     """A ctnetlink request failed in an unexpected way."""
@@ -155,6 +176,8 @@ class CtNetlink:
         self.lost_events = 0
         self.discarded_events = 0
         self.offload_mark = offload_mark
+        self._timeouts = read_timeouts()  # in the namespace the sockets are made in
+        self._timeouts_at = time.monotonic()
         self._batch = batch
         self._ev: NetlinkSocket | None = None
         self._req: NetlinkSocket | None = None
@@ -291,9 +314,20 @@ class CtNetlink:
             raise ValueError(f"timeout must fit 32 bits: {timeout_s}")
         return self._change(conn, nla(CTA_TIMEOUT, BE32.pack(timeout_s)), "refresh")
 
-    def mark_offloaded(self, conn: Conn, offloaded: bool) -> bool:
+    def timeouts(self) -> dict[int, int]:
+        """The namespace's TCP established and UDP stream timeouts (model.Conntrack.timeouts),
+        re-read at most every TIMEOUTS_TTL_S seconds. Called from the thread that made the
+        adapter, so /proc/sys/net is that namespace's."""
+        if time.monotonic() - self._timeouts_at > TIMEOUTS_TTL_S:
+            self._timeouts = read_timeouts()
+            self._timeouts_at = time.monotonic()
+        return self._timeouts
+
+    def mark_offloaded(self, conn: Conn, offloaded: bool, *, timeout_s: int | None = None) -> bool:
         """Set or clear ``offload_mark`` (other mark bits untouched) and, for TCP
-        when offloading, the be-liberal window-tracking flag on both directions.
+        when offloading, the be-liberal window-tracking flag on both directions;
+        with ``timeout_s``, the entry's timeout too, in the same message (the long
+        timeout held while offloaded, the protocol's own at hand-back).
 
         Liberal stays set when a connection returns to the slow path, as with
         the kernel's own flowtable: conntrack missed the window updates the
@@ -301,6 +335,10 @@ class CtNetlink:
         INVALID. False if the entry is gone.
         """
         change = b""
+        if timeout_s is not None:
+            if not 0 <= timeout_s <= 0xFFFFFFFF:
+                raise ValueError(f"timeout must fit 32 bits: {timeout_s}")
+            change += nla(CTA_TIMEOUT, BE32.pack(timeout_s))
         if self.offload_mark:
             # the kernel keeps the bits outside CTA_MARK_MASK: (mark & ~mask) | value
             change += nla(CTA_MARK, BE32.pack(self.offload_mark if offloaded else 0))
@@ -433,5 +471,25 @@ def _tuple_of(buf: Buffer, family: int, span: Span | None) -> tuple[int, Tuple] 
     if (src is None or dst is None or sport is None or dport is None
             or src[1] - src[0] != alen or dst[1] - dst[0] != alen):
         return None
-    return num, Tuple(socket.inet_ntop(family, bytes(buf[src[0]:src[1]])),
-                      socket.inet_ntop(family, bytes(buf[dst[0]:dst[1]])), sport, dport)
+    return num, Tuple(_address(family, bytes(buf[src[0]:src[1]])),
+                      _address(family, bytes(buf[dst[0]:dst[1]])),
+                      _PORTS.setdefault(sport, sport), _PORTS.setdefault(dport, dport))
+
+
+# One object per distinct address and port, shared by every connection that has it: a
+# router's connections have few distinct addresses, and a million offloaded connections
+# would otherwise hold four strings and four integers each (about 300 bytes). Bounded: an
+# address cache past ADDRESS_CACHE entries starts again (a flood of distinct addresses
+# costs the sharing, never unbounded memory); ports are at most 65536.
+ADDRESS_CACHE = 65536
+_ADDRESSES: dict[bytes, str] = {}
+_PORTS: dict[int, int] = {}
+
+
+def _address(family: int, raw: bytes) -> str:
+    text = _ADDRESSES.get(raw)  # the length tells the family: 4 or 16 bytes
+    if text is None:
+        if len(_ADDRESSES) >= ADDRESS_CACHE:
+            _ADDRESSES.clear()
+        text = _ADDRESSES[raw] = socket.inet_ntop(family, raw)
+    return text

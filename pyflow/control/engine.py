@@ -83,7 +83,9 @@ most this many others to be planned (about a millisecond)."""
 @dataclass(frozen=True)
 class EngineConfig:
     idle_timeout_s: float = 30.0  # as the kernel flowtable: idle flows go back to the slow path
-    conntrack_timeout_s: int = 120  # timeout written to conntrack while the fast path carries a flow
+    # conntrack's timeout while the fast path carries a connection (written with the offload
+    # mark, again when less than half is left: keepalive.py); a day, as the kernel flowtable
+    conntrack_timeout_s: int = 86400
     exclude_mark_mask: int = 0  # conntrack mark bits that opt a connection out (SQM, shaping, DSCP)
     # a connection a path change took off the fast path is offloaded again at the first later
     # path change that resolves its path, if that comes within this window (returning.py); at
@@ -224,11 +226,12 @@ class Engine:
                 self.returning.update(ident, conn)
             else:
                 self.returning.discard(ident)
-        if ident in self.offloaded:
+        off = self.offloaded.get(ident)
+        if off is not None:
+            off.conn = conn  # the latest state: a hand-back reads it (Engine.handback_timeout)
             if why is not None:
                 self.remove(ident, why, tell_conntrack=True)
                 return False
-            self.offloaded[ident].conn = conn
             return True
         if why is not None:
             self.pending.pop(ident, None)
@@ -257,7 +260,28 @@ class Engine:
             for ident, conn in live.items():
                 self._consider(conn, ident, queue=True)
             self._flush()
+            self._release_leftovers(live)
             self.prune()
+
+    def _release_leftovers(self, live: dict[tuple, Conn]) -> None:
+        """Connections conntrack holds with the long offload timeout though nothing carries
+        them now (left by a process that died without handing back, or after a hand-back
+        that failed): back with their protocol's timeout, counted. Recognised by the offload
+        mark, or without one by a timeout longer than conntrack would give them itself
+        (for TCP without a mark that cannot be told: the kernel's own established timeout,
+        five days, is longer than the offload's day)."""
+        mark = self.ct.offload_mark
+        timeouts = self.ct.timeouts()
+        for ident, conn in live.items():
+            if ident in self.offloaded or conn.status & IPS_DYING or (
+                    conn.proto == socket.IPPROTO_TCP and conn.tcp_state != TCP_CONNTRACK_ESTABLISHED):
+                continue  # ours, or conntrack set its timeout itself when its state moved on
+            full = timeouts.get(conn.proto)
+            if not (mark and conn.mark & mark) and not (
+                    full is not None and conn.timeout is not None and conn.timeout > full):
+                continue
+            if self.ct.mark_offloaded(conn, False, timeout_s=full):
+                self.stats.count(self.stats.removed, "released_at_resync")
 
     def prune(self) -> int:
         """Delete map entries no offloaded connection owns (left by a crashed or older
@@ -277,7 +301,7 @@ class Engine:
         that failed."""
         keys, actions = entries_of(conn, path)
         if not self.map.install(keys, actions):
-            self.ct.mark_offloaded(conn, False)
+            self.ct.mark_offloaded(conn, False, timeout_s=self.handback_timeout(conn, "install_error", 0))
             return False
         self._adopt(ident, conn, path, (key_bytes(keys[0]), key_bytes(keys[1])), (keys, actions))
         return True
@@ -292,7 +316,7 @@ class Engine:
         flowtable sets be-liberal before adding a flow for the same reason. False (and
         counted) when the entry is already gone; a connection whose install then fails is
         unmarked again, and liberal stays, as after any offload."""
-        if self.ct.mark_offloaded(conn, True):
+        if self.ct.mark_offloaded(conn, True, timeout_s=self.config.conntrack_timeout_s):
             return True
         self.stats.count(self.stats.refused, "gone")
         return False
@@ -321,9 +345,10 @@ class Engine:
                entries: tuple[Keys, Actions] | None) -> None:
         """Entries are in the map (and conntrack was told before, see _claim): record it."""
         now = self.clock()
-        off = Offloaded(conn, path, now, last_seen_ns=now, key_bytes=kb, _source=conn, _entries=entries)
+        off = Offloaded(conn, path, now, key_bytes=kb, _source=conn, _entries=entries)
         self.offloaded[ident] = off
-        self.slots.take(ident, off)
+        self.slots.take(off, last_seen_ns=now,
+                        deadline_ns=keepalive.first_deadline(now, self.config.conntrack_timeout_s))
         self.stats.offloaded += 1
 
     def _place_hw(self, ident: tuple, conn: Conn, path: Path) -> bool:
@@ -332,6 +357,7 @@ class Engine:
         off = self.rules.place(ident, conn, path)
         if off is None:
             return False
+        off.ct_deadline_ns = keepalive.first_deadline(off.since_ns, self.config.conntrack_timeout_s)
         self.offloaded[ident] = off
         self.stats.offloaded += 1
         return True
@@ -416,14 +442,41 @@ class Engine:
         off = self.offloaded.pop(ident, None)
         if off is None:
             return
+        timeout = self.handback_timeout(off.conn, cause, self.idle_ns(off)) if tell_conntrack else None
         if off.hw:
             self.rules.forget(ident, off)
         else:
             self.slots.drop(off)
             self.map.delete(off.key_bytes)
         if tell_conntrack:
-            self.ct.mark_offloaded(off.conn, False)
+            self.ct.mark_offloaded(off.conn, False, timeout_s=timeout)
         self.stats.count(self.stats.removed, cause)
+
+    def handback_timeout(self, conn: Conn, cause: str, idle_ns: int) -> int | None:
+        """The conntrack timeout a connection goes back to the kernel path with: its protocol's
+        own (TCP established, UDP stream: the namespace's sysctls) instead of the long one it
+        held while offloaded, less the time it was already idle (as the kernel flowtable's
+        teardown does). None (leave it) when conntrack set it itself: a FIN/RST went through
+        the kernel, or an event showed the state move on."""
+        if cause == "fin_rst" or conn.status & IPS_DYING or (
+                conn.proto == socket.IPPROTO_TCP and conn.tcp_state != TCP_CONNTRACK_ESTABLISHED):
+            return None
+        full = self.ct.timeouts().get(conn.proto)
+        if full is None:
+            return None
+        return max(1, full - idle_ns // 1_000_000_000)
+
+    def idle_ns(self, off: Offloaded) -> int:
+        """How long off has seen no packet, as of the last tick."""
+        last = off.last_seen_ns if off.hw or off.slot < 0 else self.slots.activity(off)[1]
+        return max(0, self.clock() - last)
+
+    def held(self, off: Offloaded, deadline_ns: int) -> None:
+        """Conntrack's timeout for off was written again: it runs out at deadline_ns."""
+        if off.hw:
+            off.ct_deadline_ns = deadline_ns
+        else:
+            self.slots.held(off, deadline_ns)
 
     def flush(self) -> None:
         """Hand every connection back to the kernel path."""

@@ -38,7 +38,7 @@ IPS_HW_OFFLOAD = 1 << 15
 TCP_CONNTRACK_ESTABLISHED = 3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: two per connection, a million connections
 class Tuple:
     """One direction of a conntrack entry: addresses as text, ports as integers."""
 
@@ -48,7 +48,7 @@ class Tuple:
     dport: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: no instance dict (one per connection)
 class Conn:
     """A conntrack entry as the control plane needs it.
 
@@ -101,13 +101,21 @@ class Conntrack(Protocol):
         marker (`None`) so that the caller reconciles from dump()."""
         ...
 
+    offload_mark: int  # the mark bit(s) mark_offloaded sets (0: none)
+
     def refresh(self, conn: Conn, timeout_s: int) -> bool:
-        """Extend the entry's timeout; False if the entry is gone."""
+        """Set the entry's timeout; False if the entry is gone."""
         ...
 
-    def mark_offloaded(self, conn: Conn, offloaded: bool) -> bool:
+    def mark_offloaded(self, conn: Conn, offloaded: bool, *, timeout_s: int | None = None) -> bool:
         """Set/clear the configured offload mark bit and, for TCP, the be-liberal
-        window-tracking flags on both directions; False if the entry is gone."""
+        window-tracking flags on both directions, and set the timeout if one is given (in
+        the same message); False if the entry is gone."""
+        ...
+
+    def timeouts(self) -> Mapping[int, int]:
+        """The kernel's own timeouts of a connection that qualifies for offload, by protocol:
+        TCP established and UDP stream (replied), in seconds, of this namespace."""
         ...
 
 
@@ -388,18 +396,23 @@ def _action(in_mac: bytes, egress_dev: ManagedDevice, eg: Egress, *,
             eg.vlan_outer_tci, eg.vlan_outer_tpid, eg.vlan_inner_tci, eg.pppoe_sid, eg.ppp_ifindex)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Offloaded:
     """A connection on the fast path. Its two entries (original direction, reply direction)
     are a function of the connection and its path (entry_fields). Bulk installs write them
     as bytes without building FlowKey/FlowAction objects; ``keys`` and ``actions`` are then
-    built from the connection and path they were written from whenever asked for."""
+    built from the connection and path they were written from whenever asked for.
+
+    One exists per offloaded connection (a million on a big router), hence slots: no
+    instance dict. A connection on the XDP map keeps its packet count, last-seen time and
+    conntrack deadline in its keep-alive slot (keepalive.Slots.activity), not here."""
 
     conn: Conn
     path: Path  # what the entries were built from: a path change that leaves it equal changes nothing
     since_ns: int
-    packets: int = 0  # both directions, at the last tick
-    last_seen_ns: int = 0
+    packets: int = 0  # flower rules only: both directions, at the last tick
+    last_seen_ns: int = 0  # flower rules only (and a flow's start until it has a slot)
+    ct_deadline_ns: int = 0  # flower rules only: when conntrack's timeout as last written runs out
     key_bytes: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)  # as in the map
     slot: int = field(default=-1, repr=False)  # in the keep-alive slots (keepalive.Slots)
     _source: Conn | None = field(default=None, repr=False)  # the conn the entries were built from

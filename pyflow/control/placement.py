@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from pyflow.control.keepalive import IDLE, MISSING, MOVED, Slots, Verdicts
+from pyflow.control.keepalive import EXTEND, IDLE, MISSING, Slots, Verdicts
 from pyflow.control.model import (
     Actions,
     Conn,
@@ -111,8 +111,7 @@ class MapPlacement:
                     lost(ident)
                     continue
             off.written(off.conn, path, kbs[n], entries)
-            off.packets = 0
-            slots.write(off)
+            slots.rewritten(off)
             self.stats.rewritten += 1
 
     def delete(self, keys: Iterable[bytes]) -> None:
@@ -178,7 +177,7 @@ class HwPlacement:
         off.written(off.conn, path, (key_bytes(keys[0]), key_bytes(keys[1])), (keys, actions))
         off.packets = 0
         if not off.hw:
-            slots.take(ident, off)
+            slots.take(off, last_seen_ns=off.last_seen_ns, deadline_ns=off.ct_deadline_ns)
         self.stats.rewritten += 1
         return True
 
@@ -198,7 +197,7 @@ class HwPlacement:
         if off.hw_rules and self.hw is not None:
             self.hw.remove(off.hw_rules)
 
-    def scan(self, now: int, idle_ns: int) -> Verdicts:
+    def scan(self, now: int, idle_ns: int, extend_ns: int) -> Verdicts:
         """Keep-alive verdicts of the hardware flows, from one read of the rules' counters:
         the decisions csrc/keepalive.c makes for map entries (rules have no FIN/RST flag)."""
         assert self.hw is not None
@@ -213,7 +212,8 @@ class HwPlacement:
             if (packets := so.packets + sr.packets) != off.packets:
                 off.packets = packets
                 off.last_seen_ns = max(off.last_seen_ns, now - min(so.idle_ns, sr.idle_ns))
-                out.append((ident, off, MOVED))
-            elif now - off.last_seen_ns > idle_ns:
+            if now - off.last_seen_ns > idle_ns:
                 out.append((ident, off, IDLE))
+            elif off.ct_deadline_ns - now < extend_ns:
+                out.append((ident, off, EXTEND))
         return out

@@ -519,7 +519,8 @@ def _record(off: Offloaded, counters: dict[bytes, tuple[int, ...]], now_ns: int)
     if off.hw_counters:  # a hardware flow counts in its rules, not in the map
         (po, bo), (pr, br) = off.hw_counters
         co, cr = (po, bo, 0, 0), (pr, br, 0, 0)
-    last = max(off.last_seen_ns, co[2] if co else 0, cr[2] if cr else 0)
+    # a map flow's own last-seen time is in its keep-alive slot; the entries' counters say it too
+    last = max(off.last_seen_ns, off.since_ns, co[2] if co else 0, cr[2] if cr else 0)
 
     def direction(t: Tuple, ingress: Any, egress: Any, c: tuple[int, ...] | None) -> Direction:
         return Direction(t, ingress.ifindex, egress.ifindex, Traffic(c[0], c[1]) if c else None)

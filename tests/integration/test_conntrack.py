@@ -454,6 +454,31 @@ def test_mark_offloaded_udp_and_without_a_mark(lab: Lab) -> None:
         tcp.close()
 
 
+def test_mark_offloaded_writes_the_timeout_in_the_same_message(lab: Lab) -> None:
+    """The long timeout goes in with the mark; the hand-back gives the namespace's own
+    timeout, read from its sysctls (set here to values no default has)."""
+    family = socket.AF_INET
+    netns.run(lab.router, "sysctl -qw net.netfilter.nf_conntrack_udp_timeout_stream=97 "
+                          "net.netfilter.nf_conntrack_tcp_timeout_established=4321")
+    try:
+        uport = udp_exchange(lab, family, 6111)
+        with lab.ct(subscribe=False, offload_mark=0x40) as ct:
+            assert ct.timeouts() == {6: 4321, 17: 97}
+            u = find(ct.dump(), family, 17, uport, 6111)
+            assert ct.mark_offloaded(u, True, timeout_s=86400)
+            got = find(ct.dump(), family, 17, uport, 6111)
+            assert got.mark == 0x40 and got.timeout in (86398, 86399, 86400)
+            assert ct.mark_offloaded(u, False, timeout_s=ct.timeouts()[17])
+            got = find(ct.dump(), family, 17, uport, 6111)
+            assert got.mark == 0 and got.timeout in (95, 96, 97)
+            with pytest.raises(ValueError):
+                ct.mark_offloaded(u, False, timeout_s=-1)
+            assert find(ct.dump(), family, 17, uport, 6111).timeout in (95, 96, 97)  # left as it was
+    finally:
+        netns.run(lab.router, "sysctl -qw net.netfilter.nf_conntrack_udp_timeout_stream=120 "
+                              "net.netfilter.nf_conntrack_tcp_timeout_established=432000")
+
+
 # -- errors --------------------------------------------------------------
 
 

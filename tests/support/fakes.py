@@ -72,13 +72,22 @@ def offer(eng: Engine, ct: FakeConntrack, conn: Conn, kind: EventType = EventTyp
 
 
 class FakeConntrack:
-    """model.Conntrack over a table of connections; records marks and refreshes."""
+    """model.Conntrack over a table of connections; records marks, refreshes and the
+    timeouts written (``timeout``: the last one per connection; ``released``: (ident,
+    timeout) of every unmark, None where the timeout was left alone)."""
 
     def __init__(self):
         self.lost_events = 0
+        self.offload_mark = 0
         self.table: dict[tuple, Conn] = {}
         self.marked: set[tuple] = set()
         self.refreshed: list[tuple[tuple, int]] = []
+        self.timeout: dict[tuple, int] = {}
+        self.released: list[tuple[tuple, int | None]] = []
+        self.kernel_timeouts = {TCP: 432000, UDP: 120}
+
+    def timeouts(self):
+        return self.kernel_timeouts
 
     def dump(self):
         return list(self.table.values())
@@ -90,12 +99,17 @@ class FakeConntrack:
         if conn.ident not in self.table:
             return False
         self.refreshed.append((conn.ident, timeout_s))
+        self.timeout[conn.ident] = timeout_s
         return True
 
-    def mark_offloaded(self, conn, offloaded):
+    def mark_offloaded(self, conn, offloaded, *, timeout_s=None):
         if conn.ident not in self.table:
             return False
         (self.marked.add if offloaded else self.marked.discard)(conn.ident)
+        if timeout_s is not None:
+            self.timeout[conn.ident] = timeout_s
+        if not offloaded:
+            self.released.append((conn.ident, timeout_s))
         return True
 
 

@@ -2,9 +2,10 @@
 scan is held to (tests/unit/test_keepalive_scan.py).
 
 Per connection, in this order: an entry missing -> MISSING; else FIN/RST seen on
-either entry -> CLOSING; else the packets of both directions differ from the count
-recorded at the last tick -> MOVED (count and last-seen time updated: the latest of
-the recorded one and both entries'); else idle for longer than idle_ns -> IDLE.
+either entry -> CLOSING; else (when the packets of both directions differ from the
+count recorded at the last tick, count and last-seen time are updated: the latest of
+the recorded one and both entries', with no verdict) idle for longer than idle_ns ->
+IDLE; else conntrack's timeout has less than extend_ns left -> EXTEND.
 A key the counter walk gave twice counts with its later row.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
-from pyflow.control.keepalive import CLOSING, IDLE, MISSING, MOVED
+from pyflow.control.keepalive import CLOSING, EXTEND, IDLE, MISSING
 
 
 @dataclass(frozen=True)
@@ -23,22 +24,30 @@ class Tracked:
     keys: tuple[bytes, bytes]  # original direction, reply direction
     packets: int
     last_seen_ns: int
+    ct_deadline_ns: int
 
 
 def scan(conns: Mapping[Hashable, Tracked], rows: Iterable[tuple[bytes, tuple[int, ...]]], now: int,
-         idle_ns: int) -> dict[Hashable, tuple[int, Tracked]]:
-    """The connections that need something done: ident -> (verdict, what is recorded after
-    the scan). rows: (key bytes, (packets, bytes, last_seen_ns, closing)) as the walk gave them."""
+         idle_ns: int, extend_ns: int) -> tuple[dict[Hashable, int], dict[Hashable, Tracked]]:
+    """(verdicts of the connections that need something done, what is recorded of every
+    connection after the scan). rows: (key bytes, (packets, bytes, last_seen_ns, closing))
+    as the walk gave them."""
     counters = dict(rows)
-    out: dict[Hashable, tuple[int, Tracked]] = {}
+    verdicts: dict[Hashable, int] = {}
+    after: dict[Hashable, Tracked] = {}
     for ident, c in conns.items():
+        after[ident] = c
         co, cr = counters.get(c.keys[0]), counters.get(c.keys[1])
         if co is None or cr is None:
-            out[ident] = (MISSING, c)
-        elif co[3] or cr[3]:
-            out[ident] = (CLOSING, c)
-        elif (packets := co[0] + cr[0]) != c.packets:
-            out[ident] = (MOVED, Tracked(c.keys, packets, max(c.last_seen_ns, co[2], cr[2])))
-        elif now - c.last_seen_ns > idle_ns:
-            out[ident] = (IDLE, c)
-    return out
+            verdicts[ident] = MISSING
+            continue
+        if co[3] or cr[3]:
+            verdicts[ident] = CLOSING
+            continue
+        if (packets := co[0] + cr[0]) != c.packets:
+            c = after[ident] = Tracked(c.keys, packets, max(c.last_seen_ns, co[2], cr[2]), c.ct_deadline_ns)
+        if now - c.last_seen_ns > idle_ns:
+            verdicts[ident] = IDLE
+        elif c.ct_deadline_ns - now < extend_ns:
+            verdicts[ident] = EXTEND
+    return verdicts, after

@@ -105,6 +105,7 @@ def test_rule_counters_keep_alive_and_idle_rules_expire(hwrig):
     hw.counters[ro] = RuleStats(5, 2 * SEC // 10)
     hw.counters[rr] = RuleStats(3, 1 * SEC // 10)
     eng.tick()
+    # the long timeout written once more after the rules went in; moving rules cost nothing
     assert ct.refreshed == [(conn.ident, 120)]
     assert off.packets == 8 and off.last_seen_ns == clock.now - SEC // 10
     assert off.hw_counters == ((5, 0), (3, 0))
@@ -135,11 +136,14 @@ def test_hw_and_xdp_flows_tick_side_by_side(hwrig):
     hw.refuse = "enospc"
     sw_conn = masq_conn(sport=40002)
     offer(eng, ct, sw_conn)
-    clock.now += 5 * SEC
+    clock.now += 61 * SEC  # less than half of conntrack's timeout left for both
     flows.hit(eng.offloaded[sw_conn.ident].keys[0], 4, clock.now)
     hw.counters[eng.offloaded[hw_conn.ident].hw_rules[0]] = RuleStats(7, 0)
     eng.tick()
     assert {i for i, _t in ct.refreshed} == {hw_conn.ident, sw_conn.ident}
+    clock.now += SEC
+    eng.tick()  # held for another 120 s: nothing to write
+    assert len(ct.refreshed) == 2
     assert eng.offloaded[hw_conn.ident].hw and not eng.offloaded[sw_conn.ident].hw
 
 

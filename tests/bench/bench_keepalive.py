@@ -1,0 +1,223 @@
+"""Keep-alive tick and control-plane memory at 10k, 100k and 1M offloaded connections.
+
+Run as root: ``python tests/bench/bench_keepalive.py [--sizes 10000,100000,1000000]
+[--tree DIR] [--label NAME] [--ticks 5]``. Prints a table and writes
+bench-results/keepalive-<label>.json. ``--tree`` runs the code of another checkout (a git
+worktree of an older commit, say) with this same script, so two versions are measured
+the same way in one run.
+
+Each size runs in a child process of its own (its memory is its own):
+
+1. A real BPF hash flow map (2 entries per connection, sized for them) and the engine
+   of the tree under test (pyflow.control.engine.Engine) with the fakes of its
+   tests/support for paths and devices. Connections come in as ctnetlink messages
+   encoded with the tree's own netlink code and decoded by its conntrack parser (so the
+   strings and integers are what pyflowd would hold), UDP and TCP half and half, 250
+   client addresses behind the router and 4,000 servers, handed to Engine.handle in
+   batches of 4,096 events.
+2. Memory: VmRSS before the first connection and after the last one; the difference
+   per connection is what the control plane holds per connection beyond the BPF map
+   (whose memory is the kernel's, shown apart: max_entries x (key + value + about 64
+   bytes of hash-table element overhead)).
+3. Ticks: before each tick every entry's counters move (one batched map update, not
+   timed: the worst case for a tick, every connection active); then Engine.tick() is
+   timed (wall and CPU) and the conntrack messages it sent are counted. Conntrack is a
+   real ctnetlink socket in a namespace of the benchmark's own, and every message the
+   tick sends is a real round trip (a refresh of one real entry), so a tick that writes
+   a timeout per moving connection pays what it pays in pyflowd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+BATCH_EVENTS = 4096
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def child(args: argparse.Namespace) -> int:
+    tree = Path(args.tree).resolve()
+    sys.path.insert(0, str(tree))
+    from pyflow._native import ffi  # noqa: PLC0415 - the tree's own modules
+    from pyflow.control import conntrack as ctmod  # noqa: PLC0415
+    from pyflow.control.engine import Engine, EngineConfig  # noqa: PLC0415
+    from pyflow.control.model import Conn, CtEvent, EventType, Tuple  # noqa: PLC0415
+    from pyflow.datapath.abi import FLOW_SIZE, FLOW_TYPE, KEY_SIZE, datapath_clock_ns  # noqa: PLC0415
+    from pyflow.datapath.flowtable import FlowTable  # noqa: PLC0415
+    from pyflow.netlink import uapi  # noqa: PLC0415
+    from pyflow.netlink.wire import nest, nla  # noqa: PLC0415
+    from tests import netns  # noqa: PLC0415
+    from tests.support.fakes import FakeDevices, FakePaths  # noqa: PLC0415
+
+    assert str(Path(ctmod.__file__).resolve()).startswith(str(tree)), "imported the wrong tree"
+    n = args.child
+
+    with netns.namespaces("kab") as (ns,):
+        # one real conntrack entry: every message the engine sends is a real round trip on it
+        netns.run(ns, "conntrack -I -p udp -s 198.18.0.1 -d 198.18.0.2 --sport 1000 --dport 2000 "
+                      "-r 198.18.0.2 -q 198.18.0.1 --reply-port-src 2000 --reply-port-dst 1000 "
+                      "-t 600 -u SEEN_REPLY")
+        with netns.inside(ns):
+            real = ctmod.CtNetlink(subscribe=False)
+        target = Conn(socket.AF_INET, UDP, Tuple("198.18.0.1", "198.18.0.2", 1000, 2000),
+                      Tuple("198.18.0.2", "198.18.0.1", 2000, 1000))
+
+        class NetlinkCounted:
+            """model.Conntrack: every refresh and every hand-back a real ctnetlink request."""
+
+            lost_events = 0
+            offload_mark = 0
+
+            def __init__(self) -> None:
+                self.messages = 0
+                self.installing = True
+
+            def dump(self) -> list:
+                return []
+
+            def poll(self, timeout: float) -> list:
+                return []
+
+            def timeouts(self) -> dict[int, int]:
+                return {TCP: 432000, UDP: 120}
+
+            def refresh(self, conn: Any, timeout_s: int) -> bool:
+                self.messages += 1
+                return real.refresh(target, timeout_s)
+
+            def mark_offloaded(self, conn: Any, offloaded: bool, **kw: Any) -> bool:
+                if self.installing:
+                    return True  # installs are not what is measured
+                self.messages += 1
+                return real.refresh(target, 120)
+
+        ct = NetlinkCounted()
+        base = rss_kib()
+        flows = FlowTable.create(2 * n + 1024, name="pft_kab")
+        eng = Engine(ct, FakePaths(), flows, FakeDevices(),
+                     EngineConfig(idle_timeout_s=3600.0))
+        status = (1 << 1) | (1 << 2) | (1 << 3)  # SEEN_REPLY | ASSURED | CONFIRMED
+
+        def message(i: int) -> bytes:
+            proto = TCP if i & 1 else UDP
+            client = f"198.18.0.{2 + i % 250}"
+            server = f"198.19.{(i // 250) % 16}.{1 + i % 250}"  # 4,000 servers
+            cport, sport = 1024 + (i // 250) % 60000, 443 if proto == TCP else 53
+            o = Tuple(client, server, cport, sport)
+            orig = Conn(socket.AF_INET, proto, o, o)
+            # _tuple_attr encodes a Conn's orig tuple: the reply tuple goes in as one's orig
+            reply = Conn(socket.AF_INET, proto, Tuple(server, "198.19.0.1", sport, 1024 + i % 64000), o)
+            payload = (ctmod._tuple_attr(uapi.CTA_TUPLE_ORIG, orig)
+                       + ctmod._tuple_attr(uapi.CTA_TUPLE_REPLY, reply)
+                       + nla(uapi.CTA_STATUS, struct.pack(">I", status))
+                       + nla(uapi.CTA_TIMEOUT, struct.pack(">I", 120))
+                       + nla(uapi.CTA_ID, struct.pack(">I", i)) + nla(uapi.CTA_MARK, struct.pack(">I", 0)))
+            if proto == TCP:
+                payload += nest(uapi.CTA_PROTOINFO, nest(uapi.CTA_PROTOINFO_TCP,
+                                                          nla(uapi.CTA_PROTOINFO_TCP_STATE, bytes([3]))))
+            return ctmod._request(ctmod._MSG_NEW, 0, i, socket.AF_INET, payload)
+
+        started = time.perf_counter()
+        for lo in range(0, n, BATCH_EVENTS):
+            events = []
+            for i in range(lo, min(n, lo + BATCH_EVENTS)):
+                raw = message(i)
+                conn = ctmod._parse(raw, 0, len(raw))
+                events.append(CtEvent(EventType.UPDATE, conn))
+            eng.handle(events)
+            del events
+        install_s = time.perf_counter() - started
+        assert len(eng.offloaded) == n, (len(eng.offloaded), eng.stats.refused)
+        ct.installing = False
+        after = rss_kib()
+
+        # every entry's counters move before each tick (one batched update, not timed)
+        dump = flows.dump()
+        keys = bytes(ffi.buffer(dump.keys, len(dump) * KEY_SIZE))
+        values = bytearray(ffi.buffer(dump.values, len(dump) * FLOW_SIZE))
+        at = ffi.offsetof(FLOW_TYPE, "counters")
+        del dump
+        ticks = []
+        for t in range(args.ticks):
+            now = datapath_clock_ns()
+            for j in range(len(values) // FLOW_SIZE):
+                struct.pack_into("=QQQ", values, j * FLOW_SIZE + at, t + 1, 100 * (t + 1), now)
+            flows.insert((keys, bytes(values)))
+            time.sleep(0.05)
+            sent = ct.messages
+            wall, cpu = time.perf_counter(), time.process_time()
+            eng.tick()
+            ticks.append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+                          "messages": ct.messages - sent})
+            assert len(eng.offloaded) == n
+        real.close()
+        result = {
+            "tree": str(tree), "connections": n, "install_s": install_s,
+            "rss_base_kib": base, "rss_kib": after, "rss_per_conn_bytes": (after - base) * 1024 / n,
+            "map_max_entries": flows.max_entries,
+            "map_bytes": flows.max_entries * (KEY_SIZE + FLOW_SIZE + 64),
+            "tick_wall_s": statistics.median(x["wall_s"] for x in ticks),
+            "tick_cpu_s": statistics.median(x["cpu_s"] for x in ticks),
+            "tick_messages": statistics.median(x["messages"] for x in ticks),
+            "ticks": ticks, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        }
+        flows.close()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="10000,100000,1000000")
+    p.add_argument("--tree", default=str(ROOT), help="checkout whose pyflow is measured")
+    p.add_argument("--label", default="current")
+    p.add_argument("--ticks", type=int, default=5)
+    p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args)
+    rows = []
+    for n in (int(x) for x in args.sizes.split(",")):
+        # the child finds this script's tests/ (netns, fakes) under --tree: the tree's own
+        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(n),
+                              "--tree", args.tree, "--ticks", str(args.ticks)], capture_output=True,
+                             text=True, env={**os.environ, "PYTHONPATH": args.tree}, timeout=3600)
+        if out.returncode:
+            sys.stderr.write(out.stderr)
+            return out.returncode
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{args.label:>10} {n:>9,} conns: tick {r['tick_wall_s'] * 1e3:9.1f} ms wall "
+              f"{r['tick_cpu_s'] * 1e3:9.1f} ms cpu, {r['tick_messages']:>9,.0f} conntrack msgs/tick; "
+              f"RSS +{r['rss_per_conn_bytes']:6.0f} B/conn ({r['rss_base_kib'] / 1024:.1f} -> "
+              f"{r['rss_kib'] / 1024:.1f} MiB); map {r['map_bytes'] / 2**20:.0f} MiB kernel; "
+              f"install {r['install_s']:.1f} s", flush=True)
+    out_dir = ROOT / "bench-results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / f"keepalive-{args.label}.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -74,7 +74,7 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class OffloadConfig:
     idle_timeout: float = 30.0
-    conntrack_timeout: int = 120
+    conntrack_timeout: int = 86400  # held while offloaded, written again when half is gone
     keepalive_interval: float = 1.0
     exclude_mark_mask: int = 0
     offload_mark: int = 0

@@ -95,13 +95,31 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, obj)]
 
 
+def _shaping(d: dict[str, Any]) -> str:
+    """What shapes the device and pyflow's treatment, in a word or two: "egress cake 4Mbit:
+    tc only", "ingress to ifb4wan: kernel path"; "-" for none."""
+    sh = d.get("shaping") or {}
+    parts = []
+    if sh.get("egress"):
+        parts.append(f"egress {'+'.join(sh['egress'])}: {sh['treatment']['egress'].replace('_', ' ')}")
+    if sh.get("ingress_redirect"):
+        target = sh["ingress_redirect"].split(" to ", 1)[-1].split(" (", 1)[0]
+        parts.append(f"ingress to {target}: kernel path")
+    return "; ".join(parts) or "-"
+
+
 def show_devices(res: dict[str, Any]) -> str:
     rows = []
     for d in res["devices"]:
-        state = d["state"] if d["state"] == "attached" else f"{d['state']}: {d['error']}"
+        state = d["state"] if d["state"] == "attached" else f"{d['state']}: {d['error'] or d['reason']}"
         rows.append([d["name"], d["ifindex"], d["mode"], d["requested_mode"], d["source"], d["slot"],
-                     d["prog_id"], state])
-    return table(["DEVICE", "IFINDEX", "MODE", "REQUESTED", "SOURCE", "SLOT", "PROG", "STATE"], rows)
+                     d["prog_id"], _shaping(d), state])
+    out = table(["DEVICE", "IFINDEX", "MODE", "REQUESTED", "SOURCE", "SLOT", "PROG", "SHAPING", "STATE"],
+                rows)
+    why = next((d.get("xdp_ruled_out") for d in res["devices"] if d.get("xdp_ruled_out")), None)
+    if why:
+        out += f"\nno XDP on any device: {why}"
+    return out
 
 
 def show_flows(res: dict[str, Any]) -> str:

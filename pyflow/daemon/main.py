@@ -171,6 +171,7 @@ class Daemon:
         self.signals = _Signals()
         self.ops: Any = None
         self.server: Any = None
+        self._shaping_watch: Any = None  # the main thread's qdisc reader (check_shaping)
         self.metrics: Any = None
 
     def start(self) -> None:
@@ -289,6 +290,7 @@ class Daemon:
         next_ping = 0.0
         next_status = 0.0
         next_tracking = time.monotonic() + TRACKING_CHECK_S
+        next_shaping = 0.0
         cp = self.ops.cp
         while True:
             self.signals.wake.wait(0.5 if ping_every is None else min(0.5, ping_every))
@@ -315,6 +317,35 @@ class Daemon:
                 # puts back a table a firewall reload flushed away (nft flush ruleset)
                 self.ops.tracking.sync()
                 next_tracking = time.monotonic() + TRACKING_CHECK_S
+            if now >= next_shaping:
+                from pyflow.daemon.shaping import CHECK_INTERVAL_S
+
+                self.check_shaping()
+                next_shaping = time.monotonic() + CHECK_INTERVAL_S
+
+    def check_shaping(self) -> None:
+        """Re-read the qdiscs of the wanted devices (on this thread's own socket) and, when
+        the shaping changed, re-apply the policy inside the loop (pyflow.daemon.shaping)."""
+        from pyflow.control.runner import LoopStopped, StillRunning
+        from pyflow.daemon.shaping import Watcher
+
+        ops = self.ops
+        if self._shaping_watch is None:
+            self._shaping_watch = Watcher()
+        try:
+            sh = self._shaping_watch.read(list(ops.devices.wanted()))
+        except OSError as exc:
+            log.debug("qdiscs unreadable: %s", exc)
+            return
+        if sh == ops.shaping:
+            return
+        log.info("traffic shaping changed on the managed devices: applying the policy again")
+        try:
+            ops.cp.call(lambda: ops.apply_devices(live=True, shaped=sh), REQUEST_TIMEOUT_S)
+        except StillRunning:
+            log.warning("shaping change still being applied after %.0f s", REQUEST_TIMEOUT_S)
+        except (PyflowError, LoopStopped, TimeoutError) as exc:
+            log.error("shaping change not applied: %s", exc)
 
     def shutdown(self) -> None:
         self.notifier.notify("STOPPING=1")

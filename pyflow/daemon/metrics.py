@@ -146,6 +146,11 @@ METRICS: tuple[MetricDef, ...] = (
               lambda s: _by(s.devices.by_mode), ("mode",)),
     MetricDef("pyflow_failed_devices", GAUGE, "Wanted devices that could not be attached",
               lambda s: s.devices.failed),
+    MetricDef("pyflow_shaped_devices", GAUGE,
+              "Wanted devices with traffic shaping (1 per device and part), and how pyflow treats it: "
+              "tc_only (no XDP or NIC rule forwards into it) or kernel_path (no hook, not offloaded)",
+              lambda s: {(d.device, d.shaping, d.treatment): 1 for d in s.devices.shaped},
+              ("device", "shaping", "treatment")),
 )
 
 

@@ -19,10 +19,10 @@ from typing import Any
 
 from pyflow.control.engine import EngineConfig
 from pyflow.control.runner import ControlConfig, ControlPlane
-from pyflow.daemon import views
+from pyflow.daemon import shaping, views
 from pyflow.daemon.config import Config, ConfigError, check_device, short, valid_ifname
 from pyflow.daemon.devices import DeviceList
-from pyflow.daemon.stats import DeviceCounts, Stats
+from pyflow.daemon.stats import DeviceCounts, ShapedDevice, Stats
 from pyflow.daemon.tracking import Tracking
 from pyflow.datapath.loader import Datapath, DeviceStatus
 from pyflow.errors import DeviceError, PyflowError, RequestError
@@ -69,34 +69,75 @@ class Operations:
         self.devices = DeviceList(config.devices, config.daemon.state_dir)
         self.started = started if started is not None else time.time()
         self.tracking = Tracking(wanted=config.daemon.ensure_conntrack)  # pyflow.daemon.tracking
+        # traffic shaping on the wanted devices (pyflow.daemon.shaping), as last applied
+        self.shaping = shaping.Shaping()
+        self.kernel_path: dict[str, str] = {}  # name -> why it gets no hook (its ingress is shaped)
+        self.no_xdp: str | None = None  # why no device may forward by XDP now (an egress is shaped)
+        self.guards: dict[str, str | None] = {}  # name -> the no_xdp it was last attached under
+        self._shaping_reader = shaping.Watcher()  # the loop thread's socket (apply_devices)
 
     # ---- the attached devices ---------------------------------------------------------
 
     def attached(self) -> dict[str, DeviceStatus]:
         return {st.ifname: st for st in self.dp.status() if st.mode is not None}
 
-    def apply_devices(self, *, live: bool) -> None:
-        """Make the attached devices match the wanted list. ``live``: the loop runs (this
-        is called inside it) and the engine must follow the changes."""
+    def read_shaping(self, names: Any = None) -> shaping.Shaping:
+        """The shaping of the wanted devices (or of ``names``), read now; the last one
+        applied when the kernel refuses the read (logged)."""
+        try:
+            return self._shaping_reader.read(self.devices.wanted() if names is None else names)
+        except OSError as exc:
+            log.warning("qdiscs unreadable, keeping the last shaping seen: %s", exc)
+            return self.shaping
+
+    def _set_shaping(self, sh: shaping.Shaping, wanted: Any) -> None:
+        """Adopt ``sh`` as the shaping in force: which devices stay on the kernel path and
+        whether XDP is ruled out (pyflow.daemon.shaping's policy), logged when it changes."""
+        kernel = {n: r for n in wanted if (r := sh.kernel_path_reason(n)) is not None}
+        no_xdp = sh.no_xdp_reason(n for n in wanted if n not in kernel)
+        if sh != self.shaping or kernel != self.kernel_path or no_xdp != self.no_xdp:
+            for name in sorted(set(kernel) - set(self.kernel_path)):
+                log.warning("%s: left to the kernel path: %s", name, kernel[name])
+            if no_xdp != self.no_xdp:
+                log.warning("%s", f"no XDP on any device: {no_xdp}" if no_xdp else
+                            "no egress shaping on managed devices: XDP allowed again")
+        self.shaping, self.kernel_path, self.no_xdp = sh, kernel, no_xdp
+
+    def apply_devices(self, *, live: bool, shaped: shaping.Shaping | None = None) -> None:
+        """Make the attached devices match the wanted list and the shaping policy (read
+        now, or ``shaped`` as the caller just read it). ``live``: the loop runs (this is
+        called inside it) and the engine must follow the changes."""
         devices = self.devices
         wanted = devices.wanted()
+        self._set_shaping(shaped if shaped is not None else self.read_shaping(wanted), wanted)
         attached = self.attached()
         for name in sorted(attached):
-            if name not in wanted:
+            if name not in wanted or name in self.kernel_path:
                 self._remove(name, live=live)
+        attached = self.attached()
         devices.forget_unwanted_failures()
         changed = False
         for name, (mode, _source) in sorted(wanted.items()):
-            if name in attached and devices.requested.get(name) == mode:
+            if name in self.kernel_path:
+                devices.failed.pop(name, None)
+                continue
+            if (name in attached and devices.requested.get(name) == mode
+                    and self.guards.get(name) == self.no_xdp):
                 continue
             try:
-                self.dp.attach(name, mode)
+                self.dp.attach(name, mode, no_xdp=self.no_xdp)
             except PyflowError as exc:
                 log.error("%s: %s", name, exc)
                 devices.failed[name] = str(exc)
+                st = attached.get(name)
+                if st is not None and self.no_xdp and (st.mode in shaping.XDP_MODES or st.hw):
+                    # its running hook would now forward around the shaper: kernel path until fixed
+                    self._remove(name, live=live)
+                    changed = True
                 continue
             devices.failed.pop(name, None)
             devices.requested[name] = mode
+            self.guards[name] = self.no_xdp
             changed = True
         if live and changed:
             self.cp.devices_changed()
@@ -130,12 +171,18 @@ class Operations:
         devices = self.devices
         if dev.name in devices.wanted() or dev.name in self.attached():
             raise RequestError("already_managed", f"{dev.name} is already managed")
-        try:
-            self.dp.attach(dev.name, dev.mode)
-        except DeviceError as exc:
-            code = "no_such_device" if str(exc).startswith("no such device") else "device_error"
-            raise RequestError(code, str(exc)) from None
-        devices.requested[dev.name] = dev.mode
+        names = [*devices.wanted(), dev.name]
+        sh = self.read_shaping(names)
+        kernel = sh.kernel_path_reason(dev.name)
+        no_xdp = sh.no_xdp_reason(n for n in names if sh.kernel_path_reason(n) is None)
+        if kernel is None:
+            try:
+                self.dp.attach(dev.name, dev.mode, no_xdp=no_xdp)
+            except DeviceError as exc:
+                code = "no_such_device" if str(exc).startswith("no such device") else "device_error"
+                raise RequestError(code, str(exc)) from None
+            devices.requested[dev.name] = dev.mode
+            self.guards[dev.name] = no_xdp
         devices.runtime[dev.name] = dev.mode
         try:
             devices.save()
@@ -145,9 +192,12 @@ class Operations:
             self._remove(dev.name, live=False)
             raise RequestError("state_error", f"cannot save the device list in {devices.state_dir}: "
                                               f"{exc.strerror}") from None
+        # a shaper on the new device rules XDP out on the others: they follow now
+        self.apply_devices(live=True, shaped=sh)
         self.cp.devices_changed()
         log.info("%s: added (%s)", dev.name, dev.mode)
-        return views.device_row(dev.name, devices, self.attached())
+        return views.device_row(dev.name, devices, self.attached(), self.shaping_view(), self.kernel_path,
+                                self.no_xdp)
 
     def del_device(self, name: Any) -> dict[str, Any]:
         if not isinstance(name, str) or not valid_ifname(name):
@@ -167,6 +217,8 @@ class Operations:
         del devices.runtime[name]
         devices.failed.pop(name, None)
         devices.save()
+        self.guards.pop(name, None)
+        self.apply_devices(live=True)  # its shaper may have been what ruled XDP out
         log.info("%s: removed (%d flows handed back)", name, handed)
         return {"name": name, "flows_handed_back": handed}
 
@@ -194,8 +246,30 @@ class Operations:
         modes: dict[str, int] = {}
         for st in attached.values():
             modes[st.mode or "none"] = modes.get(st.mode or "none", 0) + 1
-        counts = DeviceCounts(managed=len(attached), failed=len(self.devices.failed), by_mode=modes)
+        shaped = tuple(ShapedDevice(name, kind, treatment)
+                       for name, kinds in sorted(self.shaping_view().items())
+                       for kind, treatment in kinds["treatment"].items())
+        counts = DeviceCounts(managed=len(attached), failed=len(self.devices.failed), by_mode=modes,
+                              shaped=shaped)
         return Stats.of(self.cp.snapshot(fresh=fresh), counts, self.tracking.state)
+
+    def shaping_view(self) -> dict[str, dict[str, Any]]:
+        """Per wanted device with shaping: what shapes it and how pyflow treats each part
+        (views.device_row's ``shaping``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.devices.wanted():
+            dev = self.shaping.of(name)
+            if not dev.shaped:
+                continue
+            treatment: dict[str, str] = {}
+            if dev.ingress_redirect is not None:
+                treatment["ingress_redirect"] = "kernel_path"
+            if dev.egress:
+                # into a device left to the kernel path nothing is redirected at all
+                treatment["egress"] = "kernel_path" if name in self.kernel_path else "tc_only"
+            out[name] = {**dev.to_json(), "treatment": treatment,
+                         "reason": self.kernel_path.get(name) or self.no_xdp}
+        return out
 
     def sync_tracking(self) -> None:
         """pyflowd's conntrack table as the config and the devices want it: there while a
@@ -218,7 +292,8 @@ class Operations:
         return {
             "add-device": lambda a: self._tracked(self.add_device(a.get("name"), a.get("mode", "auto"))),
             "del-device": lambda a: self._tracked(self.del_device(a.get("name"))),
-            "devices": lambda a: views.device_table(self.devices, self.attached()),
+            "devices": lambda a: views.device_table(self.devices, self.attached(), self.shaping_view(),
+                                                    self.kernel_path, self.no_xdp),
             "flows": self.flows,
             "stats": lambda a: self.stats(fresh=True).to_json(),
             "status": lambda a: self.status(),

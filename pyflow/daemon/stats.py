@@ -11,10 +11,20 @@ from pyflow.daemon.tracking import TrackingState
 
 
 @dataclass(frozen=True)
+class ShapedDevice:
+    """One shaped part of a wanted device and how pyflow treats it."""
+
+    device: str
+    shaping: str    # egress (a rate-limiting qdisc) | ingress_redirect (to an IFB or other device)
+    treatment: str  # tc_only: forwarded into it by TC redirects only | kernel_path: no hook, not offloaded
+
+
+@dataclass(frozen=True)
 class DeviceCounts:
     managed: int = 0  # attached
     failed: int = 0  # wanted but not attached
     by_mode: dict[str, int] = field(default_factory=dict)  # attached, by attach mode
+    shaped: tuple[ShapedDevice, ...] = ()  # wanted devices with traffic shaping
 
 
 @dataclass(frozen=True)

@@ -29,27 +29,38 @@ PROTO_NAMES: dict[int, str] = {int(socket.IPPROTO_TCP): "tcp", int(socket.IPPROT
 
 # ---- devices ----------------------------------------------------------------------------
 
-def device_row(name: str, devices: DeviceList, attached: Mapping[str, DeviceStatus]) -> dict[str, Any]:
+def device_row(name: str, devices: DeviceList, attached: Mapping[str, DeviceStatus],
+               shaping: Mapping[str, dict[str, Any]] | None = None,
+               kernel_path: Mapping[str, str] | None = None, no_xdp: str | None = None) -> dict[str, Any]:
+    """One device. ``shaping``: Operations.shaping_view(); ``kernel_path``: devices left to
+    the kernel path (ingress shaped); ``no_xdp``: why XDP is ruled out on every device."""
     mode, source = devices.origin(name)
     st = attached.get(name)
+    kernel = (kernel_path or {}).get(name)
+    state = "attached" if st else "kernel-path" if kernel is not None else "failed"
     return {
         "name": name,
         "ifindex": st.ifindex if st else None,
         "requested_mode": mode,
         "mode": st.mode if st else None,
         "source": source,
-        "state": "attached" if st else "failed",
+        "state": state,
         "slot": st.slot if st else None,
         "prog_id": st.prog_id if st else None,
-        "reason": st.reason if st else None,
-        "error": None if st else devices.failed.get(name, "not attached"),
+        "reason": st.reason if st else kernel,
+        "error": None if st or kernel is not None else devices.failed.get(name, "not attached"),
+        # what shapes this device ({} when nothing does) and how pyflow treats it
+        "shaping": (shaping or {}).get(name, {}),
+        "xdp_ruled_out": no_xdp,
     }
 
 
-def device_table(devices: DeviceList, attached: Mapping[str, DeviceStatus]) -> dict[str, Any]:
+def device_table(devices: DeviceList, attached: Mapping[str, DeviceStatus],
+                 shaping: Mapping[str, dict[str, Any]] | None = None,
+                 kernel_path: Mapping[str, str] | None = None, no_xdp: str | None = None) -> dict[str, Any]:
     """Every wanted or attached device, by name."""
     names = sorted(set(devices.wanted()) | set(attached))
-    return {"devices": [device_row(n, devices, attached) for n in names]}
+    return {"devices": [device_row(n, devices, attached, shaping, kernel_path, no_xdp) for n in names]}
 
 
 # ---- flows ------------------------------------------------------------------------------

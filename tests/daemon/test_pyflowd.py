@@ -201,13 +201,15 @@ def test_status_and_devices(env):
     assert set(devs) == {LAN, UP}
     for x in devs.values():
         assert set(x) == {"name", "ifindex", "requested_mode", "mode", "source", "state", "slot", "prog_id",
-                          "reason", "error"}
+                          "reason", "error", "shaping", "xdp_ruled_out"}
+        assert (x["shaping"], x["xdp_ruled_out"]) == ({}, None)
         got = (x["requested_mode"], x["mode"], x["source"], x["state"])
         assert got == ("auto", "tc", "config", "attached")
         assert x["prog_id"] > 0 and x["error"] is None
     assert hooks(topo) == {LAN: "tc", UP: "tc", UP2: "none"}
     human = d.ctl("devices").stdout.splitlines()
-    assert human[0].split() == ["DEVICE", "IFINDEX", "MODE", "REQUESTED", "SOURCE", "SLOT", "PROG", "STATE"]
+    assert human[0].split() == ["DEVICE", "IFINDEX", "MODE", "REQUESTED", "SOURCE", "SLOT", "PROG", "SHAPING",
+                                "STATE"]
     assert [line.split()[0] for line in human[1:]] == sorted([LAN, UP])
     assert len({line.index("MODE") for line in human[:1]} | {human[1].index("tc")}) == 1  # aligned
     assert re.search(r"^version\s+\S+$", d.ctl("status").stdout, re.M)

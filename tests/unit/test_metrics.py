@@ -6,7 +6,7 @@ from prometheus_client import generate_latest
 
 from pyflow.control.stats import ConntrackStats, EngineCounters, FlowMapStats, Latency, LoopStats, Traffic
 from pyflow.daemon.metrics import declared, registry_for
-from pyflow.daemon.stats import DeviceCounts, Stats
+from pyflow.daemon.stats import DeviceCounts, ShapedDevice, Stats
 
 STATS = Stats.of(
     LoopStats(
@@ -20,7 +20,9 @@ STATS = Stats.of(
                               hw_offloads=1),
         latency=Latency(((0.001, 2), (0.01, 3), (float("inf"), 3)), 0.012, 3),
     ),
-    DeviceCounts(managed=2, by_mode={"tc": 2}),
+    DeviceCounts(managed=2, by_mode={"tc": 2},
+                 shaped=(ShapedDevice("wan", "egress", "tc_only"),
+                         ShapedDevice("wan2", "ingress_redirect", "kernel_path"))),
 )
 
 
@@ -44,6 +46,8 @@ def test_samples_carry_the_snapshot():
     assert m["pyflow_offload_latency_seconds_sum"] == 0.012
     assert m["pyflow_flow_map_pressure_ratio"] == round(6 / 1024, 6)
     assert m['pyflow_managed_devices{mode="tc"}'] == 2
+    assert m['pyflow_shaped_devices{device="wan",shaping="egress",treatment="tc_only"}'] == 1
+    assert m['pyflow_shaped_devices{device="wan2",shaping="ingress_redirect",treatment="kernel_path"}'] == 1
 
 
 def test_a_failed_snapshot_is_reported_not_raised():
@@ -75,7 +79,9 @@ def test_pyflowctl_stats_reads_the_same_snapshot():
                             "pending": 0, "install_errors": 0, "rewritten": 0, "hw_offloads": 1,
                             "returning": 0, "reoffloaded": 0, "returns_abandoned": {},
                             "hw_failures": 0}
-    assert js["devices"] == {"managed": 2, "failed": 0, "by_mode": {"tc": 2}}
+    assert js["devices"] == {"managed": 2, "failed": 0, "by_mode": {"tc": 2}, "shaped": (
+        {"device": "wan", "shaping": "egress", "treatment": "tc_only"},
+        {"device": "wan2", "shaping": "ingress_redirect", "treatment": "kernel_path"})}
 
 
 def test_every_declared_metric_is_exposed_as_declared():

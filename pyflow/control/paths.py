@@ -4,7 +4,14 @@
 the kernel for the forwarding decision of one packet (RTM_GETROUTE with the
 packet's iif, src, dst and fwmark, so ``ip rule`` policy routing by fwmark, by
 iif and by source is the kernel's own answer), then the next hop's MAC from the
-neighbour table and the egress device's MAC, MTU and VLAN encapsulation.
+neighbour table, and the path's layers: from the route's device (the one routing
+and conntrack see: ``eth0.7``, ``pppoe-wan``, ``br-lan.10``) down through VLAN
+lower devices and PPPoE sessions to the real port, each layer with the
+encapsulation frames handed to it must carry (model.Layer). Which layer the
+frames are handed to is the planner's choice (the first managed one going down,
+pyflow.control.engine.Planner); a bridge whose own device is not managed goes on
+to the port its FDB names (:meth:`RtPaths.below_bridge`, through
+pyflow.control.bridge.BridgePorts), asked for only then.
 :class:`PathWatcher` reports route, neighbour, link, rule and forwarding-config
 changes so that the engine can re-resolve or tear down flows.
 
@@ -35,18 +42,34 @@ test_paths.py, test_egress_latency): a cached call about 1.5 us, a route miss
 about 400 us.
 
 Decoding is pure: :func:`parse_route`, :func:`parse_neigh`, :func:`link_from_msg`,
-:func:`plan_egress` and :func:`build_egress` take netlink messages (bytes or
-pyroute2 ifinfmsg objects) and return values, so encapsulations this kernel
-cannot create (802.1Q, PPP) are tested with fake messages.
+:func:`plan_egress`, :func:`walk_down`, :func:`port_layers` and :func:`build_egress`
+take netlink messages (bytes or pyroute2 ifinfmsg objects) or LinkInfo values and
+return values, so encapsulations the host kernel cannot create (802.1Q, PPPoE) are
+tested with fake messages; :mod:`pyflow.control.pppoe` parses ``/proc/net/pppoe``.
 
 Choices a reader should know:
 
-* Egress.ifindex is the device frames leave on (the lower Ethernet device for a
-  VLAN egress: the datapath pushes the tags itself and redirects there);
-  lower_ifindex repeats it when there is encapsulation, and ifname is the
-  route's device (``eth0.100``) for display. smac is the route device's address
-  (a VLAN device may have its own) and mtu the route device's MTU, lowered to the
-  route's MTU metric when that is smaller.
+* The Egress answered names the route's device (ifindex, ifname) and lists its
+  layers; model.egress_at makes the Egress at one layer (that device, the tags and
+  PPPoE session to write, lower_ifindex = it when there is encapsulation). smac is
+  the route device's address (a VLAN device may have its own; for PPPoE, the
+  address of the device the session runs over) and mtu the route device's MTU
+  (1492 for PPPoE over 1500), lowered to the route's MTU metric when that is
+  smaller. A layer the datapath cannot write frames for (the ppp device itself,
+  more than two tags, an 802.1ad inner tag, a VLAN with an egress-qos-map above
+  it) carries a refusal, raised only if the planner picks it: a managed device
+  higher up may still take the frames.
+* PPPoE: the session of a ppp device comes from ``/proc/net/pppoe`` of the
+  resolver's namespace (id, concentrator MAC, session device), tied to the ppp
+  device only when the namespace has one session and one ppp device
+  (pyflow.control.pppoe says why nothing finer is possible); otherwise NoPath
+  ``pppoe_ambiguous`` / ``pppoe_no_session``. Frames go to the concentrator's
+  MAC: no neighbour lookup. The file and a device dump are read when a ppp
+  path is planned, never per lookup, and forgotten (with every plan that used
+  them) at any link or route change: a re-dial (new session id) takes the ppp
+  device down and up, and pppd re-adds its routes, so no answer keeps the old
+  session. A re-dial that changes neither links nor routes (pppd's demand mode
+  keeps the device and its routes) is not seen until something else changes.
 * A missing, INCOMPLETE, FAILED or NONE neighbour raises NotYet and never a
   guess. For missing/FAILED/NONE entries we also ask the kernel to resolve
   (RTM_NEWNEIGH with NTF_USE, as ``ip neigh add ADDR dev DEV use``: the kernel

@@ -154,8 +154,15 @@ def test_client_moves_to_another_port_during_a_download(mode, family, how):
                 assert off.actions[0].out_ifindex == lan.ifindex(WAN)
                 if how == "unplug":  # rewritten, or taken off and offloaded again
                     assert r.engine.stats.rewritten + r.engine.stats.reoffloaded >= 1
+                # traffic from the client is keyed on the port it now arrives on
+                assert off.keys[0].ifindex == lan.ifindex(LAN2)
             else:
                 assert seen["after_later"] is seen["before"] or r.engine.stats.reoffloaded > 0
+                # TC on the bridge: the client's packets, passed up by the bridge, hit on its
+                # ingress; the server's are redirected to its egress, where the bridge's FDB
+                # picks the port per packet
+                br = lan.ifindex(BRIDGE)
+                assert off.keys[0].ifindex == br and off.actions[1].out_ifindex == br
             fwd = lan.nft_bytes() - fwd_before
             fast = r.forwarded_bytes() - fast_before
             print(f"{mode} {how} IPv{family}: forward chain {fwd} bytes, fast path {fast} bytes "

@@ -206,7 +206,7 @@ class Bench:
             with netns.inside(self.net.rt):
                 self.floor.remove_xdp(LAN.encode(), 0)
 
-    def pyflow(self, family: int, flows: int) -> dict:
+    def pyflow(self, family: int, flows: int, mode: str = "native") -> dict:
         from pyflow.control.engine import EngineConfig
         from pyflow.control.runner import ControlConfig, ControlPlane
         from pyflow.datapath.abi import MAP_FLOWS
@@ -214,7 +214,7 @@ class Bench:
 
         with netns.inside(self.net.rt):
             for dev in (LAN, UP):
-                self.dp.attach(dev, "native")
+                self.dp.attach(dev, mode)
             cp = ControlPlane(self.dp, ControlConfig(engine=EngineConfig(), keepalive_period_s=1.0))
             t0 = time.monotonic()
             cp.start()

@@ -170,3 +170,26 @@ def test_client_moves_to_another_port_during_a_download(mode, family, how):
             assert fwd < size * 0.2, (fwd, fast)
         finally:
             r.close()
+
+
+def test_an_aged_fdb_entry_sends_flows_back_and_they_return():
+    """Port mode: the bridge no longer sees the client's offloaded frames, so its FDB entry
+    ages (3 s here); the flows go back to the kernel path, where the client's next frame
+    teaches the bridge again, and return to the fast path without a conntrack event."""
+    size, port = 64 * MIB, 5311
+    cfg = ControlConfig(engine=EngineConfig(), keepalive_period_s=0.2, offload_mark=0x100)
+    with bridged_lan() as lan:
+        lan.sh("r", f"ip link set {BRIDGE} type bridge ageing_time 300")  # centiseconds
+        r = BridgedRouter(lan, MODES["ports"], cfg)
+        try:
+            res = tcp_transfer(lan.sv, V4["sv"], port, lan.cl, V4["sv"], port, payload(size, port),
+                               upload=False, pace=0.006, timeout=60,
+                               gate=lambda: wait_for(lambda: r.offloaded_with(port), 5.0))
+            assert res.received == size and res.received_sha == res.sent_sha
+            stats = r.engine.stats
+            print(f"{res.seconds:.1f} s: removed {stats.removed}, reoffloaded {stats.reoffloaded}")
+            assert res.seconds > 4, "transfer too short to see the entry age"
+            assert stats.removed.get("path_lost", 0) >= 1, "the FDB entry never aged"
+            assert stats.reoffloaded >= 1
+        finally:
+            r.close()

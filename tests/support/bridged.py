@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyflow.control.runner import ControlConfig, ControlPlane
 from pyflow.datapath.loader import Datapath
@@ -57,6 +57,7 @@ class BridgedLan:
     r: str
     sv: str
     port: int = 1  # the router port the client is behind now
+    napi: list[int] = field(default_factory=list)  # the router ports' NAPI threads (threaded=True)
 
     def sh(self, role: str, cmd: str | list[str]) -> None:
         netns.run(getattr(self, role), cmd)
@@ -86,7 +87,9 @@ class BridgedLan:
         return netns.ifindex(self.r, ifname)
 
 
-def spec() -> Spec:
+def spec(*, threaded: bool = False) -> Spec:
+    """``threaded``: the router's ports run NAPI in kernel threads of their own (a benchmark
+    reads their CPU time: every packet the router forwards, in every mode, is handled there)."""
     return Spec(
         namespaces={"cl": "bcl", "r": "brt", "sv": "bsv"},
         veths=(Veth("cl", "pft-c1", "r", LAN1), Veth("cl", "pft-c2", "r", LAN2),
@@ -96,13 +99,14 @@ def spec() -> Spec:
         forwarding=("r",),
         routes=(("sv", "default", V4["r_wan"]), ("sv", "default", V6["r_wan"])),
         nft={"r": NFT},
+        threaded={"router": [("r", WAN), ("r", LAN1), ("r", LAN2)]} if threaded else {},
     )
 
 
 @contextlib.contextmanager
-def bridged_lan() -> Iterator[BridgedLan]:
-    with network(spec()) as net:
-        lan = BridgedLan(net.ns["cl"], net.ns["r"], net.ns["sv"])
+def bridged_lan(*, threaded: bool = False) -> Iterator[BridgedLan]:
+    with network(spec(threaded=threaded)) as net:
+        lan = BridgedLan(net.ns["cl"], net.ns["r"], net.ns["sv"], napi=net.napi.get("router", []))
         for cmd in (f"ip link add {BRIDGE} type bridge", f"ip link set {LAN1} master {BRIDGE}",
                     f"ip link set {LAN2} master {BRIDGE}", f"ip link set {BRIDGE} up",
                     f"ip addr add {V4['r_lan']}/24 dev {BRIDGE}"):

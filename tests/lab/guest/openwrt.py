@@ -1,0 +1,474 @@
+"""An OpenWrt-shaped router for guest tests: bridged LAN ports, a tagged WAN port carrying a
+PPPoE session to an "ISP" running a real pppoe-server, and an internet host behind it.
+
+    c1 (client) -- lan1 ---+                                        isp (pppoe-server)
+      br0 = eth0 + wlan0   |  rt: br-lan (VLAN filtering)             cpe.7 -- pppN
+      br0.20 (VLAN 20)     |      br-lan.20 (LAN VLAN 20)               |
+                           |      wan -- wan.7 -- pppoe-wan  =========  cpe      inet -- inet
+    c2 (client) --+        |      (802.1Q)    (PPPoE, MTU 1492)          (198.18.80.0/24)
+                  ap ------+ lan2
+    (ap: an access switch / AP bridging c2 and c1's second port, wlan0)
+
+Namespaces (tests.netns, so every one carries the pft- prefix and goes away on exit):
+c1, c2, ap, rt, isp, inet. Device names inside the router are OpenWrt's own (lan1, lan2,
+wan, wan.7, br-lan, pppoe-wan): they live only in the router's namespace.
+
+- br-lan bridges lan1 and lan2 with VLAN filtering: VLAN 1 untagged (pvid) on both ports,
+  VLAN 20 tagged on both and on the bridge itself (br-lan.20 is the router's leg in it).
+  198.18.10.0/24, 2001:2:10::/64 untagged; 198.18.20.0/24, 2001:2:20::/64 on VLAN 20.
+  c1 (198.18.10.10, 198.18.20.10) sits on lan1; c2 (198.18.10.11) behind ap on lan2.
+- c1's addresses live on a bridge of its own (br0) with two ports: eth0, cabled to lan1,
+  and wlan0, cabled to ap (so to lan2), same MAC either way. :meth:`OpenWrt.roam` moves c1
+  from lan1 to lan2 the way a roaming Wi-Fi client moves: lan1 keeps its carrier, c1's
+  frames simply start arriving on lan2, and the router's bridge learns the move from them.
+- wan is the WAN port; wan.7 (802.1Q VLAN 7) carries a PPPoE session: pppd with the rp-pppoe
+  plugin, interface pppoe-wan, MTU 1492, to pppoe-server on the ISP's cpe.7. IPv4 from the
+  server (198.18.70.1 <-> 198.18.70.2, the same address at every dial), IPv6 over ipv6cp
+  with link-local interface ids ::2 (router) and ::1 (ISP), routes set here: the LAN
+  prefixes are routed, not translated. :meth:`OpenWrt.redial` ends the session and dials a
+  new one (a new session id) while traffic may be running.
+- The ISP routes to the internet host inet (198.18.80.2, 2001:2:80::2) and back to the LAN's
+  IPv6 prefixes over the session; IPv4 from the LAN is masqueraded by the router on
+  pppoe-wan, as fw4 does.
+- The router's nftables ruleset is shaped like fw4's: a forward chain with counters for
+  established TCP and UDP (what the slow path carried), MSS clamping to the route's MTU on
+  the WAN (fw4's mtu_fix, on by default on the wan zone), masquerade on pppoe-wan.
+  :meth:`OpenWrt.kernel_flowtable` adds fw4's flow offloading (flowtable on the real ports,
+  ``meta l4proto { tcp, udp } flow add @ft``).
+
+Every veth has GRO on and transmit checksum offload off (tests/support/topology.py says why).
+Only the pppd and pppoe-server processes started here are ended (by PID), then the
+namespaces are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests import netns
+from tests.support.topology import TEST_OFFLOADS
+
+ROLES = ("c1", "c2", "ap", "rt", "isp", "inet")
+LAN_PORTS = ("lan1", "lan2")
+WAN, WAN_VLAN, PPP = "wan", "wan.7", "pppoe-wan"
+WAN_VID, LAN_VID = 7, 20
+PPP_MTU = 1492
+ISP_VLAN = "cpe.7"
+
+V4 = {"rt_lan": "198.18.10.1", "c1": "198.18.10.10", "c2": "198.18.10.11",
+      "rt_vlan": "198.18.20.1", "c1_vlan": "198.18.20.10",
+      "isp_ppp": "198.18.70.1", "rt_ppp": "198.18.70.2",
+      "isp_inet": "198.18.80.1", "inet": "198.18.80.2"}
+V6 = {"rt_lan": "2001:2:10::1", "c1": "2001:2:10::10", "c2": "2001:2:10::11",
+      "rt_vlan": "2001:2:20::1", "c1_vlan": "2001:2:20::10",
+      "isp_ppp": "2001:2:70::1", "rt_ppp": "2001:2:70::2",
+      "isp_inet": "2001:2:80::1", "inet": "2001:2:80::2"}
+LAN6_PREFIXES = ("2001:2:10::/64", "2001:2:20::/64")
+C1_MAC = "02:00:c6:12:0a:0a"  # c1's one MAC, on lan1 or lan2
+
+# pppd options common to both ends. Compression of any kind (VJ headers, CCP, address and
+# protocol field compression) is off, as on OpenWrt: the frames on the wire are then plain
+# PPPoE with IP inside, which is what a flow offload can write and read. The IPv4 up/down
+# scripts are /bin/true so that the host's /etc/ppp ones do nothing to the namespaces (this
+# pppd has no such option for IPv6; Debian's ipv6-up scripts do nothing by default).
+PPPD_COMMON = ("noauth", "novj", "noccp", "nodeflate", "nobsdcomp", "noaccomp", "nopcomp",
+               "mtu", str(PPP_MTU), "mru", str(PPP_MTU), "+ipv6", "lcp-echo-interval", "1",
+               "lcp-echo-failure", "10", "ip-up-script", "/bin/true", "ip-down-script", "/bin/true", "debug")
+
+FW4_RULES = """
+table inet fw4 {
+    counter fwd_tcp {
+    }
+    counter fwd_udp {
+    }
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        jump flow_offload
+        ct state established,related meta l4proto tcp counter name fwd_tcp
+        ct state established,related meta l4proto udp counter name fwd_udp
+    }
+    chain flow_offload {
+    }
+    chain mangle_forward {
+        type filter hook forward priority mangle; policy accept;
+        jump mtu_fix
+    }
+    chain mtu_fix {
+        oifname "pppoe-wan" tcp flags syn / fin,syn,rst tcp option maxseg size set rt mtu
+        iifname "pppoe-wan" tcp flags syn / fin,syn,rst tcp option maxseg size set rt mtu
+    }
+    chain srcnat {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "pppoe-wan" meta nfproto ipv4 masquerade
+    }
+}
+"""
+
+
+@dataclass
+class Session:
+    """One PPPoE session as the router's kernel knows it (/proc/net/pppoe)."""
+
+    sid: int
+    ac_mac: str
+    device: str
+
+
+@dataclass
+class OpenWrt:
+    ns: dict[str, str]  # role -> namespace name
+    workdir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    session: Session | None = None
+    dials: int = 0
+
+    def __getattr__(self, role: str) -> str:
+        ns = self.__dict__.get("ns", {})
+        if role in ns:
+            return ns[role]
+        raise AttributeError(role)
+
+    def sh(self, role: str, cmd, **kw) -> subprocess.CompletedProcess[str]:
+        return netns.run(self.ns[role], cmd, **kw)
+
+    # ---- the PPPoE session ----------------------------------------------------------------
+
+    def start_isp(self) -> None:
+        """pppoe-server on the ISP's VLAN 7, in the foreground (its PID is the Popen's). Debian
+        builds it without kernel mode, so the ISP's end runs the pppoe program under pppd in
+        synchronous mode (-s: no HDLC framing); the router's end is the kernel's (pppd's
+        rp-pppoe plugin), as on OpenWrt. The pool holds the router's address twice: two
+        session slots, so a re-dial takes the other slot (the server puts a freed slot at the
+        end of its free list) and so a new session id, with the same address."""
+        pool = self.workdir / "pool"
+        pool.write_text(f"{V4['isp_ppp']}:{V4['rt_ppp']}\n" * 2)
+        opts = self.workdir / "isp-options"
+        opts.write_text("\n".join([*_pairs(PPPD_COMMON), "ipv6 ::1,::2",
+                                   f"logfile {self.workdir / 'isp-pppd.log'}"]) + "\n")
+        log = open(self.workdir / "pppoe-server.log", "ab")  # noqa: SIM115 - kept by the process
+        self.procs["pppoe-server"] = subprocess.Popen(
+            [*_in(self.ns["isp"]), "pppoe-server", "-F", "-s", "-I", ISP_VLAN, "-C", "pft-isp", "-S", "pft",
+             "-p", str(pool), "-O", str(opts), "-X", str(self.workdir / "pppoe-server.pid")],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+
+    def dial(self, timeout: float = 60.0) -> Session:
+        """Start the router's pppd and wait until IPv4 and IPv6 run over the session; then set
+        the IPv6 addresses and routes the session does not bring itself."""
+        self.dials += 1
+        log = open(self.workdir / f"pppd-{self.dials}.out", "ab")  # noqa: SIM115 - kept by the process
+        self.procs["pppd"] = subprocess.Popen(
+            [*_in(self.ns["rt"]), "pppd", "nodetach", "plugin", "rp-pppoe.so", f"nic-{WAN_VLAN}",
+             "ifname", PPP, *PPPD_COMMON, "noipdefault", "defaultroute", "ipv6", "::2,::1",
+             "logfile", str(self.workdir / f"pppd-{self.dials}.log")],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            sess, isp_dev = self._session(), self._isp_ppp_device()
+            if sess is not None and isp_dev is not None and self._ppp_ready(isp_dev):
+                break
+            pppd = self.procs["pppd"]
+            if pppd.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PPPoE session not up (pppd {pppd.returncode}):\n{self.ppp_logs()}")
+            time.sleep(0.2)
+        self.sh("rt", ["ip", "-6", "addr", "add", f"{V6['rt_ppp']}/128", "dev", PPP, "nodad"])
+        self.sh("rt", ["ip", "-6", "route", "replace", "default", "dev", PPP])
+        self.sh("isp", ["ip", "-6", "addr", "add", f"{V6['isp_ppp']}/128", "dev", isp_dev, "nodad"])
+        for prefix in (*LAN6_PREFIXES, f"{V6['rt_ppp']}/128"):
+            self.sh("isp", ["ip", "-6", "route", "replace", prefix, "dev", isp_dev])
+        self.session = sess
+        return sess
+
+    def hang_up(self, timeout: float = 30.0) -> None:
+        """End the router's pppd (it sends LCP terminate and PADT) and wait until the session
+        and the ISP's end of it are gone."""
+        pppd = self.procs.pop("pppd", None)
+        if pppd is not None:
+            _end(pppd)
+        deadline = time.monotonic() + timeout
+        while self._session() is not None or self._isp_ppp_device() is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PPPoE session still there after hang-up:\n{self.ppp_logs()}")
+            time.sleep(0.2)
+        self.session = None
+
+    def redial(self) -> tuple[Session, Session]:
+        """Hang up and dial again: (old session, new session)."""
+        old = self.session
+        assert old is not None, "no session to re-dial"
+        self.hang_up()
+        return old, self.dial()
+
+    def _session(self) -> Session | None:
+        """The router's PPPoE session from its /proc/net/pppoe (Id, Address, Device)."""
+        out = self.sh("rt", ["cat", "/proc/net/pppoe"], check=False).stdout.splitlines()[1:]
+        for line in out:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] == WAN_VLAN:
+                # the kernel prints the session id as it is on the wire (network order)
+                sid = socket.ntohs(int(parts[0], 16) & 0xFFFF)
+                if sid and self._link_up("rt", PPP):
+                    return Session(sid=sid, ac_mac=parts[1].lower(), device=parts[2])
+        return None
+
+    def _isp_ppp_device(self) -> str | None:
+        links = json.loads(self.sh("isp", ["ip", "-j", "link", "show", "type", "ppp"]).stdout or "[]")
+        return links[0]["ifname"] if links else None
+
+    def _link_up(self, role: str, dev: str) -> bool:
+        res = self.sh(role, ["ip", "-j", "addr", "show", "dev", dev], check=False)
+        if res.returncode != 0:
+            return False
+        info = json.loads(res.stdout)[0]
+        return "UP" in info.get("flags", []) and any(a["family"] == "inet" for a in info.get("addr_info", []))
+
+    def _ppp_ready(self, isp_dev: str) -> bool:
+        """IPv4 on both ends and IPv6 link-local addresses (ipv6cp done) on both."""
+        for role, dev in (("rt", PPP), ("isp", isp_dev)):
+            res = self.sh(role, ["ip", "-j", "addr", "show", "dev", dev], check=False)
+            if res.returncode != 0:
+                return False
+            fams = {(a["family"], a.get("scope")) for a in json.loads(res.stdout)[0].get("addr_info", [])}
+            if ("inet", "global") not in fams or ("inet6", "link") not in fams:
+                return False
+        return True
+
+    def ppp_logs(self) -> str:
+        out = []
+        for path in sorted(self.workdir.glob("*.log")) + sorted(self.workdir.glob("*.out")):
+            text = path.read_text(errors="replace")
+            out.append(f"--- {path.name}\n{text[-2000:]}")
+        return "\n".join(out)
+
+    # ---- the LAN -----------------------------------------------------------------------------
+
+    def roam(self, to: str = "lan2") -> None:
+        """Move c1 to ``to`` (lan1 or lan2) as a roaming wireless client moves: the port it
+        left stays up; its frames start arriving on the other one. One ping to the router,
+        as a client speaks up after associating, makes the router's bridge learn the move at
+        once rather than at c1's next packet of the transfer."""
+        if to not in LAN_PORTS:
+            raise ValueError(f"roam to lan1 or lan2, not {to!r}")
+        leave, join = ("eth0", "wlan0") if to == "lan2" else ("wlan0", "eth0")
+        self.sh("c1", ["ip", "link", "set", leave, "nomaster"])
+        self.sh("c1", ["ip", "link", "set", join, "master", "br0"])
+        self.sh("c1", ["ping", "-c", "1", "-W", "1", V4["rt_lan"]], check=False)
+
+    def fdb_port(self, mac: str = C1_MAC) -> str | None:
+        """The router's bridge port where ``mac`` is learned (VLAN 1), if any."""
+        out = json.loads(self.sh("rt", ["bridge", "-j", "fdb", "show", "br", "br-lan"]).stdout or "[]")
+        for entry in out:
+            if entry.get("mac") == mac and entry.get("vlan", 1) == 1 and "self" not in entry.get("flags", []):
+                return entry.get("ifname")
+        return None
+
+    # ---- nftables --------------------------------------------------------------------------
+
+    def nft(self, script: str, timeout: float = 120) -> None:
+        res = subprocess.run(["ip", "netns", "exec", self.ns["rt"], "nft", "-f", "-"], input=script,
+                             capture_output=True, text=True, timeout=timeout)
+        if res.returncode != 0:
+            raise RuntimeError(f"nft failed: {res.stderr.strip()}\n{script}")
+
+    def kernel_flowtable(self) -> None:
+        """Flow offloading as fw4 sets it up: a flowtable on the real ports under br-lan and
+        pppoe-wan (the ingress hook sits on the devices frames arrive on) and ``flow add`` for
+        TCP and UDP at the head of the forward chain."""
+        devices = ", ".join(f'"{d}"' for d in (*LAN_PORTS, WAN))
+        self.nft(f"add flowtable inet fw4 ft {{ hook ingress priority 0; devices = {{ {devices} }}; "
+                 "counter; }\n"
+                 "add rule inet fw4 flow_offload meta l4proto { tcp, udp } flow add @ft\n")
+
+    def mss_clamp(self, on: bool) -> None:
+        rules = "".join(f"add rule inet fw4 mtu_fix {d} \"{PPP}\" tcp flags syn / fin,syn,rst "
+                        "tcp option maxseg size set rt mtu\n" for d in ("oifname", "iifname"))
+        self.nft("flush chain inet fw4 mtu_fix\n" + (rules if on else ""))
+
+    def nft_counter(self, name: str) -> tuple[int, int]:
+        """(packets, bytes) of a named counter of the router's forward chain."""
+        out = self.sh("rt", ["nft", "-j", "list", "counter", "inet", "fw4", name]).stdout
+        for item in json.loads(out)["nftables"]:
+            if "counter" in item:
+                return item["counter"]["packets"], item["counter"]["bytes"]
+        raise AssertionError(f"no counter {name}")
+
+    # ---- teardown --------------------------------------------------------------------------
+
+    def stop_ppp(self) -> None:
+        """End what this topology started: the router's pppd, then pppoe-server and the pppd
+        processes it spawned for sessions (its children), each by PID."""
+        pppd = self.procs.pop("pppd", None)
+        if pppd is not None:
+            _end(pppd)
+        server = self.procs.pop("pppoe-server", None)
+        if server is not None:
+            kids = _descendants(server.pid)
+            _end(server)
+            for pid in kids:
+                _kill_pid(pid)
+
+
+def _pairs(options: tuple[str, ...]) -> list[str]:
+    """pppd options as option-file lines: an option and its value on one line."""
+    takes_value = {"mtu", "mru", "lcp-echo-interval", "lcp-echo-failure", "ip-up-script", "ip-down-script"}
+    lines, i = [], 0
+    while i < len(options):
+        if options[i] in takes_value:
+            lines.append(f"{options[i]} {options[i + 1]}")
+            i += 2
+        else:
+            lines.append(options[i])
+            i += 1
+    return lines
+
+
+def _in(ns: str) -> list[str]:
+    """Run in ``ns``'s network namespace only (nsenter execs the program: the Popen's PID is
+    the program's own, so it can be ended by that PID)."""
+    return ["nsenter", f"--net={netns.NETNS_RUN_DIR}/{ns}", "--"]
+
+
+def _end(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs under ``pid`` (pppoe-server's pppd per session and the pppoe program under each),
+    parents first."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                kids = [int(p) for p in task.read_text().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+def _kill_pid(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _veth(ns_a: str, a: str, ns_b: str, b: str, *, ethtool: str | None = TEST_OFFLOADS) -> None:
+    """A veth pair made inside ``ns_a`` (so nothing appears on the host, not even for a moment)
+    with its ``b`` end moved to ``ns_b``; both up, both with the test offload settings."""
+    tmp = "pft-tmp-peer"
+    netns.run(ns_a, ["ip", "link", "add", a, "type", "veth", "peer", "name", tmp])
+    netns.run(ns_a, ["ip", "link", "set", "dev", tmp, "netns", ns_b])
+    netns.run(ns_b, ["ip", "link", "set", "dev", tmp, "name", b])
+    for ns, dev in ((ns_a, a), (ns_b, b)):
+        netns.run(ns, ["ip", "link", "set", "dev", dev, "up"])
+        if ethtool:
+            netns.run(ns, ["ethtool", "-K", dev, *ethtool.split()], check=False)
+
+
+def _build(ns: dict[str, str]) -> None:
+    run = netns.run
+    for name in ns.values():
+        # usable at once (tests/support/topology.py: link-local DAD would hold IPv6 back)
+        run(name, "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0")
+    rt, c1, c2, ap, isp, inet = (ns[r] for r in ROLES[3:4] + ROLES[0:3] + ROLES[4:])
+    _veth(rt, "lan1", c1, "eth0")
+    _veth(rt, "lan2", ap, "uplink")
+    _veth(ap, "c2", c2, "eth0")
+    _veth(ap, "c1", c1, "wlan0")
+    _veth(rt, WAN, isp, "cpe")
+    _veth(isp, "inet", inet, "eth0")
+
+    # the router's LAN bridge with VLAN filtering, as OpenWrt's bridge-vlan sections make it
+    run(rt, "ip link add br-lan type bridge vlan_filtering 1")
+    for port in LAN_PORTS:
+        run(rt, f"ip link set {port} master br-lan")
+        run(rt, f"bridge vlan add dev {port} vid {LAN_VID}")
+    run(rt, f"bridge vlan add dev br-lan vid {LAN_VID} self")
+    run(rt, "ip link set br-lan up")
+    run(rt, f"ip link add link br-lan name br-lan.{LAN_VID} type vlan id {LAN_VID}")
+    run(rt, f"ip link set br-lan.{LAN_VID} up")
+    run(rt, f"ip link add link {WAN} name {WAN_VLAN} type vlan id {WAN_VID}")
+    run(rt, f"ip link set {WAN_VLAN} up")
+
+    # c1: one MAC on a bridge of its own, cabled to lan1 (eth0) now, to ap (wlan0) later
+    run(c1, "ip link add br0 type bridge")
+    run(c1, f"ip link set br0 address {C1_MAC}")
+    run(c1, "ip link set eth0 master br0")
+    run(c1, "ip link set br0 up")
+    run(c1, f"ip link add link br0 name br0.{LAN_VID} type vlan id {LAN_VID}")
+    run(c1, f"ip link set br0.{LAN_VID} up")
+    # ap: a plain switch (no VLAN filtering: tagged frames pass as they are)
+    run(ap, "ip link add br0 type bridge")
+    for port in ("uplink", "c2", "c1"):
+        run(ap, f"ip link set {port} master br0")
+    run(ap, "ip link set br0 up")
+    run(isp, f"ip link add link cpe name {ISP_VLAN} type vlan id {WAN_VID}")
+    run(isp, f"ip link set {ISP_VLAN} up")
+
+    addrs = [(rt, "br-lan", "rt_lan", 24, 64), (rt, f"br-lan.{LAN_VID}", "rt_vlan", 24, 64),
+             (c1, "br0", "c1", 24, 64), (c1, f"br0.{LAN_VID}", "c1_vlan", 24, 64),
+             (c2, "eth0", "c2", 24, 64), (isp, "inet", "isp_inet", 24, 64), (inet, "eth0", "inet", 24, 64)]
+    for name, dev, key, p4, p6 in addrs:
+        run(name, ["ip", "addr", "add", f"{V4[key]}/{p4}", "dev", dev])
+        run(name, ["ip", "-6", "addr", "add", f"{V6[key]}/{p6}", "dev", dev, "nodad"])
+    for name in (rt, isp):
+        run(name, "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
+    for name, v4, v6 in ((c1, V4["rt_lan"], V6["rt_lan"]), (c2, V4["rt_lan"], V6["rt_lan"]),
+                         (inet, V4["isp_inet"], V6["isp_inet"])):
+        run(name, ["ip", "route", "add", "default", "via", v4])
+        run(name, ["ip", "-6", "route", "add", "default", "via", v6])
+    # c1's VLAN 20 address reaches the internet through the router's leg in VLAN 20
+    run(c1, ["ip", "rule", "add", "from", V4["c1_vlan"], "table", "20"])
+    run(c1, ["ip", "route", "add", "default", "via", V4["rt_vlan"], "table", "20"])
+    run(c1, ["ip", "-6", "rule", "add", "from", V6["c1_vlan"], "table", "20"])
+    run(c1, ["ip", "-6", "route", "add", "default", "via", V6["rt_vlan"], "table", "20"])
+    res = subprocess.run(["ip", "netns", "exec", rt, "nft", "-f", "-"], input=FW4_RULES,
+                         capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise RuntimeError(f"nft rules failed: {res.stderr.strip()}")
+
+
+def missing_tools() -> str | None:
+    """What the topology needs and this system lacks, or None."""
+    for tool, package in (("pppd", "ppp"), ("pppoe-server", "pppoe"), ("bridge", "iproute2")):
+        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
+            return f"{tool} not installed (Debian package {package}; make lab-setup)"
+    if not any(Path("/usr/lib/pppd").glob("*/rp-pppoe.so")):
+        return "pppd's rp-pppoe plugin not installed (Debian package ppp)"
+    return None
+
+
+@contextlib.contextmanager
+def openwrt(*, dial: bool = True) -> Iterator[OpenWrt]:
+    """The topology, with the PPPoE session up when ``dial``; everything removed on exit."""
+    with contextlib.ExitStack() as stack:
+        names = stack.enter_context(netns.namespaces(*(f"ow{r}" for r in ROLES)))
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pft-openwrt-")))
+        topo = OpenWrt(ns=dict(zip(ROLES, names, strict=True)), workdir=workdir)
+        stack.callback(topo.stop_ppp)
+        _build(topo.ns)
+        topo.start_isp()
+        if dial:
+            topo.dial()
+        yield topo
+

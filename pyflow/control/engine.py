@@ -342,10 +342,11 @@ class Engine:
         return path
 
     def _adopt(self, ident: tuple, conn: Conn, path: Path, kb: tuple[bytes, bytes],
-               entries: tuple[Keys, Actions] | None) -> None:
+               entries: tuple[Keys, Actions] | None, now: int | None = None) -> None:
         """Entries are in the map (and conntrack was told before, see _claim): record it."""
-        now = self.clock()
-        off = Offloaded(conn, path, now, key_bytes=kb, _source=conn, _entries=entries)
+        if now is None:
+            now = self.clock()
+        off = Offloaded(conn, path, now, keys_raw=kb[0] + kb[1], _source=conn, _entries=entries)
         self.offloaded[ident] = off
         self.slots.take(off, last_seen_ns=now,
                         deadline_ns=keepalive.first_deadline(now, self.config.conntrack_timeout_s))
@@ -410,8 +411,9 @@ class Engine:
         if len(batch) > 1:
             keys, values, kbs = self._entry_bytes(batch)
             if self.map.insert_many(keys, values, kbs, "install"):
+                now = self.clock()  # one time (one int object) for the whole batch
                 for n, (ident, conn, path) in enumerate(batch):
-                    self._adopt(ident, conn, path, kbs[n], None)
+                    self._adopt(ident, conn, path, kbs[n], None, now)
                 return
         for ident, conn, path in batch:
             self._install(ident, conn, path)

@@ -124,8 +124,7 @@ class Slots:
         """off's entries were written anew (keys in off.key_bytes): their counters restart at
         zero, so does the slot's count."""
         slot = off.slot
-        ko, kr = off.key_bytes
-        ffi.memmove(self.keys + slot * 2 * KEY_SIZE, ko + kr, 2 * KEY_SIZE)
+        ffi.memmove(self.keys + slot * 2 * KEY_SIZE, off.keys_raw, 2 * KEY_SIZE)
         self.conns[slot].packets = 0
 
     def held(self, off: Offloaded, deadline_ns: int) -> None:

@@ -413,7 +413,9 @@ class Offloaded:
     packets: int = 0  # flower rules only: both directions, at the last tick
     last_seen_ns: int = 0  # flower rules only (and a flow's start until it has a slot)
     ct_deadline_ns: int = 0  # flower rules only: when conntrack's timeout as last written runs out
-    key_bytes: tuple[bytes, bytes] = field(default=(b"", b""), repr=False)  # as in the map
+    # both keys as in the map, in one bytes object (original direction, then reply): one
+    # object instead of three saves about 90 bytes a connection (see key_bytes)
+    keys_raw: bytes = field(default=b"", repr=False)
     slot: int = field(default=-1, repr=False)  # in the keep-alive slots (keepalive.Slots)
     _source: Conn | None = field(default=None, repr=False)  # the conn the entries were built from
     _entries: tuple[Keys, Actions] | None = field(default=None, repr=False)  # when built already
@@ -435,10 +437,17 @@ class Offloaded:
             return self._entries
         return entries_of(self._source if self._source is not None else self.conn, self.path)
 
+    @property
+    def key_bytes(self) -> tuple[bytes, bytes]:
+        """The two keys as in the map: (original direction, reply direction)."""
+        raw = self.keys_raw
+        half = len(raw) // 2
+        return raw[:half], raw[half:]
+
     def written(self, source: Conn, path: Path, kb: tuple[bytes, bytes],
                 entries: tuple[Keys, Actions] | None) -> None:
         """New entries (or rules) were written for this connection: from source along path."""
-        self._source, self.path, self.key_bytes, self._entries = source, path, kb, entries
+        self._source, self.path, self.keys_raw, self._entries = source, path, kb[0] + kb[1], entries
 
     def source_fields(self) -> Fields:
         """The constructor arguments of the entries as written."""

@@ -152,7 +152,7 @@ class HwPlacement:
         if ids is None:
             return None
         now = self.clock()
-        off = Offloaded(conn, path, now, last_seen_ns=now, key_bytes=(key_bytes(keys[0]), key_bytes(keys[1])),
+        off = Offloaded(conn, path, now, last_seen_ns=now, keys_raw=key_bytes(keys[0]) + key_bytes(keys[1]),
                         _source=conn, _entries=(keys, actions), hw=True, hw_rules=ids)
         self.flows[ident] = off
         self.stats.hw_offloaded += 1

@@ -110,6 +110,19 @@ class CountedFlowTable(FlowTable):
     there instead of walking the whole map again (0.26 s at 100k connections)."""
 
     entries_seen = 0
+    _memory = 0
+
+    def memory(self) -> int:
+        """The map's kernel memory (FlowTable.memory_bytes), read once: all of max_entries is
+        preallocated, so it does not change with the entries. Any thread may ask."""
+        if not self._memory:
+            self._memory = self.memory_bytes()
+        return self._memory
+
+    def flow_map(self) -> dict[str, int]:
+        """What status shows of the map: capacity, its kernel memory, and the entries the
+        last keep-alive tick counted. Plain reads: any thread may ask."""
+        return {"entries": self.entries_seen, "capacity": self.max_entries, "memory_bytes": self.memory()}
 
     def read_counters(self) -> Counters:
         counters = super().read_counters()
@@ -394,7 +407,7 @@ class ControlPlane:
         return LoopStats(
             offloaded=offloaded,
             flow_map=FlowMapStats.of(len(self.flows.read_counters()) if fresh else self.flows.entries_seen,
-                                     self.flows.max_entries),
+                                     self.flows.max_entries, self.flows.memory()),
             fast_path=Traffic(*fast),
             slow_path={name: Traffic(p, b) for name, (p, b) in reasons.items()},
             conntrack=ConntrackStats(events=dict(self.ct_events), lost_events=self.ct.lost_events,

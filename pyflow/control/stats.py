@@ -63,10 +63,12 @@ class FlowMapStats:
     entries: int = 0
     capacity: int = 0
     pressure: float = 0.0  # entries / capacity, rounded to 6 places (0 for no capacity)
+    # kernel memory of the map: all of capacity is preallocated, whatever the entries
+    memory_bytes: int = 0
 
     @classmethod
-    def of(cls, entries: int, capacity: int) -> FlowMapStats:
-        return cls(entries, capacity, round(entries / capacity, 6) if capacity else 0.0)
+    def of(cls, entries: int, capacity: int, memory_bytes: int = 0) -> FlowMapStats:
+        return cls(entries, capacity, round(entries / capacity, 6) if capacity else 0.0, memory_bytes)
 
 
 @dataclass(frozen=True)

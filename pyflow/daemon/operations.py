@@ -285,7 +285,12 @@ class Operations:
         return views.status(self.config, uptime_s=time.time() - self.started, attached=len(self.attached()),
                             failed=self.devices.failed, offloaded=self.cp.offloaded_count,
                             loop_lag_s=time.monotonic() - self.cp.last_turn,
-                            tracking=self.tracking.state.to_json())
+                            tracking=self.tracking.state.to_json(), flow_map=self._flow_map())
+
+    def _flow_map(self) -> dict[str, int] | None:
+        """The flow map's size and memory for status (None before the loop made its table)."""
+        flows = getattr(self.cp, "flows", None)
+        return flows.flow_map() if flows is not None else None
 
     def handlers(self) -> dict[str, Handler]:
         """The control socket's commands: name -> handler of the request's args."""

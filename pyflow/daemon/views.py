@@ -165,7 +165,8 @@ def flow_list(records: Iterable[FlowRecord], names: Mapping[int, str],
 # ---- the daemon ---------------------------------------------------------------------------
 
 def status(config: Config, *, uptime_s: float, attached: int, failed: Iterable[str], offloaded: int,
-           loop_lag_s: float, tracking: dict[str, Any] | None = None) -> dict[str, Any]:
+           loop_lag_s: float, tracking: dict[str, Any] | None = None,
+           flow_map: dict[str, int] | None = None) -> dict[str, Any]:
     d = config.daemon
     return {
         "version": __version__,
@@ -179,6 +180,8 @@ def status(config: Config, *, uptime_s: float, attached: int, failed: Iterable[s
         "devices": attached,
         "failed_devices": sorted(failed),
         "offloaded": offloaded,
+        # {entries (at the last tick), capacity, memory_bytes (kernel memory, preallocated)}
+        "flow_map": flow_map,
         "loop_lag_seconds": round(max(0.0, loop_lag_s), 3),
         # conntrack's tracking of forwarded traffic here: {wanted, ensured, on, source, error}
         "tracking": tracking,

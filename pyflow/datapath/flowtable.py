@@ -290,6 +290,14 @@ class Counters:
         return dict(self.rows())
 
 
+def estimated_memory(max_entries: int) -> int:
+    """The kernel memory of a preallocated flow map of max_entries (FlowTable.memory_bytes
+    when the kernel does not say): per element its 48-byte header, the key and the value
+    (each rounded to 8 bytes), per bucket 16 bytes, buckets a power of two."""
+    elem = 48 + (KEY_SIZE + 7) // 8 * 8 + (FLOW_SIZE + 7) // 8 * 8
+    return max_entries * elem + (1 << max(0, max_entries - 1).bit_length()) * 16
+
+
 class FlowTable:
     """A kernel flow map (``struct pyflow_flow_key`` -> ``struct pyflow_flow``) by its fd.
 
@@ -490,6 +498,21 @@ class FlowTable:
     def read_counters(self) -> Counters:
         """Every key with its counters (the dump, keeping only the counters part in C)."""
         return Counters(*self._walk("read_counters", lib.pyflow_ft_read_counters, COUNTERS_TYPE))
+
+    def memory_bytes(self) -> int:
+        """Kernel memory the map holds: what the kernel accounts for it (the map fd's
+        ``memlock`` line), else an estimate. A hash map preallocates all of max_entries:
+        each element is the kernel's 48-byte header with the key and the value, plus a
+        16-byte bucket per entry rounded up to a power of two."""
+        self._check()
+        try:
+            with open(f"/proc/self/fdinfo/{self._fd}") as f:
+                for line in f:
+                    if line.startswith("memlock:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return estimated_memory(self.max_entries)
 
     def count(self) -> int:
         """Entries in the map. A full walk (no cheap count exists for hash maps): O(entries)."""

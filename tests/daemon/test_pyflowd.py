@@ -194,7 +194,12 @@ def test_status_and_devices(env):
     assert st["state_dir"] == str(d.state_dir) and st["bpffs_dir"] == d.bpffs
     assert st["metrics_address"] == f"127.0.0.1:{METRICS_PORT}" and st["devices"] == 2
     assert set(st) == {"version", "pid", "uptime_seconds", "config", "socket", "metrics_address", "state_dir",
-                       "bpffs_dir", "devices", "failed_devices", "offloaded", "loop_lag_seconds", "tracking"}
+                       "bpffs_dir", "devices", "failed_devices", "offloaded", "flow_map", "loop_lag_seconds",
+                       "tracking"}
+    # the flow map's kernel memory: all of its capacity preallocated, about 224 bytes an entry
+    fm = st["flow_map"]
+    assert fm["capacity"] == 262144 and 200 * 262144 < fm["memory_bytes"] < 260 * 262144, fm
+    assert re.search(r"^flow_map\.memory_bytes\s+\d+$", d.ctl("status").stdout, re.M)
     # r1 runs a ruleset with ct rules, and pyflowd holds its own table too
     assert st["tracking"] == {"wanted": True, "ensured": True, "on": True, "source": "pyflow", "error": None}
     devs = {x["name"]: x for x in d.json("devices")["devices"]}

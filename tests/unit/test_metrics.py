@@ -11,7 +11,7 @@ from pyflow.daemon.stats import DeviceCounts, ShapedDevice, Stats
 STATS = Stats.of(
     LoopStats(
         offloaded={"ipv4": {"software": 3, "hardware": 1}, "ipv6": {"software": 0, "hardware": 0}},
-        flow_map=FlowMapStats.of(6, 1024),
+        flow_map=FlowMapStats.of(6, 1024, 229376),
         fast_path=Traffic(10, 15000),
         slow_path={"miss": Traffic(4, 400)},
         conntrack=ConntrackStats(events={"new": 5, "update": 7, "destroy": 2}, lost_events=1,
@@ -37,6 +37,7 @@ def test_samples_carry_the_snapshot():
     assert m["pyflow_up"] == 1
     assert m['pyflow_offloaded_flows{family="ipv4",placement="hardware"}'] == 1
     assert m["pyflow_fastpath_bytes_total"] == 15000
+    assert m["pyflow_flow_map_memory_bytes"] == 229376
     assert m['pyflow_slowpath_packets_total{reason="miss"}'] == 4
     assert m['pyflow_conntrack_events_total{type="destroy"}'] == 2
     assert m["pyflow_conntrack_event_overruns_total"] == 1 and m["pyflow_resyncs_total"] == 2
@@ -70,7 +71,8 @@ def test_pyflowctl_stats_reads_the_same_snapshot():
     js = STATS.to_json()
     assert set(js) == {"offloaded", "flow_map", "fast_path", "slow_path", "conntrack", "engine", "devices",
                        "tracking"}
-    assert js["flow_map"] == {"entries": 6, "capacity": 1024, "pressure": round(6 / 1024, 6)}
+    assert js["flow_map"] == {"entries": 6, "capacity": 1024, "pressure": round(6 / 1024, 6),
+                              "memory_bytes": 229376}
     assert js["slow_path"] == {"miss": {"packets": 4, "bytes": 400}}
     assert js["fast_path"] == {"packets": 10, "bytes": 15000}
     assert js["conntrack"] == {"events": {"new": 5, "update": 7, "destroy": 2}, "lost_events": 1,

@@ -31,6 +31,9 @@ class Flows:
         self.reads += 1
         return [None] * self.entries_seen
 
+    def memory(self) -> int:
+        return 224000  # read once, like the real table's (all of max_entries is preallocated)
+
 
 def _plane() -> ControlPlane:
     cp = ControlPlane(datapath=SimpleNamespace(reason_counts=lambda: {"forwarded": (5, 500)}))  # type: ignore[arg-type]

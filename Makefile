@@ -9,7 +9,7 @@ PY_SYS := /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
 KVER := $(shell uname -r)
-APT_PACKAGES := clang llvm libbpf-dev bpftool python3-bpfcc python3-venv iproute2 nftables conntrack \
+APT_PACKAGES := clang llvm libbpf-dev libmnl-dev bpftool python3-bpfcc python3-venv iproute2 nftables conntrack \
 	ethtool socat iperf3 tcpdump iputils-ping gcc make systemd curl
 PYTEST_ARGS ?=
 

@@ -68,7 +68,8 @@ def make_ffi() -> FFI:
         '#include "pyflow_abi.h"\n#include "pyflow_native.h"\n',
         sources=NATIVE_SOURCES,  # relative: setuptools refuses absolute source paths
         include_dirs=[str(ABI_HEADER.parent), str(NATIVE_HEADER.parent), *multiarch_include()],
-        libraries=["bpf"],  # csrc/loader.c: the prebuilt datapath object
+        # libbpf: csrc/loader.c (the prebuilt datapath object); libmnl: csrc/ctfeed.c (ctnetlink)
+        libraries=["bpf", "mnl"],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],
     )
     return ffi

@@ -166,4 +166,90 @@ int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t
 		   int64_t idle_ns, int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout);
 /* ==== end of keep-alive section ============================================= */
 
+/* ==== conntrack feed (csrc/ctfeed.c, libmnl) ==================================
+ * ctnetlink datagrams decoded into one struct pyflow_ct_entry per entry. mode EVENTS:
+ * NEW/UPDATE/DESTROY messages, those sent by skip_portid (the echo of our own changes;
+ * 0: none) left out. mode DUMP: the CT_NEW answers of request seq; NLMSG_DONE sets
+ * res->done, an NLMSG_ERROR res->err (positive errno). Entries are appended at
+ * out[res->n] (res->n counts up: zero res before the first call); -ENOSPC when out is
+ * full before the datagram ends. Messages that are not entries are counted, never
+ * an error: res->ignored (another family, protocol or message type), res->malformed
+ * (a tuple missing or broken, a truncated header). */
+#define PYFLOW_CT_EVENTS 0
+#define PYFLOW_CT_DUMP 1
+#define PYFLOW_CT_DUMPED 0 /* entry.event of a dumped entry */
+#define PYFLOW_CT_NEW 1
+#define PYFLOW_CT_UPDATE 2
+#define PYFLOW_CT_DESTROY 3
+#define PYFLOW_CT_HAS_TCP_STATE 1 /* entry.has: which optional fields the message carried */
+#define PYFLOW_CT_HAS_TIMEOUT 2
+#define PYFLOW_CT_HAS_ID 4
+/* Fewest bytes a message that is an entry takes in a datagram (headers and two minimal
+ * tuples): a datagram of len bytes holds at most len / PYFLOW_CT_MIN_ENTRY + 1 entries. */
+#define PYFLOW_CT_MIN_ENTRY 120
+#define PYFLOW_NL_NO_ANSWER -1 /* pyflow_nl_batch: no ACK or error came for this message */
+
+struct pyflow_ct_entry {
+	uint32_t status;
+	uint32_t mark;
+	uint32_t timeout; /* seconds left; valid when has & PYFLOW_CT_HAS_TIMEOUT */
+	uint32_t id;      /* valid when has & PYFLOW_CT_HAS_ID */
+	uint16_t zone;
+	uint16_t orig_sport; /* ports in host order */
+	uint16_t orig_dport;
+	uint16_t reply_sport;
+	uint16_t reply_dport;
+	uint8_t event; /* PYFLOW_CT_DUMPED, _NEW, _UPDATE, _DESTROY */
+	uint8_t family;
+	uint8_t proto;
+	uint8_t tcp_state; /* valid when has & PYFLOW_CT_HAS_TCP_STATE */
+	uint8_t has;
+	uint8_t helper_len; /* 0: no helper (or one without a name) */
+	uint8_t orig_src[16]; /* network order; IPv4 in the first 4 bytes, the rest 0 */
+	uint8_t orig_dst[16];
+	uint8_t reply_src[16];
+	uint8_t reply_dst[16];
+	char helper[32]; /* helper_len bytes, not NUL-terminated */
+};
+
+struct pyflow_ct_result {
+	uint32_t n;         /* entries in out */
+	uint32_t messages;  /* netlink messages walked */
+	uint32_t datagrams; /* datagrams received (pyflow_ct_recv) */
+	uint32_t echoes;    /* messages of skip_portid left out */
+	uint32_t ignored;
+	uint32_t malformed;
+	uint32_t done;      /* DUMP: NLMSG_DONE of seq seen */
+	int32_t err;        /* DUMP: errno of an NLMSG_ERROR; recv: ENOBUFS (overrun), EMSGSIZE */
+	uint32_t more;      /* recv: stopped at max_datagrams or for room, more may be queued */
+};
+
+int pyflow_ct_decode(const void *buf, uint32_t len, uint32_t mode, uint32_t seq, uint32_t skip_portid,
+		     struct pyflow_ct_entry *out, uint32_t cap, struct pyflow_ct_result *res);
+/* Receives (non-blocking) and decodes datagrams into buf (bufsize bytes) until none is
+ * queued, max_datagrams were read, out may not hold another datagram's entries, or
+ * (DUMP) done/err. -ENOBUFS after an overrun (res->err set, entries before it kept). */
+int pyflow_ct_recv(int fd, void *buf, uint32_t bufsize, uint32_t max_datagrams, uint32_t mode, uint32_t seq,
+		   uint32_t skip_portid, struct pyflow_ct_entry *out, uint32_t cap, struct pyflow_ct_result *res);
+/* Reads and drops what is queued (overruns meanwhile counted); 0 once empty, -EAGAIN
+ * if still not empty after max_datagrams. */
+int pyflow_ct_drain(int fd, void *buf, uint32_t bufsize, uint32_t max_datagrams, uint64_t *messages,
+		    uint32_t *overruns);
+
+/* n netlink requests (msgs: len bytes, sequence numbers first_seq .. first_seq + n - 1,
+ * each asking for an ACK) in one sendmsg(), then their answers: errs[i] = 0 (done), the
+ * positive errno of the refusal, or PYFLOW_NL_NO_ANSWER. -ETIMEDOUT when answers are
+ * still missing after timeout_ms; after a receive overrun (answers dropped by the kernel)
+ * returns 0 with res->overrun set once the queue is read. */
+struct pyflow_nl_batch_result {
+	uint32_t sent;
+	uint32_t answered;
+	uint32_t datagrams;
+	uint32_t overrun;
+};
+
+int pyflow_nl_batch(int fd, const void *msgs, uint32_t len, uint32_t first_seq, uint32_t n, void *buf,
+		    uint32_t bufsize, int32_t timeout_ms, int32_t *errs, struct pyflow_nl_batch_result *res);
+/* ==== end of conntrack feed section ========================================= */
+
 #endif /* PYFLOW_NATIVE_H */

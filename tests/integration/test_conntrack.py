@@ -35,6 +35,7 @@ from pyflow.control.model import (
 )
 from pyflow.errors import PyflowError
 from pyflow.netlink import uapi, wire
+from pyflow.netlink.sock import NetlinkSocket, group_mask
 from tests import netns
 
 pytestmark = pytest.mark.root
@@ -555,3 +556,152 @@ def test_parse_tolerates_missing_and_broken_attributes() -> None:
         broken = bytearray(full)
         broken[cut] ^= 0xFF
         ctmod._parse(broken, 0, len(broken))
+
+
+# -- the C decoder on what the kernel sends; batched changes ---------------
+
+
+def _raw_datagrams(s: NetlinkSocket, limit: float = 0.5) -> list[bytes]:
+    out: list[bytes] = []
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            n = s.recv()
+        except BlockingIOError:
+            if out and not s.wait(0.1):
+                break
+            continue
+        out.append(bytes(s.buf[:n]))
+    return out
+
+
+def _raw_dump(s: NetlinkSocket) -> tuple[int, list[bytes]]:
+    seq = s.next_seq()
+    s.send(wire.request(ctmod._MSG_GET, uapi.NLM_F_REQUEST | uapi.NLM_F_DUMP, seq,
+                        ctmod._nfgen(socket.AF_UNSPEC)))
+    out = []
+    while True:
+        n = s.recv_within(2.0)
+        out.append(bytes(s.buf[:n]))
+        if any(t == uapi.NLMSG_DONE for t, *_ in wire.messages(s.buf, n)):
+            return seq, out
+
+
+def test_c_decoder_reads_what_the_kernel_sends_as_the_reference_does(lab: Lab) -> None:
+    """Events and dump datagrams of TCP/UDP, IPv4/IPv6, NAT, zones, marks, DESTROY, read raw
+    from the kernel: the C decoder gives what the Python reference gives. With
+    PYFLOW_RECORD_CTNETLINK=<file> they are written there (tests/unit/data/ctnetlink.hex)."""
+    import os
+
+    from pyflow.control import ctfeed
+    from tests.unit.test_ctfeed import py_dump
+
+    with netns.inside(lab.router):
+        ev = NetlinkSocket(uapi.NETLINK_NETFILTER, group_mask(uapi.NFNLGRP_CONNTRACK_NEW,
+                           uapi.NFNLGRP_CONNTRACK_UPDATE, uapi.NFNLGRP_CONNTRACK_DESTROY), rcvbuf=8 << 20)
+        req = NetlinkSocket(uapi.NETLINK_NETFILTER)
+    try:
+        conns = [tcp_connect(lab, socket.AF_INET, 5301), tcp_connect(lab, socket.AF_INET6, 5302),
+                 tcp_connect(lab, socket.AF_INET, MARKED_PORT)]
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            udp_exchange(lab, fam, ZONE_PORT)
+            udp_exchange(lab, fam, 5303, reply=False)
+        udp_exchange(lab, socket.AF_INET, ORIG_ZONE_PORT)
+        seq, dumped = _raw_dump(req)
+        lab.cli("-D", "-p", "udp", "--orig-port-dst", "5303")  # DESTROY events
+        events = _raw_datagrams(ev)
+        for c in conns:
+            c.close()
+    finally:
+        ev.close()
+        req.close()
+    feed = ctfeed.Feed(1 << 16)
+    got_events = []
+    for d in events:
+        got, res = feed.decode(d, len(d), ctfeed.EVENTS)
+        assert got == ctmod._events_of(d, len(d))
+        assert res.malformed == 0
+        got_events += got
+    kinds = {e.type for e in got_events}
+    assert kinds == {EventType.NEW, EventType.UPDATE, EventType.DESTROY}
+    zones = {e.conn.zone for e in got_events}
+    assert {ZONE, ORIG_ZONE} <= zones
+    assert any(e.conn.mark == PRESET_MARK for e in got_events)
+    got_dump = []
+    for d in dumped:
+        got, res = feed.decode(d, len(d), ctfeed.DUMP, seq)
+        assert (got, res.done, res.err) == py_dump(d, seq)
+        got_dump += got
+    assert len({(c.family, c.proto) for c in got_dump}) == 4 and res.done == 1
+    assert any(c.status & IPS_SRC_NAT and c.reply.dst == ADDR[c.family]["r_out"] for c in got_dump)
+    record = os.environ.get("PYFLOW_RECORD_CTNETLINK")
+    if record:
+        with open(record, "w") as f:
+            f.write("# ctnetlink datagrams the kernel sent (tests/integration/test_conntrack.py records "
+                    "them): kind, hex\n")
+            for d in events:
+                f.write(f"event {d.hex()}\n")
+            for d in dumped:
+                f.write(f"dump {d.hex()}\n")
+
+
+def test_batched_marks_report_each_entry_and_set_what_single_ones_do(lab: Lab) -> None:
+    ct = lab.ct(offload_mark=0x4, subscribe=False)
+    live = [tcp_connect(lab, socket.AF_INET, 5311), tcp_connect(lab, socket.AF_INET6, 5312)]
+    try:
+        sports = {c.sport for c in live}
+        ports = {udp_exchange(lab, socket.AF_INET, 5313 + i) for i in range(3)}
+        conns = [c for c in ct.dump() if c.orig.sport in sports | ports]
+        assert len(conns) == 5
+        gone = Conn(socket.AF_INET, 17, Tuple(ADDR[socket.AF_INET]["client"], ADDR[socket.AF_INET]["server"],
+                                             1, 9), Tuple(ADDR[socket.AF_INET]["server"], "198.18.2.1", 9, 1))
+        order = [conns[0], gone, *conns[1:]]
+        assert ct.mark_offloaded_many(order, True, timeout_s=3333) == [True, False, True, True, True, True]
+        after = {c.orig.sport: c for c in ct.dump() if c.orig.sport in sports | ports}
+        for c in after.values():
+            assert c.mark & 0x4 and 3300 < (c.timeout or 0) <= 3333
+        tcp = [c for c in after.values() if c.proto == 6]
+        assert len(tcp) == 2 and all(f & LIBERAL for c in tcp for f in tcp_flags(lab, c))
+        # a queue mixing kinds, answered per change in queue order
+        q = ct.changes()
+        q.refresh(conns[0], 1234)
+        q.mark_offloaded(gone, False)
+        q.mark_offloaded(conns[1], False, timeout_s=600)
+        assert len(q) == 3 and q.send() == [True, False, True] and len(q) == 0
+        after = {c.orig.sport: c for c in ct.dump()}
+        assert 1200 < (after[conns[0].orig.sport].timeout or 0) <= 1234
+        assert not after[conns[1].orig.sport].mark & 0x4
+        # more changes than one sendmsg carries: several sends, every answer kept
+        many = [conns[2]] * (ctmod.CHANGES_PER_SEND + 10) + [gone]
+        res = ct.refresh_many(many, 900)
+        assert res == [True] * (ctmod.CHANGES_PER_SEND + 10) + [False]
+        # an unexpected refusal raises, naming the entry, after the others were answered
+        # (a helper the kernel does not have, asked of an existing entry)
+        q = ct.changes()
+        q.refresh(conns[2], 800)
+        helper = wire.nest(uapi.CTA_HELP, wire.nla(uapi.CTA_HELP_NAME, b"pft-none\0"))
+        q._items.append((conns[3], helper, "set helper", ctmod._MSG_NEW))
+        with pytest.raises(ConntrackError, match="set helper"):
+            q.send()
+        assert 700 < ({c.orig.sport: c for c in ct.dump()}[conns[2].orig.sport].timeout or 0) <= 800
+    finally:
+        for c in live:
+            c.close()
+        ct.close()
+
+
+def test_overrun_grows_the_event_buffer_up_to_its_maximum(lab: Lab) -> None:
+    tiny = lab.ct(rcvbuf=4096, rcvbuf_max=16384)
+    try:
+        before = tiny.rcvbuf
+        u = lab.sock("client", socket.AF_INET, socket.SOCK_DGRAM)
+        for round_ in range(3):
+            for i in range(1500):
+                u.sendto(b"x", (ADDR[socket.AF_INET]["server"], 41000 + round_ * 1500 + i))
+            gather(tiny, lambda e: None in e)
+        u.close()
+        assert tiny.lost_events >= 2
+        assert tiny.rcvbuf_grown == 2  # 4096 -> 8192 -> 16384, then no further
+        assert tiny.rcvbuf >= 2 * before and tiny.rcvbuf == 2 * 16384
+    finally:
+        tiny.close()

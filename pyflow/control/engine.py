@@ -321,11 +321,28 @@ class Engine:
         self.stats.count(self.stats.refused, "gone")
         return False
 
+    def _claim_all(self, conns: list[Conn]) -> list[bool]:
+        """_claim for each of conns, in one sendmsg() when the adapter can batch
+        (CtNetlink.mark_offloaded_many); the same answers and counts as one by one."""
+        many = getattr(self.ct, "mark_offloaded_many", None)
+        if many is None or len(conns) < 2:
+            return [self._claim(conn) for conn in conns]
+        claimed = many(conns, True, timeout_s=self.config.conntrack_timeout_s)
+        for ok in claimed:
+            if not ok:
+                self.stats.count(self.stats.refused, "gone")
+        return claimed
+
     def _planned(self, conn: Conn, ident: tuple) -> Path | None:
         """conn's path; None (and the reason kept) if it has none."""
         try:
             path = self.planner.resolve(conn)
         except NotYet:
+            if ident not in self.pending:
+                # counted once per wait: a connection that qualifies but waits for its next
+                # hop (or for a lookup that failed, under load) is not offloaded yet, and the
+                # count says why; it is retried at every tick and when the neighbour resolves
+                self.stats.count(self.stats.refused, "neighbour_pending")
             self.pending[ident] = conn
             self.stats.pending = len(self.pending)
             return None
@@ -405,7 +422,8 @@ class Engine:
         if not batch:
             return
         self._queue, self._queued = [], set()
-        batch = [item for item in batch if self._claim(item[1])]
+        claimed = self._claim_all([item[1] for item in batch])
+        batch = [item for item, ok in zip(batch, claimed, strict=True) if ok]
         if self.rules.hw is not None:
             batch = [item for item in batch if not self._place_hw(*item)]
         if len(batch) > 1:

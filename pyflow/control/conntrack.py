@@ -175,7 +175,8 @@ class CtNetlink:
     queue empty, and reports ENOBUFS once. ``lost_events`` counts those
     overrun *occurrences*; how many messages each one lost is unknowable,
     since the kernel keeps no count. Each overrun doubles the buffer, up to
-    ``rcvbuf_max`` (``rcvbuf_grown`` counts the times). After an overrun :meth:`poll` returns
+    ``rcvbuf_max`` (default: 64 MiB or rcvbuf if larger; ``rcvbuf_grown``
+    counts the times). After an overrun :meth:`poll` returns
     the events read before it followed by ``None``, the RESYNC marker: the
     caller must reconcile from :meth:`dump`. Events still queued behind the
     overrun are discarded unread (``discarded_events`` counts them), because
@@ -196,11 +197,13 @@ class CtNetlink:
     """
 
     def __init__(self, *, rcvbuf: int = DEFAULT_RCVBUF, offload_mark: int = 0,
-                 subscribe: bool = True, batch: int = 8192, rcvbuf_max: int = DEFAULT_RCVBUF_MAX) -> None:
+                 subscribe: bool = True, batch: int = 8192, rcvbuf_max: int | None = None) -> None:
         if not 0 <= offload_mark <= 0xFFFFFFFF:
             raise ValueError(f"offload_mark must fit 32 bits: {offload_mark:#x}")
         if rcvbuf <= 0 or batch <= 0:
             raise ValueError(f"rcvbuf and batch must be positive: {rcvbuf}, {batch}")
+        if rcvbuf_max is None:
+            rcvbuf_max = max(DEFAULT_RCVBUF_MAX, rcvbuf)
         if rcvbuf_max < rcvbuf or rcvbuf_max > 0x3FFFFFFF:
             raise ValueError(f"rcvbuf_max must be at least rcvbuf ({rcvbuf}) and under 1 GiB: {rcvbuf_max}")
         self.lost_events = 0

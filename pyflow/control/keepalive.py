@@ -169,7 +169,7 @@ def tick(eng: Engine) -> None:
     verdicts = eng.slots.scan(eng.flows.read_counters(), now, idle_ns, ext_ns)
     if eng.rules.flows:
         verdicts += eng.rules.scan(now, idle_ns, ext_ns)
-    extended = 0
+    extend: list[tuple[tuple, Offloaded]] = []
     for ident, off, what in verdicts:
         if what == MISSING:
             # do not leave half a flow behind
@@ -178,10 +178,17 @@ def tick(eng: Engine) -> None:
             eng.remove(ident, "fin_rst", tell_conntrack=True)
         elif what == IDLE:
             eng.remove(ident, "idle", tell_conntrack=True)
-        elif extended < MAX_EXTENDS_PER_TICK:
-            extended += 1
-            eng.stats.refreshes += 1
-            if eng.ct.refresh(off.conn, hold):
+        elif len(extend) < MAX_EXTENDS_PER_TICK:
+            extend.append((ident, off))
+    if extend:
+        eng.stats.refreshes += len(extend)
+        many = getattr(eng.ct, "refresh_many", None)  # CtNetlink: the changes in one sendmsg()
+        if many is not None and len(extend) > 1:
+            written = many([off.conn for _i, off in extend], hold)
+        else:
+            written = [eng.ct.refresh(off.conn, hold) for _i, off in extend]
+        for (ident, off), ok in zip(extend, written, strict=True):
+            if ok:
                 eng.held(off, now + hold * 1_000_000_000)
             else:
                 eng.remove(ident, "destroyed", tell_conntrack=False)

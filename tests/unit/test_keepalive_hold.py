@@ -145,3 +145,30 @@ def test_resync_releases_what_an_earlier_process_left_holding_a_day(rig):
     assert set(eng.offloaded) == {again.ident} and ct.timeout[again.ident] == DAY
     assert sorted(ct.released) == sorted([(marked.ident, 432000), (held_udp.ident, 120)])
     assert eng.stats.removed == {"released_at_resync": 2}
+
+
+class BatchingConntrack(FakeConntrack):
+    """An adapter that sends many refreshes together (as CtNetlink.refresh_many does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches: list[int] = []
+
+    def refresh_many(self, conns, timeout_s):
+        self.batches.append(len(conns))
+        return [self.refresh(conn, timeout_s) for conn in conns]
+
+
+def test_extensions_of_a_tick_go_out_together_and_a_gone_entry_is_removed():
+    ct, flows, clock = BatchingConntrack(), FakeFlows(), Clock()
+    eng = Engine(ct, FakePaths(), flows, FakeDevices(), EngineConfig(idle_timeout_s=30), clock=clock)
+    conns = [masq_conn(proto=UDP, sport=20000 + i) for i in range(50)]
+    for conn in conns:
+        ct.table[conn.ident] = conn
+    eng.handle([CtEvent(EventType.UPDATE, conn) for conn in conns])
+    del ct.table[conns[7].ident]  # its DESTROY was lost
+    clock.now += 2 * SEC  # the write once more after the entries went in is due
+    eng.tick()
+    assert ct.batches == [50] and len(ct.refreshed) == 49
+    assert set(eng.offloaded) == {c.ident for c in conns} - {conns[7].ident}
+    assert eng.stats.removed == {"destroyed": 1}

@@ -653,10 +653,10 @@ class Planner:
     def _down(self, eg: Egress, lives_at: int) -> tuple[Egress, ManagedDevice]:
         """The Egress at the first managed layer of eg, going down, and that device.
 
-        ``lives_at``: the device a route to eg's destination leaves through (device_of); when
-        it is eg's route device, no managed layer means the destination's traffic arrives on
-        a device pyflow does not run on (ingress_not_managed), as before layers existed;
-        otherwise (policy routing sends it elsewhere) egress_not_managed."""
+        ``lives_at``: the device a route to eg's destination leaves through (device_of). When
+        it is eg's route device, no managed layer means that the destination's own traffic
+        arrives where pyflow does not run (ingress_not_managed); when policy routing sends
+        this direction elsewhere, egress_not_managed."""
         layers = eg.layers
         if not layers:  # a path of one device
             dev = self.devices.get(eg.ifindex)

@@ -368,6 +368,8 @@ def instrumented_resync(ns: str, dp: Any, cfg: Any, profile: bool, workdir: Path
     t.wrap(flows, "read_counters", "prune: read counters")
     t.wrap(engine, "prune", "prune: owned-key set")
     t.wrap(ct, "mark_offloaded", "conntrack mark (ctnetlink)")
+    if hasattr(ct, "mark_offloaded_many"):  # a pass's marks in one sendmsg()
+        t.wrap(ct, "mark_offloaded_many", "conntrack mark (ctnetlink)")
     try:
         t0 = time.perf_counter()
         engine.resync()

@@ -250,3 +250,36 @@ def test_addresses_and_ports_are_shared_objects() -> None:
     (ea,) = c_events(a)
     (eb,) = c_events(b)
     assert ea.conn.orig.src is eb.conn.orig.src and ea.conn.reply.sport is eb.conn.reply.sport
+
+
+def _tuple_nested(atype: int, conn: Conn) -> bytes:
+    """A tuple attribute built attribute by attribute, as the kernel's own nla_put calls lay it."""
+    src_attr, dst_attr, _ = ct._ADDR[conn.family]
+    t = conn.orig
+    return wire.nest(
+        atype,
+        wire.nest(uapi.CTA_TUPLE_IP, wire.nla(src_attr, socket.inet_pton(conn.family, t.src)),
+                  wire.nla(dst_attr, socket.inet_pton(conn.family, t.dst))),
+        wire.nest(uapi.CTA_TUPLE_PROTO, wire.nla(uapi.CTA_PROTO_NUM, bytes([conn.proto])),
+                  wire.nla(uapi.CTA_PROTO_SRC_PORT, struct.pack(">H", t.sport)),
+                  wire.nla(uapi.CTA_PROTO_DST_PORT, struct.pack(">H", t.dport))))
+
+
+EDGES = Tuple("0.0.0.0", "255.255.255.255", 0, 65535)
+
+
+@pytest.mark.parametrize("conn", [Conn(socket.AF_INET, 6, T4, R4), Conn(socket.AF_INET6, 17, T6, R6),
+                                  Conn(socket.AF_INET, 17, EDGES, R4)])
+def test_packed_tuple_is_the_attribute_by_attribute_one(conn: Conn) -> None:
+    for atype in (uapi.CTA_TUPLE_ORIG, uapi.CTA_TUPLE_REPLY):
+        assert ct._tuple_attr(atype, conn) == _tuple_nested(atype, conn)
+        assert ct._tuple_attr(atype, conn) == _tuple_nested(atype, conn)  # from the cache too
+
+
+@pytest.mark.parametrize("bad", [Conn(socket.AF_INET, 6, Tuple("2001:2::1", "198.18.0.1", 1, 2), R4),
+                                 Conn(socket.AF_INET6, 6, T4, R4),
+                                 Conn(socket.AF_INET, 6, Tuple("198.18.0.1", "198.18.0.2", 70000, 2), R4),
+                                 Conn(socket.AF_INET, 300, T4, R4), Conn(socket.AF_UNSPEC, 6, T4, R4)])
+def test_a_tuple_that_cannot_be_encoded_is_a_clear_error(bad: Conn) -> None:
+    with pytest.raises(ct.ConntrackError, match="cannot encode its tuple"):
+        ct._tuple_attr(uapi.CTA_TUPLE_ORIG, bad)

@@ -120,21 +120,6 @@ class Conntrack(Protocol):
 
 
 @dataclass(frozen=True)
-class Egress:
-    """Where one direction of a connection leaves and how its frames look.
-
-    The resolver's answer (PathResolver.egress) describes the whole way down: ``layers``
-    from the route's device to the lowest device it knows (a bridge's port is looked up
-    separately), the other fields as seen at the route's device (no encapsulation). The
-    planner picks the managed layer and makes the Egress at it (``egress_at``): no
-    ``layers`` then. An Egress without layers is a path of one device (what the fakes
-    give)."""
-
-    ifindex: int
-    ifname: str
-    smac: bytes  # source address of the frames (the route device's, or the PPPoE session device's)
-    dmac: bytes  # next hop's address (resolved neighbour, or the PPPoE concentrator)
-@dataclass(frozen=True)
 class Layer:
     """One device on the way from the route's device (the one conntrack and routing see:
     eth0.7, pppoe-wan, br-lan) down to the port frames leave on, with the encapsulation the
@@ -157,20 +142,27 @@ class Layer:
     refusal: tuple[str, str] | None = None
 
 
+@dataclass(frozen=True)
+class Egress:
+    """Where one direction of a connection leaves and how its frames look.
+
+    The resolver's answer (PathResolver.egress) describes the whole way down: ``layers``
+    from the route's device to the lowest device it knows (a bridge's port is looked up
+    separately), the other fields as seen at the route's device (no encapsulation). The
+    planner picks the managed layer and makes the Egress at it (``egress_at``): no
+    ``layers`` then. An Egress without layers is a path of one device (what the fakes
+    give)."""
+
+    ifindex: int
+    ifname: str
+    smac: bytes  # source address of the frames (the route device's, or the PPPoE session device's)
+    dmac: bytes  # next hop's address (resolved neighbour, or the PPPoE concentrator)
     mtu: int  # L3 MTU of the egress (the VLAN / PPPoE device's own MTU)
     vlan_outer_tci: int | None = None
     vlan_outer_tpid: int = 0x8100
     vlan_inner_tci: int | None = None
     pppoe_sid: int | None = None
     lower_ifindex: int | None = None  # the Ethernet device frames really leave on, when encapsulated
-
-
-class NotYet(Exception):
-    """The path exists but cannot be used yet (neighbour unresolved): retry when it appears."""
-
-
-# Why a connection has no usable path: a fixed word each, counted as the refusal reason
-# (a metric label, so never an address or a device name: those go to the log).
     layers: tuple[Layer, ...] = ()
     ppp_ifindex: int = 0  # the PPP device of a PPPoE path (0: none)
 
@@ -187,6 +179,14 @@ def egress_at(eg: Egress, layer: Layer) -> Egress:
                   vlan_inner_tci=layer.vlan_inner_tci, pppoe_sid=layer.pppoe_sid,
                   lower_ifindex=layer.ifindex if encap else None,
                   ppp_ifindex=eg.ppp_ifindex if layer.pppoe_sid is not None else 0)
+
+
+class NotYet(Exception):
+    """The path exists but cannot be used yet (neighbour unresolved): retry when it appears."""
+
+
+# Why a connection has no usable path: a fixed word each, counted as the refusal reason
+# (a metric label, so never an address or a device name: those go to the log).
 NO_PATH = "no_path"  # a path refused for a reason without a word of its own
 NO_ROUTE = "no_route"  # ENETUNREACH
 UNREACHABLE = "unreachable_route"  # EHOSTUNREACH: an unreachable route, or forwarding off on the input
@@ -210,6 +210,8 @@ BAD_ADDRESS = "bad_address"  # not an IPv4/IPv6 address of the family
 LOOKUP_FAILED = "lookup_failed"  # the route lookup itself failed (timeout, ENOMEM ...): not a verdict
 INGRESS_NOT_MANAGED = "ingress_not_managed"  # a direction arrives on a device pyflow does not run on
 EGRESS_NOT_MANAGED = "egress_not_managed"  # a direction leaves through a device pyflow does not run on
+PPPOE_NO_SESSION = "pppoe_no_session"  # a ppp device with no PPPoE session (L2TP, serial, not connected)
+PPPOE_AMBIGUOUS = "pppoe_ambiguous"  # which PPPoE session a ppp device runs over cannot be told
 # bridges (pyflow.control.bridge): why the port behind which a MAC is learned cannot be used
 NOT_A_BRIDGE = "not_a_bridge"  # asked for the port of a device that is not a bridge
 BRIDGE_LOCAL_MAC = "bridge_local_mac"  # the MAC is the bridge's own or a port's: delivered to the host
@@ -218,11 +220,10 @@ BRIDGE_VLAN_FILTERED = "bridge_vlan_filtered"  # the bridge or the port is not a
 BRIDGE_NO_PVID = "bridge_no_pvid"  # VLAN filtering and no PVID on the bridge: untagged frames dropped
 
 NO_PATH_CODES = (NO_PATH, NO_ROUTE, UNREACHABLE, PROHIBITED, BLACKHOLE, RP_FILTER, THROW_ROUTE,
-PPPOE_NO_SESSION = "pppoe_no_session"  # a ppp device with no PPPoE session (L2TP, serial, not connected)
-PPPOE_AMBIGUOUS = "pppoe_ambiguous"  # which PPPoE session a ppp device runs over cannot be told
                  LOCAL_DESTINATION, MULTICAST_DESTINATION, ROUTE_TYPE, ENCAP_ROUTE, NO_OUTPUT_DEVICE,
                  DEVICE_GONE, DEVICE_DOWN, NOT_ETHERNET, NO_MAC, VLAN_UNSUPPORTED, BAD_NEXT_HOP,
                  IPV6_FORWARDING_OFF, BAD_ADDRESS, LOOKUP_FAILED, INGRESS_NOT_MANAGED, EGRESS_NOT_MANAGED,
+                 PPPOE_NO_SESSION, PPPOE_AMBIGUOUS,
                  NOT_A_BRIDGE, BRIDGE_LOCAL_MAC, BRIDGE_PORT_BLOCKED, BRIDGE_VLAN_FILTERED, BRIDGE_NO_PVID)
 
 
@@ -231,7 +232,6 @@ class NoPath(Exception):
 
     ``code`` is one of NO_PATH_CODES (what is counted); the message says which address or
     device, for the log only."""
-                 PPPOE_NO_SESSION, PPPOE_AMBIGUOUS,
 
     def __init__(self, message: str = "", code: str = NO_PATH):
         super().__init__(message, code)  # both in args: a copy is type(exc)(*exc.args)
@@ -257,6 +257,13 @@ class PathResolver(Protocol):
 
     def mac_of(self, ifindex: int) -> bytes: ...
 
+    def below_bridge(self, bridge: Layer, dmac: bytes) -> tuple[Layer, ...]:
+        """The layers below a bridge layer of an egress for frames to dmac: the port where
+        the bridge's FDB has learned dmac (with the tag frames carry on the wire there, as the
+        bridge's VLAN filtering says) and the devices below that port. Raises NotYet (dmac
+        not learned yet) or NoPath."""
+        ...
+
 
 PathListener = Callable[[str, int], None]
 """Called by a path watcher with a change kind ('route', 'neigh', 'link') and an ifindex (0 = any)."""
@@ -265,13 +272,6 @@ PathListener = Callable[[str, int], None]
 class HwRefused(Exception):
     """The hardware adapter would not place a flow (a full table, a match or action the NIC
     cannot do, no flower in the kernel); ``reason`` is a short label for counting. The engine
-    def below_bridge(self, bridge: Layer, dmac: bytes) -> tuple[Layer, ...]:
-        """The layers below a bridge layer of an egress for frames to dmac: the port where
-        the bridge's FDB has learned dmac (with the tag frames carry on the wire there, as the
-        bridge's VLAN filtering says) and the devices below that port. Raises NotYet (dmac
-        not learned yet) or NoPath."""
-        ...
-
     carries that flow on the XDP path instead."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -352,6 +352,9 @@ def entry_fields(conn: Conn, path: Path) -> Fields:
 
     Original direction: arrives A:a -> B:b, leaves A':a' -> B':b' (reply tuple reversed).
     Reply direction: arrives B':b' -> A':a', leaves B:b -> A:a.
+    A direction arrives where the other one leaves (as the kernel flowtable assumes): its
+    key holds the device, VLAN ids and PPPoE session of the other direction's egress, and
+    its frames are addressed to that egress's source MAC.
     """
     _in_o, _in_r, eg_o, eg_r, out_o, out_r = path
     o, r = conn.orig, conn.reply
@@ -360,10 +363,13 @@ def entry_fields(conn: Conn, path: Path) -> Fields:
             _action(eg_r.smac, out_o, eg_o, snat=_nat((o.src, o.sport), (r.dst, r.dport)),
                     dnat=_nat((o.dst, o.dport), (r.src, r.sport))),
             _action(eg_o.smac, out_r, eg_r, snat=_nat((r.src, r.sport), (o.dst, o.dport)),
-    A direction arrives where the other one leaves (as the kernel flowtable assumes): its
-    key holds the device, VLAN ids and PPPoE session of the other direction's egress, and
-    its frames are addressed to that egress's source MAC.
                     dnat=_nat((r.dst, r.dport), (o.src, o.sport))))
+
+
+def _encap_key(eg: Egress) -> tuple[int, int, int]:
+    """The key's (outer VLAN id, inner VLAN id, PPPoE session) of frames arriving where eg's
+    frames leave: the ids of its tags (the priority bits are not part of the key)."""
+    return ((eg.vlan_outer_tci or 0) & 0xFFF, (eg.vlan_inner_tci or 0) & 0xFFF, eg.pppoe_sid or 0)
 
 
 def entries_of(conn: Conn, path: Path) -> tuple[Keys, Actions]:
@@ -374,12 +380,6 @@ def entries_of(conn: Conn, path: Path) -> tuple[Keys, Actions]:
 def entry_objects(fields: Fields) -> tuple[Keys, Actions]:
     kf_o, kf_r, af_o, af_r = fields
     return (FlowKey(*kf_o), FlowKey(*kf_r)), (FlowAction(*af_o), FlowAction(*af_r))
-def _encap_key(eg: Egress) -> tuple[int, int, int]:
-    """The key's (outer VLAN id, inner VLAN id, PPPoE session) of frames arriving where eg's
-    frames leave: the ids of its tags (the priority bits are not part of the key)."""
-    return ((eg.vlan_outer_tci or 0) & 0xFFF, (eg.vlan_inner_tci or 0) & 0xFFF, eg.pppoe_sid or 0)
-
-
 
 
 def _nat(seen: tuple[str, int], wanted: tuple[str, int]) -> tuple[str, int] | None:

@@ -214,7 +214,6 @@ class CtNetlink:
         self._rcvbuf_asked = rcvbuf
         self.rcvbuf_max = rcvbuf_max
         self.offload_mark = offload_mark
-        self._mark_changes: dict[tuple, tuple[bytes, int]] = {}
         self._timeouts = read_timeouts()  # in the namespace the sockets are made in
         self._timeouts_at = time.monotonic()
         self._batch = batch
@@ -409,11 +408,11 @@ class CtNetlink:
         """The attributes and message type of mark_offloaded's request: the same for every
         connection of a protocol with the same timeout, so made once (a bounded cache)."""
         key = (offloaded, conn.proto == socket.IPPROTO_TCP, timeout_s, self.offload_mark)
-        made = self._mark_changes.get(key)
+        made = _MARK_CHANGES.get(key)
         if made is None:
-            if len(self._mark_changes) >= 4096:
-                self._mark_changes.clear()  # hand-back timeouts vary: never unbounded
-            made = self._mark_changes[key] = self._make_mark_change(conn, offloaded, timeout_s)
+            if len(_MARK_CHANGES) >= 4096:
+                _MARK_CHANGES.clear()  # hand-back timeouts vary: never unbounded
+            made = _MARK_CHANGES[key] = self._make_mark_change(conn, offloaded, timeout_s)
         return made
 
     def _make_mark_change(self, conn: Conn, offloaded: bool, timeout_s: int | None) -> tuple[bytes, int]:
@@ -515,6 +514,10 @@ class CtNetlink:
         if failure is not None:
             raise ConntrackError(failure)
         return out
+
+
+# (offloaded, TCP, timeout, offload mark) -> mark_offloaded's attributes and message type
+_MARK_CHANGES: dict[tuple, tuple[bytes, int]] = {}
 
 
 class ChangeQueue:

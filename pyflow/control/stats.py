@@ -78,6 +78,8 @@ class ConntrackStats:
     discarded_events: int = 0  # queued events dropped after an overrun
     resyncs: int = 0
     refreshes: int = 0
+    malformed_messages: int = 0  # ctnetlink messages not decoded: a tuple missing or broken, truncated
+    rcvbuf_grown: int = 0  # times an overrun doubled the event socket's buffer
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ STATS = Stats.of(
         fast_path=Traffic(10, 15000),
         slow_path={"miss": Traffic(4, 400)},
         conntrack=ConntrackStats(events={"new": 5, "update": 7, "destroy": 2}, lost_events=1,
-                                 discarded_events=9, resyncs=2, refreshes=11),
+                                 discarded_events=9, resyncs=2, refreshes=11, malformed_messages=3,
+                                 rcvbuf_grown=1),
         engine=EngineCounters(offloads=4, removed={"idle": 1}, refused={"tcp_not_established": 3},
                               hw_offloads=1),
         latency=Latency(((0.001, 2), (0.01, 3), (float("inf"), 3)), 0.012, 3),
@@ -41,6 +42,8 @@ def test_samples_carry_the_snapshot():
     assert m['pyflow_slowpath_packets_total{reason="miss"}'] == 4
     assert m['pyflow_conntrack_events_total{type="destroy"}'] == 2
     assert m["pyflow_conntrack_event_overruns_total"] == 1 and m["pyflow_resyncs_total"] == 2
+    assert m["pyflow_conntrack_malformed_messages_total"] == 3
+    assert m["pyflow_conntrack_event_buffer_grown_total"] == 1
     assert m['pyflow_offload_removals_total{cause="idle"}'] == 1
     assert m['pyflow_offload_latency_seconds_bucket{le="0.001"}'] == 2
     assert m['pyflow_offload_latency_seconds_bucket{le="+Inf"}'] == 3
@@ -76,7 +79,8 @@ def test_pyflowctl_stats_reads_the_same_snapshot():
     assert js["slow_path"] == {"miss": {"packets": 4, "bytes": 400}}
     assert js["fast_path"] == {"packets": 10, "bytes": 15000}
     assert js["conntrack"] == {"events": {"new": 5, "update": 7, "destroy": 2}, "lost_events": 1,
-                               "discarded_events": 9, "resyncs": 2, "refreshes": 11}
+                               "discarded_events": 9, "resyncs": 2, "refreshes": 11,
+                               "malformed_messages": 3, "rcvbuf_grown": 1}
     assert js["engine"] == {"offloads": 4, "removed": {"idle": 1}, "refused": {"tcp_not_established": 3},
                             "pending": 0, "install_errors": 0, "rewritten": 0, "hw_offloads": 1,
                             "returning": 0, "reoffloaded": 0, "returns_abandoned": {},

@@ -131,6 +131,7 @@ class OpenWrt:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     session: Session | None = None
     dials: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds to build, to dial
 
     def __getattr__(self, role: str) -> str:
         ns = self.__dict__.get("ns", {})
@@ -176,17 +177,17 @@ class OpenWrt:
         deadline = time.monotonic() + timeout
         while True:
             sess, isp_dev = self._session(), self._isp_ppp_device()
-            if sess is not None and isp_dev is not None and self._ppp_ready(isp_dev):
+            if sess is not None and isp_dev is not None:
                 break
             pppd = self.procs["pppd"]
             if pppd.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"PPPoE session not up (pppd {pppd.returncode}):\n{self.ppp_logs()}")
             time.sleep(0.2)
-        self.sh("rt", ["ip", "-6", "addr", "add", f"{V6['rt_ppp']}/128", "dev", PPP, "nodad"])
-        self.sh("rt", ["ip", "-6", "route", "replace", "default", "dev", PPP])
-        self.sh("isp", ["ip", "-6", "addr", "add", f"{V6['isp_ppp']}/128", "dev", isp_dev, "nodad"])
-        for prefix in (*LAN6_PREFIXES, f"{V6['rt_ppp']}/128"):
-            self.sh("isp", ["ip", "-6", "route", "replace", prefix, "dev", isp_dev])
+        _ip_batch(self.ns["rt"], [f"addr add {V6['rt_ppp']}/128 dev {PPP} nodad",
+                                  f"route replace ::/0 dev {PPP}"])
+        _ip_batch(self.ns["isp"], [f"addr add {V6['isp_ppp']}/128 dev {isp_dev} nodad",
+                                   *(f"route replace {p} dev {isp_dev}"
+                                     for p in (*LAN6_PREFIXES, f"{V6['rt_ppp']}/128"))])
         self.session = sess
         return sess
 
@@ -197,7 +198,7 @@ class OpenWrt:
         if pppd is not None:
             _end(pppd)
         deadline = time.monotonic() + timeout
-        while self._session() is not None or self._isp_ppp_device() is not None:
+        while not self._gone():
             if time.monotonic() > deadline:
                 raise RuntimeError(f"PPPoE session still there after hang-up:\n{self.ppp_logs()}")
             time.sleep(0.2)
@@ -211,38 +212,37 @@ class OpenWrt:
         return old, self.dial()
 
     def _session(self) -> Session | None:
-        """The router's PPPoE session from its /proc/net/pppoe (Id, Address, Device)."""
-        out = self.sh("rt", ["cat", "/proc/net/pppoe"], check=False).stdout.splitlines()[1:]
-        for line in out:
+        """The router's PPPoE session once IPv4 and IPv6 (ipv6cp) run over it: the session id
+        and concentrator MAC from the namespace's /proc/net/pppoe (read from a thread inside
+        it: /proc/thread-self/net is the calling thread's namespace)."""
+        with netns.inside(self.ns["rt"]), open("/proc/thread-self/net/pppoe") as f:
+            lines = f.read().splitlines()[1:]
+        for line in lines:
             parts = line.split()
             if len(parts) >= 3 and parts[2] == WAN_VLAN:
                 # the kernel prints the session id as it is on the wire (network order)
                 sid = socket.ntohs(int(parts[0], 16) & 0xFFFF)
-                if sid and self._link_up("rt", PPP):
+                if sid and _ppp_ready(self.ns["rt"], PPP):
                     return Session(sid=sid, ac_mac=parts[1].lower(), device=parts[2])
         return None
 
+    def _gone(self) -> bool:
+        """No PPPoE socket left on the router's VLAN and no PPP device at the ISP."""
+        with netns.inside(self.ns["rt"]), open("/proc/thread-self/net/pppoe") as f:
+            if any(WAN_VLAN in line.split() for line in f.read().splitlines()[1:]):
+                return False
+        out = subprocess.run(["ip", "-n", self.ns["isp"], "-j", "link", "show", "type", "ppp"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return not json.loads(out or "[]")
+
     def _isp_ppp_device(self) -> str | None:
-        links = json.loads(self.sh("isp", ["ip", "-j", "link", "show", "type", "ppp"]).stdout or "[]")
-        return links[0]["ifname"] if links else None
-
-    def _link_up(self, role: str, dev: str) -> bool:
-        res = self.sh(role, ["ip", "-j", "addr", "show", "dev", dev], check=False)
-        if res.returncode != 0:
-            return False
-        info = json.loads(res.stdout)[0]
-        return "UP" in info.get("flags", []) and any(a["family"] == "inet" for a in info.get("addr_info", []))
-
-    def _ppp_ready(self, isp_dev: str) -> bool:
-        """IPv4 on both ends and IPv6 link-local addresses (ipv6cp done) on both."""
-        for role, dev in (("rt", PPP), ("isp", isp_dev)):
-            res = self.sh(role, ["ip", "-j", "addr", "show", "dev", dev], check=False)
-            if res.returncode != 0:
-                return False
-            fams = {(a["family"], a.get("scope")) for a in json.loads(res.stdout)[0].get("addr_info", [])}
-            if ("inet", "global") not in fams or ("inet6", "link") not in fams:
-                return False
-        return True
+        """The ISP's end of the session once IPv4 and IPv6 run over it."""
+        out = subprocess.run(["ip", "-n", self.ns["isp"], "-j", "addr", "show", "type", "ppp"],
+                             capture_output=True, text=True, timeout=30).stdout
+        for link in json.loads(out or "[]"):
+            if _ready(link):
+                return link["ifname"]
+        return None
 
     def ppp_logs(self) -> str:
         out = []
@@ -372,80 +372,101 @@ def _kill_pid(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _veth(ns_a: str, a: str, ns_b: str, b: str, *, ethtool: str | None = TEST_OFFLOADS) -> None:
-    """A veth pair made inside ``ns_a`` (so nothing appears on the host, not even for a moment)
-    with its ``b`` end moved to ``ns_b``; both up, both with the test offload settings."""
-    tmp = "pft-tmp-peer"
-    netns.run(ns_a, ["ip", "link", "add", a, "type", "veth", "peer", "name", tmp])
-    netns.run(ns_a, ["ip", "link", "set", "dev", tmp, "netns", ns_b])
-    netns.run(ns_b, ["ip", "link", "set", "dev", tmp, "name", b])
-    for ns, dev in ((ns_a, a), (ns_b, b)):
-        netns.run(ns, ["ip", "link", "set", "dev", dev, "up"])
-        if ethtool:
-            netns.run(ns, ["ethtool", "-K", dev, *ethtool.split()], check=False)
-
-
 def _build(ns: dict[str, str]) -> None:
-    run = netns.run
-    for name in ns.values():
-        # usable at once (tests/support/topology.py: link-local DAD would hold IPv6 back)
-        run(name, "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0")
-    rt, c1, c2, ap, isp, inet = (ns[r] for r in ROLES[3:4] + ROLES[0:3] + ROLES[4:])
-    _veth(rt, "lan1", c1, "eth0")
-    _veth(rt, "lan2", ap, "uplink")
-    _veth(ap, "c2", c2, "eth0")
-    _veth(ap, "c1", c1, "wlan0")
-    _veth(rt, WAN, isp, "cpe")
-    _veth(isp, "inet", inet, "eth0")
+    """Everything but the PPPoE session, as one shell script: under emulation every process
+    costs, and ``ip -n NS -batch`` makes a namespace's links and addresses in one."""
+    rt, c1, c2, ap, isp, inet = (ns[r] for r in ("rt", "c1", "c2", "ap", "isp", "inet"))
+    batches: dict[str, list[str]] = {name: [] for name in ns.values()}
 
+    def veth(ns_a: str, a: str, ns_b: str, b: str) -> None:
+        # made inside ns_a with the peer created straight in ns_b: nothing on the host
+        batches[ns_a] += [f"link add {a} type veth peer name {b} netns {ns_b}", f"link set dev {a} up"]
+        batches[ns_b].append(f"link set dev {b} up")
+
+    veth(rt, "lan1", c1, "eth0")
+    veth(rt, "lan2", ap, "uplink")
+    veth(rt, WAN, isp, "cpe")
+    veth(ap, "c2", c2, "eth0")
+    veth(ap, "c1", c1, "wlan0")
+    veth(isp, "inet", inet, "eth0")
     # the router's LAN bridge with VLAN filtering, as OpenWrt's bridge-vlan sections make it
-    run(rt, "ip link add br-lan type bridge vlan_filtering 1")
-    for port in LAN_PORTS:
-        run(rt, f"ip link set {port} master br-lan")
-        run(rt, f"bridge vlan add dev {port} vid {LAN_VID}")
-    run(rt, f"bridge vlan add dev br-lan vid {LAN_VID} self")
-    run(rt, "ip link set br-lan up")
-    run(rt, f"ip link add link br-lan name br-lan.{LAN_VID} type vlan id {LAN_VID}")
-    run(rt, f"ip link set br-lan.{LAN_VID} up")
-    run(rt, f"ip link add link {WAN} name {WAN_VLAN} type vlan id {WAN_VID}")
-    run(rt, f"ip link set {WAN_VLAN} up")
-
+    batches[rt] += ["link add br-lan type bridge vlan_filtering 1",
+                    *(f"link set dev {port} master br-lan" for port in LAN_PORTS),
+                    "link set dev br-lan up",
+                    f"link add link br-lan name br-lan.{LAN_VID} type vlan id {LAN_VID}",
+                    f"link set dev br-lan.{LAN_VID} up",
+                    f"link add link {WAN} name {WAN_VLAN} type vlan id {WAN_VID}",
+                    f"link set dev {WAN_VLAN} up"]
     # c1: one MAC on a bridge of its own, cabled to lan1 (eth0) now, to ap (wlan0) later
-    run(c1, "ip link add br0 type bridge")
-    run(c1, f"ip link set br0 address {C1_MAC}")
-    run(c1, "ip link set eth0 master br0")
-    run(c1, "ip link set br0 up")
-    run(c1, f"ip link add link br0 name br0.{LAN_VID} type vlan id {LAN_VID}")
-    run(c1, f"ip link set br0.{LAN_VID} up")
+    batches[c1] += ["link add br0 type bridge", f"link set dev br0 address {C1_MAC}",
+                    "link set dev eth0 master br0", "link set dev br0 up",
+                    f"link add link br0 name br0.{LAN_VID} type vlan id {LAN_VID}",
+                    f"link set dev br0.{LAN_VID} up"]
     # ap: a plain switch (no VLAN filtering: tagged frames pass as they are)
-    run(ap, "ip link add br0 type bridge")
-    for port in ("uplink", "c2", "c1"):
-        run(ap, f"ip link set {port} master br0")
-    run(ap, "ip link set br0 up")
-    run(isp, f"ip link add link cpe name {ISP_VLAN} type vlan id {WAN_VID}")
-    run(isp, f"ip link set {ISP_VLAN} up")
-
-    addrs = [(rt, "br-lan", "rt_lan", 24, 64), (rt, f"br-lan.{LAN_VID}", "rt_vlan", 24, 64),
-             (c1, "br0", "c1", 24, 64), (c1, f"br0.{LAN_VID}", "c1_vlan", 24, 64),
-             (c2, "eth0", "c2", 24, 64), (isp, "inet", "isp_inet", 24, 64), (inet, "eth0", "inet", 24, 64)]
-    for name, dev, key, p4, p6 in addrs:
-        run(name, ["ip", "addr", "add", f"{V4[key]}/{p4}", "dev", dev])
-        run(name, ["ip", "-6", "addr", "add", f"{V6[key]}/{p6}", "dev", dev, "nodad"])
-    for name in (rt, isp):
-        run(name, "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
-    for name, v4, v6 in ((c1, V4["rt_lan"], V6["rt_lan"]), (c2, V4["rt_lan"], V6["rt_lan"]),
-                         (inet, V4["isp_inet"], V6["isp_inet"])):
-        run(name, ["ip", "route", "add", "default", "via", v4])
-        run(name, ["ip", "-6", "route", "add", "default", "via", v6])
+    batches[ap] += ["link add br0 type bridge",
+                    *(f"link set dev {port} master br0" for port in ("uplink", "c2", "c1")),
+                    "link set dev br0 up"]
+    batches[isp] += [f"link add link cpe name {ISP_VLAN} type vlan id {WAN_VID}",
+                     f"link set dev {ISP_VLAN} up"]
+    for name, dev, key in ((rt, "br-lan", "rt_lan"), (rt, f"br-lan.{LAN_VID}", "rt_vlan"), (c1, "br0", "c1"),
+                           (c1, f"br0.{LAN_VID}", "c1_vlan"), (c2, "eth0", "c2"), (isp, "inet", "isp_inet"),
+                           (inet, "eth0", "inet")):
+        batches[name] += [f"addr add {V4[key]}/24 dev {dev}", f"addr add {V6[key]}/64 dev {dev} nodad"]
+    for name, v4, v6 in ((c1, "rt_lan", "rt_lan"), (c2, "rt_lan", "rt_lan"), (inet, "isp_inet", "isp_inet")):
+        batches[name] += [f"route add default via {V4[v4]}", f"route add default via {V6[v6]}"]
     # c1's VLAN 20 address reaches the internet through the router's leg in VLAN 20
-    run(c1, ["ip", "rule", "add", "from", V4["c1_vlan"], "table", "20"])
-    run(c1, ["ip", "route", "add", "default", "via", V4["rt_vlan"], "table", "20"])
-    run(c1, ["ip", "-6", "rule", "add", "from", V6["c1_vlan"], "table", "20"])
-    run(c1, ["ip", "-6", "route", "add", "default", "via", V6["rt_vlan"], "table", "20"])
-    res = subprocess.run(["ip", "netns", "exec", rt, "nft", "-f", "-"], input=FW4_RULES,
-                         capture_output=True, text=True, timeout=120)
+    # (a batch line takes no -6: a route's family follows from its gateway, a rule's does not)
+    batches[c1] += [f"rule add from {V4['c1_vlan']} table 20",
+                    f"route add default via {V4['rt_vlan']} table 20",
+                    f"route add default via {V6['rt_vlan']} table 20"]
+
+    order = (rt, ap, isp, c1, c2, inet)  # a veth's maker before the namespace of its peer
+    lines = ["set -e"]
+    for name in order:
+        # usable at once (tests/support/topology.py: link-local DAD would hold IPv6 back);
+        # set before the links exist, so that they inherit it
+        lines.append(f"{_nsenter(name)} sysctl -qw net.ipv6.conf.all.accept_dad=0 "
+                     "net.ipv6.conf.default.accept_dad=0")
+    for name in (rt, isp):
+        lines.append(f"{_nsenter(name)} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")
+    for name in order:
+        lines.append(f"ip -n {name} -batch - <<'EOF'\n" + "\n".join(batches[name]) + "\nEOF")
+    lines.append(f"ip -6 -n {c1} rule add from {V6['c1_vlan']} table 20")
+    lines += [f"bridge -n {rt} vlan add dev {port} vid {LAN_VID}" for port in LAN_PORTS]
+    lines.append(f"bridge -n {rt} vlan add dev br-lan vid {LAN_VID} self")
+    ethtool = {rt: ("lan1", "lan2", WAN), ap: ("uplink", "c2", "c1"), c1: ("eth0", "wlan0"), c2: ("eth0",),
+               isp: ("cpe", "inet"), inet: ("eth0",)}
+    for name, devs in ethtool.items():
+        # not every driver has every feature; the veth's own defaults remain then
+        lines.append(f"{_nsenter(name)} sh -c '" + "; ".join(f"ethtool -K {d} {TEST_OFFLOADS} 2>/dev/null"
+                                                          for d in devs) + "; true'")
+    lines.append(f"{_nsenter(rt)} nft -f - <<'EOF'\n{FW4_RULES}\nEOF")
+    res = subprocess.run(["sh", "-c", "\n".join(lines)], capture_output=True, text=True, timeout=300)
     if res.returncode != 0:
-        raise RuntimeError(f"nft rules failed: {res.stderr.strip()}")
+        raise RuntimeError(f"building the OpenWrt topology failed ({res.returncode}): {res.stderr.strip()}")
+
+
+def _ready(link: dict) -> bool:
+    """IPv4 and an IPv6 link-local address (ipv6cp done) on an up PPP device (ip -j addr)."""
+    fams = {(a["family"], a.get("scope")) for a in link.get("addr_info", [])}
+    return "UP" in link.get("flags", []) and ("inet", "global") in fams and ("inet6", "link") in fams
+
+
+def _ppp_ready(ns: str, dev: str) -> bool:
+    res = subprocess.run(["ip", "-n", ns, "-j", "addr", "show", "dev", dev], capture_output=True, text=True,
+                         timeout=30)
+    return res.returncode == 0 and _ready(json.loads(res.stdout)[0])
+
+
+def _ip_batch(ns: str, lines: list[str]) -> None:
+    res = subprocess.run(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n", capture_output=True,
+                         text=True, timeout=60)
+    if res.returncode != 0:
+        raise RuntimeError(f"ip -n {ns} -batch failed: {res.stderr.strip()}\n" + "\n".join(lines))
+
+
+def _nsenter(ns: str) -> str:
+    return " ".join(_in(ns))
 
 
 def missing_tools() -> str | None:
@@ -466,9 +487,13 @@ def openwrt(*, dial: bool = True) -> Iterator[OpenWrt]:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pft-openwrt-")))
         topo = OpenWrt(ns=dict(zip(ROLES, names, strict=True)), workdir=workdir)
         stack.callback(topo.stop_ppp)
+        t0 = time.monotonic()
         _build(topo.ns)
         topo.start_isp()
+        topo.timings["build_s"] = round(time.monotonic() - t0, 1)
         if dial:
+            t0 = time.monotonic()
             topo.dial()
+            topo.timings["dial_s"] = round(time.monotonic() - t0, 1)
         yield topo
 

@@ -23,7 +23,7 @@ def topo():
         pytest.skip(why)
     lab_log("openwrt: building the topology and dialing PPPoE")
     with openwrt() as t:
-        lab_log(f"openwrt: session {t.session}")
+        lab_log(f"openwrt: session {t.session}, {t.timings}")
         yield t
 
 

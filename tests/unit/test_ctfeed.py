@@ -283,3 +283,48 @@ def test_packed_tuple_is_the_attribute_by_attribute_one(conn: Conn) -> None:
 def test_a_tuple_that_cannot_be_encoded_is_a_clear_error(bad: Conn) -> None:
     with pytest.raises(ct.ConntrackError, match="cannot encode its tuple"):
         ct._tuple_attr(uapi.CTA_TUPLE_ORIG, bad)
+
+
+def test_receive_loop_stops_at_its_bounds_and_says_more_is_queued() -> None:
+    """pyflow_ct_recv over a datagram socket pair standing in for the netlink socket: every
+    queued datagram decoded in one call, up to max_datagrams and to what the entry array can
+    take, then EAGAIN ends it quietly."""
+    import errno
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        b.setblocking(False)
+        sent = [msg(entry(orig=Tuple(T4.src, T4.dst, 40000 + i, 80)), flags=NEW_FLAGS) for i in range(5)]
+        for d in sent:
+            a.send(d)
+        feed = ctfeed.Feed(1 << 12)
+        buf = bytearray(1 << 12)
+        got, res, ret = feed.recv(b.fileno(), buf, 3, ctfeed.EVENTS)
+        assert ret == 0 and res.datagrams == 3 and res.more == 1
+        assert [e.conn.orig.sport for e in got] == [40000, 40001, 40002]
+        got, res, ret = feed.recv(b.fileno(), buf, 10, ctfeed.EVENTS)
+        assert ret == 0 and res.datagrams == 2 and res.more == 0 and len(got) == 2
+        got, res, ret = feed.recv(b.fileno(), buf, 10, ctfeed.EVENTS)
+        assert (got, ret, res.datagrams, res.more) == ([], 0, 0, 0)  # nothing queued: EAGAIN
+
+        # an array with room for one datagram's worth stops after it, the rest stays queued
+        small = ctfeed.Feed(240, room=1)
+        for d in sent[:2]:
+            a.send(d)
+        got, res, ret = small.recv(b.fileno(), bytearray(240), 10, ctfeed.EVENTS)
+        assert ret == 0 and len(got) == 1 and res.more == 1
+        got, res, ret = small.recv(b.fileno(), bytearray(240), 10, ctfeed.EVENTS)
+        assert ret == 0 and len(got) == 1
+
+        # a datagram larger than the buffer is an error, never a silently cut message
+        a.send(b"".join(sent))
+        got, res, ret = feed.recv(b.fileno(), bytearray(256), 10, ctfeed.EVENTS)
+        assert ret == -errno.EMSGSIZE and res.err == errno.EMSGSIZE and got == []
+
+        # drain: what is queued is read and counted, not decoded
+        for d in sent:
+            a.send(d)
+        assert ctfeed.drain(b.fileno(), buf) == (5, 0, 0)
+    finally:
+        a.close()
+        b.close()

@@ -131,6 +131,7 @@ class Engine:
         self._queued: set[tuple] = set()
         self.map = MapPlacement(flows, self.stats)  # entries in the XDP flow map
         self.slots = Slots()  # keep-alive state of the connections on the XDP map
+        self.pacer = keepalive.Pacer()  # when the keep-alive's next walk of the map is due
         self.rules = HwPlacement(self.stats, clock)  # the connections carried as flower rules
         self.rules.hw = hw
 

@@ -1,0 +1,102 @@
+"""Keep-alive walks paced by their cost: at most WALK_BUDGET of a core on average, never
+further apart than MAX_WALK_INTERVAL_S (nor half the idle timeout), so that an idle
+connection is handed back at most one interval and a tick late. No root: fakes, and a
+fake CPU clock that makes every walk cost what the test says."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyflow.control import keepalive
+from pyflow.control.engine import Engine, EngineConfig
+from pyflow.control.model import CtEvent, EventType
+from tests.support.fakes import (
+    SEC,
+    UDP,
+    Clock,
+    FakeConntrack,
+    FakeDevices,
+    FakeFlows,
+    FakePaths,
+    masq_conn,
+    offer,
+)
+
+
+class FakeCpu:
+    """Each call is `cost` CPU seconds after the one before: a walk (two calls) costs `cost`."""
+
+    def __init__(self, cost: float):
+        self.cost, self.t = cost, 0.0
+
+    def __call__(self) -> float:
+        self.t += self.cost
+        return self.t
+
+
+def rig(cost: float, idle_s: float = 30.0):
+    ct, flows, clock = FakeConntrack(), FakeFlows(), Clock()
+    eng = Engine(ct, FakePaths(), flows, FakeDevices(), EngineConfig(idle_timeout_s=idle_s), clock=clock)
+    eng.pacer = keepalive.Pacer(cpu=FakeCpu(cost))
+    return eng, ct, flows, clock
+
+
+def test_pacer_interval_is_the_cost_over_the_budget_and_bounded():
+    p = keepalive.Pacer(cpu=FakeCpu(0.0))
+    p.walked(0, 0.05, keepalive.PACE_FROM, 30.0, backlog=False)
+    assert p.interval_s == pytest.approx(0.05 / keepalive.WALK_BUDGET)
+    assert not p.due(p.next_ns - 1) and p.due(p.next_ns)
+    p.walked(0, 5.0, keepalive.PACE_FROM, 30.0, backlog=False)
+    assert p.interval_s == keepalive.MAX_WALK_INTERVAL_S
+    p.walked(0, 5.0, keepalive.PACE_FROM, 6.0, backlog=False)
+    assert p.interval_s == 3.0  # half the idle timeout
+    p.walked(0, 5.0, keepalive.PACE_FROM - 1, 30.0, backlog=False)
+    assert p.interval_s == 0.0  # a small table walks at every tick
+    p.walked(0, 5.0, keepalive.PACE_FROM, 30.0, backlog=True)
+    assert p.interval_s == 0.0 and p.due(0)  # extensions left over: the next tick walks
+
+
+def test_a_costly_walk_is_spaced_and_idle_hand_back_stays_within_the_bound(monkeypatch):
+    monkeypatch.setattr(keepalive, "PACE_FROM", 1)
+    eng, ct, flows, clock = rig(cost=0.05)  # 50 ms a walk: one every 5 s at a 1% budget
+    conn = masq_conn(proto=UDP)
+    offer(eng, ct, conn)
+    key = eng.offloaded[conn.ident].keys[0]
+    walks0 = eng.pacer.walks
+    last_packet = None
+    for t in range(1, 121):  # two minutes, a tick a second; packets for the first 20 s
+        clock.now += SEC
+        if t <= 20:
+            flows.hit(key, 10, clock.now)
+            last_packet = clock.now
+        eng.tick()
+        if conn.ident not in eng.offloaded:
+            break
+    assert conn.ident not in eng.offloaded and eng.stats.removed.get("idle") == 1
+    assert last_packet is not None
+    late = (clock.now - last_packet) / SEC - 30
+    interval = 0.05 / keepalive.WALK_BUDGET
+    assert 0 < late <= interval + 1, late  # after the idle timeout, at most one interval and a tick late
+    walks = eng.pacer.walks - walks0
+    assert walks <= t / interval + 2 and eng.pacer.skipped >= t - walks
+
+
+def test_a_walk_that_left_extensions_is_followed_at_the_next_tick(monkeypatch):
+    monkeypatch.setattr(keepalive, "PACE_FROM", 1)
+    monkeypatch.setattr(keepalive, "MAX_EXTENDS_PER_TICK", 3)
+    eng, ct, flows, clock = rig(cost=1.0)  # a walk would otherwise wait 10 s
+    conns = [masq_conn(proto=UDP, sport=20000 + i) for i in range(7)]
+    for conn in conns:
+        ct.table[conn.ident] = conn
+    eng.handle([CtEvent(EventType.UPDATE, conn) for conn in conns])
+    clock.now += (86400 // 2 + 1) * SEC
+    for off in eng.offloaded.values():
+        flows.hit(off.keys[0], 1, clock.now)
+    done = []
+    for _ in range(3):
+        eng.tick()
+        done.append(len(ct.refreshed))
+        clock.now += SEC
+    assert done == [3, 6, 7]
+    eng.tick()  # nothing left over: the 10 s interval holds
+    assert eng.pacer.interval_s == keepalive.MAX_WALK_INTERVAL_S and eng.pacer.skipped == 1

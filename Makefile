@@ -102,10 +102,12 @@ lab-setup: venv
 lab:
 	$(PY) tests/lab/run.py -- $(LAB_ARGS)
 
-# The nf flowtable and pyflow side by side (bench-results/lab-parity.{json,md}); 12-15 min
-# under emulation, so not part of `make lab` / `make test`.
+# The nf flowtable and pyflow side by side, on the control-plane topology
+# (bench-results/lab-parity.{json,md}) and on the OpenWrt-shaped router
+# (bench-results/lab-openwrt.{json,md}); about 20 min under emulation, so not part of
+# `make lab` / `make test` (which runs a short OpenWrt subset).
 lab-parity:
-	$(PY) tests/lab/run.py --timeout 1500 -- tests/lab/guest/test_flowtable_parity.py
+	$(PY) tests/lab/run.py --timeout 2700 -- tests/lab/guest/test_flowtable_parity.py tests/lab/guest/test_openwrt.py
 
 lint:
 	$(VENV)/bin/ruff check pyflow tests

@@ -42,6 +42,7 @@ MODULES = (
     "act_mirred", "act_vlan", "act_gact", "act_skbedit", "act_ct", "nf_conntrack", "nf_conntrack_netlink",
     "nf_nat", "nf_tables", "nft_ct", "nft_nat", "nft_masq", "nft_chain_nat", "nf_flow_table",
     "nf_flow_table_inet", "nft_flow_offload", "pppoe", "pppox", "ppp_generic", "bridge",
+    "sch_cake", "sch_htb", "ifb",
 )
 # The guest's own bound sits below the runner's, so a hung test still leaves its output and
 # a status behind before the runner gives up on the whole machine.
@@ -49,7 +50,7 @@ GUEST_MARGIN_S = 90
 EXIT_NO_TESTS = 5  # pytest's "no tests were collected"
 # Guest tests too slow for `make lab` (and so for `make test`): they run only when named,
 # e.g. the nf flowtable side-by-side through `make lab-parity`.
-EXPLICIT_ONLY = ("tests/lab/guest/test_flowtable_parity.py",)
+EXPLICIT_ONLY = ("tests/lab/guest/test_flowtable_parity.py", "tests/lab/guest/test_openwrt.py")
 
 
 class LabError(Exception):

@@ -32,13 +32,15 @@ class Transfer:
 
 def tcp_transfer(server_ns: str, listen_addr: str, port: int, client_ns: str, connect_addr: str,
                  connect_port: int, data: bytes, *, upload: bool = True, pace: float = 0.0,
-                 timeout: float = 60.0, on_connected=None, gate=None, gate_after: int = 65536) -> Transfer:
+                 timeout: float = 60.0, on_connected=None, gate=None, gate_after: int = 65536,
+                 source: str | None = None) -> Transfer:
     """Move ``data`` over one TCP connection: client -> server when upload, else server -> client.
 
     ``pace`` sleeps between 64 KiB chunks (to stretch a transfer over time);
     ``gate`` is called by the sender once ``gate_after`` bytes are sent (0: before any
     data) and before the rest, e.g. to wait until the connection is offloaded;
-    ``on_connected`` runs in a thread of its own once the connection is up, while data flows.
+    ``on_connected`` runs in a thread of its own once the connection is up, while data flows;
+    ``source`` is the client's address to connect from (default: the route's choice).
     """
     family = socket.AF_INET6 if ":" in listen_addr else socket.AF_INET
     ready = threading.Event()
@@ -98,6 +100,8 @@ def tcp_transfer(server_ns: str, listen_addr: str, port: int, client_ns: str, co
         cs = socket.socket(family, socket.SOCK_STREAM)
     with cs:
         cs.settimeout(timeout)
+        if source is not None:
+            cs.bind((source, 0))
         cs.connect((connect_addr, connect_port))
         if on_connected is not None:
             bg = threading.Thread(target=on_connected, daemon=True)

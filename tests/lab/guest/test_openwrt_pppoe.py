@@ -11,6 +11,8 @@ import pytest
 
 from tests.lab.guest.lab import lab_log, require_modules
 from tests.lab.guest.openwrt import PPP, PPP_MTU, V4, V6, WAN_VLAN, missing_tools, openwrt
+from tests.lab.guest.openwrt_systems import PyflowDaemon
+from tests.lab.guest.test_openwrt import tcp
 
 pytestmark = pytest.mark.root
 
@@ -45,6 +47,23 @@ def test_the_router_is_shaped_like_openwrt(topo):
     assert topo.fdb_port() == "lan2"
     topo.roam("lan1")
     assert topo.fdb_port() == "lan1"
+
+
+def test_pyflow_offloads_a_bridged_clients_upload_over_vlan_and_pppoe(topo, tmp_path):
+    """c2 (behind lan2 of br-lan) uploads to the internet host: pyflowd manages lan1, lan2 and
+    wan only, so it must resolve br-lan down to lan2 and pppoe-wan down to wan with VLAN 7
+    and the session. Byte-exact, listed as offloaded, and under 5% of the bytes through the
+    router's forward chain."""
+    lab_log("openwrt: starting pyflowd on lan1, lan2, wan")
+    pyflow = PyflowDaemon(topo, tmp_path)
+    try:
+        lab_log(f"openwrt: pyflowd ready in {pyflow.start_s:.0f} s")
+        out = tcp(topo, pyflow, family=4, client="c2", port=5051, upload=True)
+        stats = pyflow.stats()
+    finally:
+        pyflow.close()
+    assert out.exact, out
+    assert out.seen_offloaded and out.offloaded, (out, stats)
 
 
 def test_a_redial_gets_a_new_session(topo):

@@ -1,7 +1,7 @@
 """Keep-alive tick and control-plane memory at 10k, 100k and 1M offloaded connections.
 
 Run as root: ``python tests/bench/bench_keepalive.py [--sizes 10000,100000,1000000]
-[--tree DIR] [--label NAME] [--ticks 5]``. Prints a table and writes
+[--tree DIR] [--label NAME] [--ticks 5] [--steady 30] [--quick]``. Prints a table and writes
 bench-results/keepalive-<label>.json. ``--tree`` runs the code of another checkout (a git
 worktree of an older commit, say) with this same script, so two versions are measured
 the same way in one run.
@@ -22,10 +22,14 @@ Each size runs in a child process of its own (its memory is its own):
 3. Ticks: before each tick every entry's counters move (one batched map update, not
    timed: the worst case for a tick, every connection active); then Engine.tick() is
    timed (wall and CPU) and the conntrack messages it sent are counted (after the ticks
-   that write each new connection's timeout once more, reported apart as "settle"). Conntrack is a
+   that write each new connection's timeout once more, reported apart as "settle"); each
+   of these ticks is made to walk the map (the pacer is told a walk is due). Conntrack is a
    real ctnetlink socket in a namespace of the benchmark's own, and every message the
    tick sends is a real round trip (a refresh of one real entry), so a tick that writes
    a timeout per moving connection pays what it pays in pyflowd.
+4. Steady (``--steady`` seconds): a tick a second as pyflowd runs them, walks as the
+   engine's pacer decides (keepalive.Pacer), every connection's counters moved before each
+   tick (not counted); the control plane's CPU seconds (this thread's) per wall second.
 """
 
 from __future__ import annotations
@@ -186,13 +190,46 @@ def child(args: argparse.Namespace) -> int:
             flows.insert((keys, bytes(values)))
             time.sleep(0.05)
             sent = ct.messages
+            if hasattr(eng, "pacer"):
+                eng.pacer.next_ns = 0  # these ticks measure a walk: make each one walk
             wall, cpu = time.perf_counter(), time.process_time()
             eng.tick()
             ticks.append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
                           "messages": ct.messages - sent})
             assert len(eng.offloaded) == n
+        # the control plane's share of a core while every connection moves: a tick a
+        # second as pyflowd runs it (walks as its pacer decides), the counters moved before
+        # each (not counted: that is the datapath's work)
+        steady: dict[str, Any] = {"seconds": 0.0, "cpu_s": 0.0, "ticks": 0, "walks": 0}
+        if args.steady > 0:
+            walks0 = getattr(getattr(eng, "pacer", None), "walks", None)
+            start, t = time.monotonic(), args.ticks
+            while time.monotonic() - start < args.steady:
+                t += 1
+                now = datapath_clock_ns()
+                for j in range(len(values) // FLOW_SIZE):
+                    struct.pack_into("=QQQ", values, j * FLOW_SIZE + at, t + 1, 100 * (t + 1), now)
+                flows.insert((keys, bytes(values)))
+                next_at = start + (steady["ticks"] + 1) * 1.0
+                time.sleep(max(0.0, next_at - time.monotonic()))
+                cpu = time.thread_time()
+                eng.tick()
+                steady["cpu_s"] += time.thread_time() - cpu
+                steady["ticks"] += 1
+            # over the loop's wall time (at 1M moving the counters takes longer than a second:
+            # the ticks are then further apart, and the share is still CPU over wall time)
+            steady["seconds"] = time.monotonic() - start
+            if walks0 is not None:
+                steady["walks"] = eng.pacer.walks - walks0
+                steady["interval_s"] = eng.pacer.interval_s
+                steady["walk_cpu_s"] = eng.pacer.last_cost_s
+            else:
+                steady["walks"] = steady["ticks"]
+            steady["cpu_share"] = steady["cpu_s"] / max(steady["seconds"], 1e-9)
+            assert len(eng.offloaded) == n
         real.close()
         result = {
+            "steady": steady,
             "tree": str(tree), "connections": n, "install_s": install_s,
             "rss_base_kib": base, "rss_kib": after, "rss_per_conn_bytes": (after - base) * 1024 / n,
             "map_max_entries": flows.max_entries, "settle": settle,
@@ -213,16 +250,22 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sizes", default="10000,100000,1000000")
     p.add_argument("--tree", default=str(ROOT), help="checkout whose pyflow is measured")
     p.add_argument("--label", default="current")
+    p.add_argument("--quick", action="store_true", help="10k and 100k, 3 ticks, 12 s steady")
     p.add_argument("--ticks", type=int, default=5)
+    p.add_argument("--steady", type=float, default=30.0,
+                   help="seconds of a tick a second with every connection moving (control-plane CPU share)")
     p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(args)
+    if args.quick:
+        args.sizes, args.ticks, args.steady = "10000,100000", 3, 12.0
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         # the child finds this script's tests/ (netns, fakes) under --tree: the tree's own
         out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(n),
-                              "--tree", args.tree, "--ticks", str(args.ticks)], capture_output=True,
+                              "--tree", args.tree, "--ticks", str(args.ticks),
+                               "--steady", str(args.steady)], capture_output=True,
                              text=True, env={**os.environ, "PYTHONPATH": args.tree}, timeout=3600)
         if out.returncode:
             sys.stderr.write(out.stderr)
@@ -235,6 +278,13 @@ def main(argv: list[str]) -> int:
               f"{r['rss_kib'] / 1024:.1f} MiB); map {r['map_bytes'] / 2**20:.0f} MiB kernel; "
               f"install {r['install_s']:.1f} s; settle {r['settle']['messages']:,} msgs in "
               f"{r['settle']['ticks']} ticks, {r['settle']['wall_s']:.1f} s", flush=True)
+        st = r.get("steady", {})
+        if st.get("ticks"):
+            print(f"{'':>27}steady {st['seconds']:.0f} s, {st['ticks']} ticks, every connection moving: "
+                  f"control plane {st['cpu_share'] * 100:.2f}% of a core, {st['walks']} walks "
+                  f"(interval {st.get('interval_s', 0):.1f} s, "
+                  f"walk {st.get('walk_cpu_s', 0) * 1e3:.0f} ms cpu)",
+                  flush=True)
     out_dir = ROOT / "bench-results"
     out_dir.mkdir(exist_ok=True)
     (out_dir / f"keepalive-{args.label}.json").write_text(json.dumps(rows, indent=1))

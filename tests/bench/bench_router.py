@@ -1,16 +1,20 @@
-"""Router packets per second: kernel NAT path vs pyflow vs a bare XDP redirect, side by side.
+"""Router packets per second: kernel NAT path vs pyflow vs a bare redirect, side by side.
 
-Run as root: ``python tests/bench/bench_router.py [--quick] [--flows 1,1000,100000]``. Prints a
-table and writes bench-results/router.json.
+Run as root: ``python tests/bench/bench_router.py [--quick] [--flows 1,1000,100000,1000000]
+[--mode tc|generic|native] [--max-flows6 100000]``. Prints a table and writes
+bench-results/router.json.
 
 Setup (tests/bench/benchnet.py): sender -- router -- receiver, three namespaces on veth
 pairs, the router masquerading (nftables, conntrack) what leaves its uplink. The sender is
-the live-frames generator (tests/bench/trafficgen.py): 64-byte UDP frames (IPv4 60 bytes,
-IPv6 62 bytes before the FCS) arriving at the router as XDP frames, as from a NIC, over
-1, 1,000 or 100,000 flows (port pairs). The receiver is an XDP program counting and dropping
-what arrives. NAPI is threaded on all four veths: the router's two NAPI threads are pinned
-to CPU 1, the generator and the receiver's thread to CPU 0, so the router has a core of
-its own (shared only with the rest of the machine) and its CPU time is those two threads'.
+a packet socket (tests/bench/trafficgen.py): 64-byte UDP frames (IPv4 60 bytes, IPv6 62
+bytes before the FCS) arriving at the router as skbs from its veth peer, over 1, 1,000,
+100,000 or 1,000,000 flows (port pairs; IPv6 up to --max-flows6). Above 200,000 flows the
+flow map is sized for them and the machine's conntrack limit (nf_conntrack_max, which a
+namespace may only lower) is raised for the run and put back after. The receiver is an
+XDP program counting and dropping what arrives. NAPI is threaded on all four veths: the
+router's two NAPI threads are pinned to CPU 1, the generator and the receiver's thread to
+CPU 0, so the router has a core of its own (shared only with the rest of the machine) and
+its CPU time is those two threads'.
 
 Per (family, flow count), in one run and in this order:
 1. flows are established: every flow sends one datagram (paced at --setup-rate, with the
@@ -20,12 +24,15 @@ Per (family, flow count), in one run and in this order:
    UNREPLIED (at most three passes); the router's UDP conntrack timeouts are 300 s, so no
    flow expires before its last measurement;
 2. ``kernel``: no XDP on the router; routing, conntrack and masquerade in the kernel;
-3. ``pyflow``: the datapath in native XDP on both router ports and pyflow's control plane
-   running (keep-alive every second, as a daemon would); measured once every flow is
-   offloaded; the control plane's own CPU time is reported beside the NAPI threads';
-4. ``floor``: a bare XDP program on the router's LAN port redirecting every frame to the
-   uplink (no parsing, no lookup, no rewrite): the most a forwarding XDP program can do on
-   this machine.
+3. ``pyflow``: the datapath at ``--mode`` on both router ports (TC ingress by default, what
+   ``auto`` takes on veth) and pyflow's control plane running (a keep-alive tick every
+   second, as a daemon would); measured once every flow is offloaded; the control plane's
+   own thread is moved off the router's CPU and its CPU time per wall second is reported
+   beside the NAPI threads' (``control_cpu_share``);
+4. ``floor``: a program on the router's LAN port at the same hook as pyflow (TC ingress:
+   bpf_redirect; generic or native XDP: a devmap redirect) sending every frame to the
+   uplink (no parsing, no lookup, no rewrite): the most a forwarding program at that hook
+   can do on this machine.
 Each is measured for ``--reps`` consecutive windows of ``--window`` seconds while the
 generator sends without pause: packets per second delivered to the receiver, and router
 CPU nanoseconds per forwarded packet (the router's NAPI threads' schedstat run time over
@@ -55,9 +62,15 @@ from tests.bench.benchnet import GEN_IF, LAN, SNK_IF, UP, V4, V6  # noqa: E402
 ROUTER_CPU, HOST_CPU = 1, 0
 FLOOR_SRC = r"""
 #include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
 BPF_DEVMAP(floor_tx, 1);
 int floor_fwd(struct xdp_md *ctx) { return floor_tx.redirect_map(0, XDP_PASS); }
+int floor_tc(struct __sk_buff *skb) { return bpf_redirect(FLOOR_IFINDEX, 0); }
 """
+XDP_FLAGS_SKB_MODE = 1 << 1  # <linux/if_link.h>: generic XDP
+MODES = ("tc", "generic", "native")  # pyflow's attach modes the floor can follow
+BIG = 200_000  # flow counts above this need a larger flow map and conntrack table
+CT_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
 
 
 def thread_cpu_ns(tid: int) -> int:
@@ -88,16 +101,25 @@ class Bench:
             self.sink.attach(SNK_IF)
         with netns.inside(net.gen):
             self.back.attach(GEN_IF)
-        self.floor = BPF(text=FLOOR_SRC)
-        self.floor_fn = self.floor.load_func("floor_fwd", BPF.XDP)
+        # the floor: a program that only redirects every frame to the uplink, at the hook
+        # pyflow runs on in this run (TC ingress, generic XDP or native XDP)
+        self.floor = BPF(text=FLOOR_SRC, cflags=[f"-DFLOOR_IFINDEX={net.ifindex[UP]}"])
+        if args.mode == "tc":
+            self.floor_fn = self.floor.load_func("floor_tc", BPF.SCHED_CLS)
+        else:
+            self.floor_fn = self.floor.load_func("floor_fwd", BPF.XDP)
         with netns.inside(net.rt):
             # a devmap resolves ifindexes in the updating thread's namespace
             self.floor["floor_tx"][ct.c_int(0)] = ct.c_int(net.ifindex[UP])
         from pyflow.datapath.loader import Datapath
 
         self.pin = f"/sys/fs/bpf/pft-bench-router-{os.getpid()}"
+        most = max(int(x) for x in args.flows.split(","))
+        # two entries per flow, room to spare; the default map holds 131k connections
+        defines = {"PYFLOW_MAX_FLOWS": 2 * most + 65536} if most > BIG // 2 else None
         with netns.inside(net.rt):
-            self.dp = Datapath(pin_dir=self.pin, state_file=f"/run/pft-bench-router-{os.getpid()}.json")
+            self.dp = Datapath(pin_dir=self.pin, state_file=f"/run/pft-bench-router-{os.getpid()}.json",
+                               defines=defines)
 
     def close(self) -> None:
         with netns.inside(self.net.rt):
@@ -198,20 +220,38 @@ class Bench:
         return self.measure(family)
 
     def floor_path(self, family: int) -> dict:
+        mode = self.args.mode
         with netns.inside(self.net.rt):
-            self.floor.attach_xdp(LAN.encode(), self.floor_fn, 0)
+            if mode == "tc":
+                from pyroute2 import IPRoute
+
+                with IPRoute() as ipr:
+                    idx = self.net.ifindex[LAN]
+                    ipr.tc("add", "clsact", idx)
+                    ipr.tc("add-filter", "bpf", idx, ":1", fd=self.floor_fn.fd, name="pft_floor",
+                           parent="ffff:fff2", classid=1, direct_action=True)
+            else:
+                flags = XDP_FLAGS_SKB_MODE if mode == "generic" else 0
+                self.floor.attach_xdp(LAN.encode(), self.floor_fn, flags)
         try:
             return self.measure(family)
         finally:
             with netns.inside(self.net.rt):
-                self.floor.remove_xdp(LAN.encode(), 0)
+                if mode == "tc":
+                    from pyroute2 import IPRoute
 
-    def pyflow(self, family: int, flows: int, mode: str = "native") -> dict:
+                    with IPRoute() as ipr:
+                        ipr.tc("del", "clsact", self.net.ifindex[LAN])
+                else:
+                    self.floor.remove_xdp(LAN.encode(), XDP_FLAGS_SKB_MODE if mode == "generic" else 0)
+
+    def pyflow(self, family: int, flows: int, mode: str | None = None) -> dict:
         from pyflow.control.engine import EngineConfig
         from pyflow.control.runner import ControlConfig, ControlPlane
         from pyflow.datapath.abi import MAP_FLOWS
         from pyflow.datapath.flowtable import FlowTable
 
+        mode = mode or self.args.mode
         with netns.inside(self.net.rt):
             for dev in (LAN, UP):
                 self.dp.attach(dev, mode)
@@ -221,7 +261,7 @@ class Bench:
         try:
             # until every flow is offloaded, or the count stops growing (a flow whose reply was
             # lost while establishing is never offloaded: it is reported, not waited for)
-            deadline = t0 + self.args.offload_timeout
+            deadline = t0 + self.args.offload_timeout + flows / 5000  # 1M: about 3 min more
             last, last_change = -1, time.monotonic()
             while time.monotonic() < deadline:
                 n = len(cp.engine.offloaded)
@@ -242,7 +282,10 @@ class Bench:
                              "removed": dict(st.removed), "pending": st.pending,
                              "install_errors": st.install_errors, "resyncs": st.resyncs,
                              "lost_events": getattr(cp.ct, "lost_events", None)}
-            res.update({"offloaded": offloaded, "offload_wait_s": waited,
+            res.update({"offloaded": offloaded, "offload_wait_s": waited, "mode": mode,
+                        "keepalive": {"walks": cp.engine.pacer.walks,
+                                      "walk_cpu_s": cp.engine.pacer.last_cost_s,
+                                      "interval_s": cp.engine.pacer.interval_s},
                         "forwarded_by_fast_path": self.dp.reason_counts().get("forwarded", (0, 0))[0]})
             return res
         finally:
@@ -267,6 +310,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--quick", action="store_true", help="1 and 1,000 flows, IPv4 only, 3 short windows")
     ap.add_argument("--flows", default="1,1000,100000")
     ap.add_argument("--families", default="4,6")
+    ap.add_argument("--max-flows6", type=int, default=100_000,
+                    help="IPv6 runs only the flow counts up to this (1M flows take minutes per family)")
+    ap.add_argument("--mode", choices=MODES, default="tc",
+                    help="pyflow's hook on the router's ports and the floor's (tc: auto's choice on veth)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--window", type=float, default=1.0)
     ap.add_argument("--warmup", type=float, default=0.5)
@@ -290,12 +337,32 @@ def main(argv: list[str]) -> int:
         "frame_bytes": {"4": trafficgen.V4_FRAME, "6": trafficgen.V6_FRAME}, "reps": args.reps,
         "window_s": args.window, "router_cpu": ROUTER_CPU, "host_cpu": HOST_CPU,
         "kernel": os.uname().release, "cpus": os.cpu_count()}, "rows": []}
+    results["method"]["mode"] = args.mode
+    ct_max_before = None
+    if max(flow_counts) > BIG:
+        # conntrack's limit is the machine's (a namespace may only lower it): raised for the
+        # run, put back after
+        ct_max_before = Path(CT_MAX).read_text().strip()
+        Path(CT_MAX).write_text(str(max(flow_counts) + 100_000))
+    try:
+        return run(args, flow_counts, families, results, t_start)
+    finally:
+        if ct_max_before is not None:
+            Path(CT_MAX).write_text(ct_max_before)
+
+
+def run(args: argparse.Namespace, flow_counts: list[int], families: list[int], results: dict,
+        t_start: float) -> int:
     with benchnet.network(threaded=True) as net:
         net.pin(ROUTER_CPU, HOST_CPU, realtime_hosts=True)
+        if max(flow_counts) > BIG:
+            netns.run(net.rt, f"sysctl -qw net.netfilter.nf_conntrack_max={max(flow_counts) + 100_000}")
         bench = Bench(net, args)
         try:
             for family in families:
                 for flows in flow_counts:
+                    if family == 6 and flows > args.max_flows6:
+                        continue
                     net.flush_conntrack()
                     bench.gen.configure(src_mac=net.mac[GEN_IF], dst_mac=net.mac[LAN], src4=V4["gen"],
                                         dst4=V4["snk"], src6=V6["gen"], dst6=V6["snk"], flows=flows)

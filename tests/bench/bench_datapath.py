@@ -15,6 +15,24 @@ XDP_PASS) shows it, and the ``net`` column subtracts it.
 Rows, each for the XDP and the TC build: a hit (IPv4 TCP with SNAT+DNAT), a hit
 (IPv6 TCP, no NAT), a miss, and the floor: a minimal program that only redirects.
 Then the IPv4 hit at 1k, 10k, 100k and 1M flows in the map.
+
+Profile (where a hit's time goes, at 1 flow and at 100k flows spread over the table):
+variants of the datapath compiled from a copy of ebpf/ in which one part is cut, each run
+through the same harness on the same IPv4 NAT hit; a part's cost is the difference
+between two variants:
+  stop_before_lookup   returns (as a hit does) right after parsing
+  stop_before_redirect returns after the lookup and the checks
+  stop_before_rewrite  returns after the redirect helper and the L2 resize
+  no_counters          the full hit without the counter updates (two atomics, the coarse
+                       clock, the per-CPU forwarded stats)
+  plain_counters       the full hit with its two atomic adds made plain adds
+  no_csum_helpers      the full hit without the checksum helpers (TC: bpf_l4_csum_replace,
+                       bpf_csum_update; XDP computes its checksums inline and has none)
+So: parse = stop_before_lookup - harness; lookup and checks = stop_before_redirect -
+stop_before_lookup; redirect = stop_before_rewrite - stop_before_redirect; rewrite and
+checksums = no_counters - stop_before_rewrite; counters = full - no_counters, of which
+atomics = full - plain_counters; checksum helpers = full - no_csum_helpers. A variant's
+packets are wrong in the part cut; only its time is used.
 """
 
 from __future__ import annotations
@@ -172,6 +190,92 @@ class Harness:
         return results
 
 
+# (variant, file under ebpf/, text, replacement): every text must be found, or the
+# datapath changed under the profile and it says so instead of measuring something else
+_SEND = "\treturn ctx_redirected(is_tc);\n"  # how a variant ends early: as a hit ends
+_PKTS = "__sync_fetch_and_add(&flow->counters.packets, ctx_gso_segs(ctx, is_tc));"
+_BYTES = "__sync_fetch_and_add(&flow->counters.bytes, pkt.l3len);"
+PROFILE_CUTS: dict[str, list[tuple[str, str, str]]] = {
+    "stop_before_lookup": [("pyflow_xdp.c", "\t/* 3. flow */\n", "\t/* 3. flow */\n" + _SEND)],
+    "stop_before_redirect": [("pyflow_xdp.c", "\tvia_ppp = ctx_via_ppp(",
+                              _SEND + "\tvia_ppp = ctx_via_ppp(")],
+    "stop_before_rewrite": [("pyflow_xdp.c", "\t/* 5. rewrite;", _SEND + "\t/* 5. rewrite;")],
+    "no_counters": [("pyflow_xdp.c", "\t" + _PKTS, _SEND + "\t" + _PKTS)],
+    "plain_counters": [("pyflow_xdp.c", _PKTS, "flow->counters.packets += ctx_gso_segs(ctx, is_tc);"),
+                       ("pyflow_xdp.c", _BYTES, "flow->counters.bytes += pkt.l3len;")],
+    "no_csum_helpers": [("lib/context.h", "bpf_l4_csum_replace(", "0 && bpf_l4_csum_replace("),
+                        ("lib/context.h", "bpf_csum_update(", "0 && bpf_csum_update(")],
+}
+PROFILE_PARTS = (  # (part, minuend, subtrahend)
+    ("parse", "stop_before_lookup", "harness"),
+    ("lookup_and_checks", "stop_before_redirect", "stop_before_lookup"),
+    ("redirect", "stop_before_rewrite", "stop_before_redirect"),
+    ("rewrite_and_checksums", "no_counters", "stop_before_rewrite"),
+    ("counters", "full", "no_counters"),
+    ("  of which atomics", "full", "plain_counters"),
+    ("checksum_helpers", "full", "no_csum_helpers"),
+)
+
+
+def compile_variant(name: str, defines: dict[str, int]):
+    """The datapath compiled from a copy of ebpf/ with PROFILE_CUTS[name] applied."""
+    import shutil
+    import tempfile
+
+    from bcc import BPF
+
+    from pyflow.datapath.bpfsource import EBPF_DIR
+
+    with tempfile.TemporaryDirectory(prefix="pft-dpprof-") as tmp:
+        root = Path(tmp) / "ebpf"
+        shutil.copytree(EBPF_DIR, root)
+        for rel, text, repl in PROFILE_CUTS[name]:
+            f = root / rel
+            src = f.read_text()
+            if text not in src:
+                raise RuntimeError(f"profile variant {name}: {text.strip()!r} not found in ebpf/{rel}")
+            f.write_text(src.replace(text, repl))
+        flags = [f"-I{root / 'include'}", f"-I{root}", "-Wno-unused-function", "-w"]
+        flags += [f"-D{k}={v}" for k, v in defines.items()]
+        return BPF(src_file=str(root / "pyflow_xdp.c").encode(), cflags=flags)
+
+
+def profile(h: Harness, repeat: int, rounds: int, quick: bool) -> dict:
+    """ns per run of each variant at 1 flow (hot) and 100k flows (1,000 of them spread over
+    the table), XDP and TC; then the parts (PROFILE_PARTS)."""
+    from bcc import BPF
+
+    big = 10_000 if quick else 100_000
+    defines = {"PYFLOW_MAX_FLOWS": 2 * big + 1024}
+    variants = {"full": None, **{k: None for k in PROFILE_CUTS}}
+    out: dict = {"flows": {"1": {}, str(big): {}}, "parts": {}}
+    for name in variants:
+        dp = compile_variant(name, defines) if name != "full" else compile_datapath(defines=defines)
+        prog = {"xdp": dp.load_func(XDP_FUNC, BPF.XDP).fd, "tc": dp.load_func(TC_FUNC, BPF.SCHED_CLS).fd}
+        dp["pyflow_txports"][ct.c_int(0)] = ct.c_int(TEST_IFINDEX)
+        table = FlowTable(dp["pyflow_flows"].map_fd)
+        install(table, [v4_flow(0)])
+        for n, frames in ((1, [v4_frame(0)]), (big, None)):
+            if n == big:
+                install(table, [v4_flow(i) for i in range(1, big)])
+                frames = [v4_frame(i * (big // SPREAD)) for i in range(SPREAD)]
+            h.set_templates(frames)
+            for hook in ("xdp", "tc"):
+                if name == "full":
+                    out["flows"][str(n)][f"{hook}/harness"] = summarize(
+                        h.measure(hook, h.fn[f"pass_{hook}"].fd, repeat, rounds))
+                out["flows"][str(n)][f"{hook}/{name}"] = summarize(
+                    h.measure(hook, prog[hook], repeat, rounds))
+        table.close()
+        dp.cleanup()
+    for n, rows in out["flows"].items():
+        for hook in ("xdp", "tc"):
+            med = {k.split("/", 1)[1]: v["median_ns"] for k, v in rows.items() if k.startswith(hook + "/")}
+            out["parts"][f"{hook}/{n}"] = {part: med[a] - med[b] for part, a, b in PROFILE_PARTS}
+            out["parts"][f"{hook}/{n}"]["total_net"] = med["full"] - med["harness"]
+    return out
+
+
 def summarize(samples: list[float]) -> dict:
     return {"median_ns": statistics.median(samples), "min_ns": min(samples), "max_ns": max(samples),
             "samples": samples}
@@ -189,6 +293,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, help="runs per BPF_PROG_TEST_RUN call (default 2,000,000)")
     ap.add_argument("--rounds", type=int, help="calls per figure, the median is kept (default 7)")
     ap.add_argument("--out", default="bench-results/datapath.json")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profile of the hit (variants)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_datapath: needs root (BPF)", file=sys.stderr)
@@ -238,6 +343,10 @@ def main() -> int:
                 results["scale"][f"{series}/{hook}/{n}"] = summarize(
                     h.measure(hook, prog[hook], repeat, rounds))
 
+    table.close()
+    dp.cleanup()
+    if not args.no_profile:
+        results["profile"] = profile(h, repeat, rounds, args.quick)
     report(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
@@ -269,6 +378,14 @@ def report(results: dict) -> None:
             line = "  ".join(f"{n:>9,}: {ns:6.1f}" for n, ns in sorted(pts.items()))
             growth = pts[max(pts)] / pts[min(pts)]
             print(f"  {series:6} {hook:3} {line}   growth {growth:.2f}x (target <= 1.3x)")
+    prof = results.get("profile")
+    if prof:
+        keys = list(prof["parts"])
+        print("\nprofile: where an IPv4 NAT hit's time goes, ns (differences of variants, "
+              "net of the harness)")
+        print(f"{'part':24} " + " ".join(f"{k:>12}" for k in keys))
+        for part in [p for p, _a, _b in PROFILE_PARTS] + ["total_net"]:
+            print(f"{part:24} " + " ".join(f"{prof['parts'][k][part]:12.1f}" for k in keys))
 
 if __name__ == "__main__":
     t0 = time.monotonic()

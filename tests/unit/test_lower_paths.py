@@ -409,3 +409,23 @@ def test_the_resolver_reads_sessions_when_planning_and_forgets_them_on_changes()
     finally:
         rt._watch = real_watch
         rt.close()
+
+
+def test_not_managed_says_which_side():
+    """No managed layer on the way to a host: ingress_not_managed when the host lives behind
+    that route device (its own traffic arrives where pyflow does not run); egress_not_managed
+    when policy routing sends the direction out elsewhere than where the host lives."""
+    eng = engine(LayeredPaths(LAN1, WAN7), (LAN1,))
+    offer(eng, eng.ct, masq_conn())
+    assert eng.stats.refused == {model.INGRESS_NOT_MANAGED: 1}
+
+    class Elsewhere(LayeredPaths):
+        def egress(self, family, src, dst, *, iif, mark):
+            if self.device_of(family, dst, mark=mark) == self.wan:  # routed out via wan.300.20
+                p = P.plan_egress(family, socket.inet_pton(family, dst), route(CVLAN), self.links.get)
+                return P.build_egress(p, GW_MAC)
+            return super().egress(family, src, dst, iif=iif, mark=mark)
+
+    eng = engine(Elsewhere(LAN1, WAN7), (LAN1, WAN7))
+    offer(eng, eng.ct, masq_conn())
+    assert eng.stats.refused == {model.EGRESS_NOT_MANAGED: 1}

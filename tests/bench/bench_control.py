@@ -303,6 +303,38 @@ def feed_figures(ct: Any) -> dict[str, Any]:
             "us_per_dump_entry": best / max(n, 1) * 1e6}
 
 
+def decode_figures() -> dict[str, Any] | None:
+    """Decoding alone, in this process, on the datagrams the kernel sent that
+    tests/unit/data/ctnetlink.hex holds: the Python reference decoder (conntrack._parse)
+    against the C decoder with and without building the Conns. None where the adapter has
+    no C decoder."""
+    import timeit
+
+    try:
+        from pyflow._native import ffi, lib
+        from pyflow.control import conntrack, ctfeed
+    except ImportError:
+        return None
+    data = ROOT / "tests" / "unit" / "data" / "ctnetlink.hex"
+    recorded = [line.split(None, 1) for line in data.read_text().splitlines() if not line.startswith("#")]
+    events = [bytes.fromhex(h) for k, h in recorded if k == "event"]
+    joined = b"".join(events)
+    feed = ctfeed.Feed(max(len(joined), 1 << 16))
+    n = len(feed.decode(joined, len(joined))[0])
+    src = ffi.from_buffer(joined)
+
+    def c_only() -> None:
+        lib.pyflow_ct_decode(src, len(joined), ctfeed.EVENTS, 0, 0, feed.out, feed.cap, feed._reset())
+
+    def per(fn: Any) -> float:
+        return min(timeit.repeat(fn, number=200, repeat=5)) / 200 / n * 1e6
+
+    return {"messages": n,
+            "python_us": per(lambda: [conntrack._events_of(e, len(e)) for e in events]),
+            "c_build_us": per(lambda: feed.decode(joined, len(joined))),
+            "c_only_us": per(c_only)}
+
+
 class Timers:
     """Manual timers around adapter calls: wrap(obj, name, label) replaces obj.name by a timed
     call. Nested timed calls are subtracted from the outer one (self time per label)."""
@@ -485,6 +517,7 @@ def bench(args: argparse.Namespace) -> int:
                                "latency_seconds": lat_seconds}
     t_start = time.monotonic()
     results["host_loop_s_before"] = host_speed()
+    results["decode"] = decode_figures()
     work = Path(tempfile.mkdtemp(prefix="pft-bench-control-"))
     with topology(nat=True) as topo:
         pin = pin_dir("bench-r1")
@@ -710,6 +743,11 @@ def report(r: dict[str, Any]) -> None:
           f"{feed['us_per_event']:.2f} us/event (overruns {feed['overruns']}; the idle waits not counted)")
     print(f"   dump of {feed['dump_entries']} entries (median of 5)  {feed['dump_s'] * 1e3:.1f} ms: "
           f"{feed['us_per_dump_entry']:.2f} us/entry")
+    dec = r.get("decode")
+    if dec:
+        print(f"   decoding alone ({dec['messages']} recorded events): Python reference "
+              f"{dec['python_us']:.2f} us/message, C + Conns {dec['c_build_us']:.2f}, C alone "
+              f"{dec['c_only_us']:.2f}")
     print()
     print("1. offload capacity (initial resync, loop started on existing connections)")
     print(f"   connections replied in conntrack   {cap['connections']}")

@@ -371,7 +371,8 @@ def test_flows_stats_and_metrics_during_a_transfer(env):
     assert m[new_events] > before[new_events]
     st = seen["stats"]
     assert st["offloaded"]["ipv4"] == {"software": 1, "hardware": 0} and st["flow_map"]["entries"] == 2
-    assert set(st) == {"offloaded", "flow_map", "fast_path", "slow_path", "conntrack", "engine", "devices"}
+    assert set(st) == {"offloaded", "flow_map", "fast_path", "slow_path", "conntrack", "engine", "devices",
+                       "tracking"}
     fin_rst = 'pyflow_slowpath_packets_total{reason="tcp_fin_rst"}'
     after = _scrape_until(d, lambda m: m[fin_rst] > 0 and m["pyflow_fastpath_bytes_total"]
                           - before["pyflow_fastpath_bytes_total"] > 8 * MIB * 0.9)

@@ -60,6 +60,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `tests` is a namespace package at the repo root
 
 PORT_CAPACITY, PORT_LATENCY, PORT_PATH = 7001, 7002, 7003
+# Part 1 beyond CHUNK connections: one more client process (a socket per connection, and
+# a process may hold 20,000 descriptors here), client address and server port per CHUNK,
+# so that neither the client's source ports nor the masquerade's (64k per destination
+# address and port) run out
+CHUNK = 19_000
+PORT_MORE = 7100  # + k: the server port of chunk k >= 1
 PAYLOAD_TAG = b"pfbc"
 OFFLOAD_MARK = 0x100
 
@@ -97,6 +103,7 @@ def role_client(args: argparse.Namespace) -> int:
     """One socket (so one source port, one conntrack entry) per datagram; paced at ``rate``
     per second (0: as fast as possible); then wait up to ``wait`` s for the echoes."""
     fam = socket.AF_INET6 if ":" in args.addr else socket.AF_INET
+    bind = (args.bind, 0) if args.bind else None
     need = args.count + 256
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need:
@@ -117,6 +124,8 @@ def role_client(args: argparse.Namespace) -> int:
             break
         s = socket.socket(fam, socket.SOCK_DGRAM)
         s.setblocking(False)
+        if bind:
+            s.bind(bind)
         s.sendto(PAYLOAD_TAG + (args.first_id + i).to_bytes(4, "big"), (args.addr, args.port))
         sent.append((args.first_id + i, s.getsockname()[1], now))
         socks.append(s)
@@ -165,12 +174,13 @@ class Echo:
 
 
 def run_client(ns: str, addr: str, port: int, count: int, workdir: Path, *, rate: float = 0,
-               first_id: int = 0, wait: float = 5.0, max_seconds: float = 30.0) -> dict[str, Any]:
+               first_id: int = 0, wait: float = 5.0, max_seconds: float = 30.0,
+               bind: str = "") -> dict[str, Any]:
     out = workdir / f"client-{port}-{first_id}.json"
     subprocess.run(["ip", "netns", "exec", ns, *_here(), "--role", "client", "--addr", addr,
                     "--port", str(port), "--count", str(count), "--rate", str(rate), "--first-id",
                     str(first_id), "--wait", str(wait), "--max-seconds", str(max_seconds),
-                    "--out", str(out)], check=True, timeout=max_seconds + wait + 30)
+                    "--out", str(out), "--bind", bind], check=True, timeout=max_seconds + wait + 30)
     return json.loads(out.read_text())
 
 
@@ -260,8 +270,8 @@ def make_control_plane(dp: Any, cfg: Any) -> Any:
     return BenchControlPlane(dp, cfg)
 
 
-def ct_count(ns: str, port: int) -> dict[str, int]:
-    """Conntrack entries to the server port in namespace ns: total, replied, marked offloaded."""
+def ct_count(ns: str, port: int | set[int]) -> dict[str, int]:
+    """Conntrack entries to the server port(s) in namespace ns: total, replied, marked offloaded."""
     from pyflow.control.conntrack import CtNetlink
     from pyflow.control.model import IPS_SEEN_REPLY
     from tests import netns
@@ -269,7 +279,8 @@ def ct_count(ns: str, port: int) -> dict[str, int]:
     with netns.inside(ns):
         ct = CtNetlink(subscribe=False)
     with ct:
-        conns = [c for c in ct.dump() if c.orig.dport == port]
+        ports = port if isinstance(port, set) else {port}
+        conns = [c for c in ct.dump() if c.orig.dport in ports]
     return {"total": len(conns), "replied": sum(1 for c in conns if c.status & IPS_SEEN_REPLY),
             "marked": sum(1 for c in conns if c.mark & OFFLOAD_MARK)}
 
@@ -459,7 +470,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--gc-freeze", action="store_true",
                     help="gc.freeze() once the loop has started (as a daemon could): the latency of part 2 "
                          "without full collections walking the table built at startup")
+    ap.add_argument("--conns", type=int, default=0,
+                    help="connections of part 1, left offloaded during part 2 (default 5,000; quick 2,000)")
+    ap.add_argument("--latency-seconds", type=float, default=0.0,
+                    help="seconds of new connections at 1,000/s in part 2 (default 3; quick 1)")
     ap.add_argument("--role", choices=("echo", "client"))
+    ap.add_argument("--bind", default="", help=argparse.SUPPRESS)
     ap.add_argument("--addr")
     ap.add_argument("--port", type=int)
     ap.add_argument("--out")
@@ -508,9 +524,11 @@ def bench(args: argparse.Namespace) -> int:
             gc_pauses.append((gc_start[0], dt * 1e3, info["generation"]))
 
     gc.callbacks.append(on_gc)
-    n_conns = 2000 if args.quick else 5000
+    n_conns = args.conns or (2000 if args.quick else 5000)
     rate = 1000.0
-    lat_seconds = 1.0 if args.quick else 3.0
+    # long enough to span keep-alive walks of the table part 1 left offloaded (paced: several
+    # seconds apart at 100k), so that the percentiles include the events that wait for one
+    lat_seconds = args.latency_seconds or (1.0 if args.quick else 3.0)
     m_conns = 1000
     cfg = ControlConfig(engine=EngineConfig(), keepalive_period_s=1.0, offload_mark=OFFLOAD_MARK)
     results: dict[str, Any] = {"quick": args.quick, "n": n_conns, "m": m_conns, "rate": rate,
@@ -539,13 +557,28 @@ def bench(args: argparse.Namespace) -> int:
 
             results["gc_objects_at_start"] = len(gc.get_objects())
             # ---- 1. offload capacity -------------------------------------------------------
-            echoes.append(Echo(topo.sv, sv, PORT_CAPACITY, work))
+            chunks = -(-n_conns // CHUNK)
+            cap_ports = {PORT_CAPACITY} | {PORT_MORE + k for k in range(1, chunks)}
+            if chunks > 1:
+                with netns.inside(topo.cl):
+                    Path("/proc/sys/net/ipv4/ip_local_port_range").write_text("1024 65535\n")
+                for k in range(1, chunks):
+                    netns.run(topo.cl, f"ip addr add 198.18.1.{100 + k}/24 dev pft-cl-0")
+            for k in range(chunks):
+                echoes.append(Echo(topo.sv, sv, PORT_CAPACITY if k == 0 else PORT_MORE + k, work))
             with netns.inside(topo.r1):
                 feed_ct = CtNetlink(rcvbuf=256 << 20)  # holds every event of the burst
-            c1 = run_client(topo.cl, sv, PORT_CAPACITY, n_conns, work, first_id=0)
+            c1: dict[str, Any] = {"sent": [], "echoed": 0, "seconds": 0.0}
+            for k in range(chunks):
+                part = run_client(topo.cl, sv, PORT_CAPACITY if k == 0 else PORT_MORE + k,
+                                  min(CHUNK, n_conns - k * CHUNK), work, first_id=k * CHUNK,
+                                  bind="" if k == 0 else f"198.18.1.{100 + k}", max_seconds=60.0)
+                c1["sent"] += part["sent"]
+                c1["echoed"] += part["echoed"]
+                c1["seconds"] += part["seconds"]
             results["feed"] = feed_figures(feed_ct)
             feed_ct.close()
-            before = ct_count(topo.r1, PORT_CAPACITY)
+            before = ct_count(topo.r1, cap_ports)
             print(f"part 1: {len(c1['sent'])} sent, {c1['echoed']} echoed in {c1['seconds']:.2f} s; "
                   f"conntrack {before}", file=sys.stderr)
             replied = before["replied"]
@@ -557,7 +590,7 @@ def bench(args: argparse.Namespace) -> int:
             first = r1 - r0
             offloaded = len(cp.engine.offloaded)
             entries = map_view.count()
-            after = ct_count(topo.r1, PORT_CAPACITY)
+            after = ct_count(topo.r1, cap_ports)
             # what was not offloaded, and why: every qualifying connection has a counted reason
             waiting = {"pending": len(cp.engine.pending), "refused": dict(cp.engine.stats.refused),
                        "install_errors": cp.engine.stats.install_errors}
@@ -592,6 +625,12 @@ def bench(args: argparse.Namespace) -> int:
             results["capacity"]["second_resync_s"] = r1 - r0
             results["capacity"]["second_resync_offloaded"] = len(cp.engine.offloaded)
             table_before = len(cp.engine.offloaded)
+            # the steady state "with N offloaded": after the resync the keep-alive writes every
+            # connection's long timeout once more (at most MAX_EXTENDS_PER_TICK a tick), which
+            # is the start's work, not the steady state's; it is timed apart
+            t_settle = time.monotonic()
+            wait_for(lambda: cp.engine.stats.refreshes >= table_before, 60.0)
+            results["capacity"]["settle_after_resync_s"] = time.monotonic() - t_settle
             echo2 = Echo(topo.sv, sv, PORT_LATENCY, work)
             echoes.append(echo2)
             count = int(rate * lat_seconds)
@@ -637,7 +676,7 @@ def bench(args: argparse.Namespace) -> int:
             netns.run(topo.r1, "conntrack -F")
             wait_for(lambda: not cp.engine.offloaded, 10.0)
             results["path"] = {"left_after_flush": len(cp.engine.offloaded),
-                               "ct_left_after_flush": ct_count(topo.r1, PORT_CAPACITY)["total"]
+                               "ct_left_after_flush": ct_count(topo.r1, cap_ports)["total"]
                                + ct_count(topo.r1, PORT_LATENCY)["total"]}
             echoes.append(Echo(topo.sv, sv, PORT_PATH, work))
             c3 = run_client(topo.cl, sv, PORT_PATH, m_conns, work, first_id=2_000_000)

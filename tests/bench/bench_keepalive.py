@@ -2,9 +2,9 @@
 
 Run as root: ``python tests/bench/bench_keepalive.py [--sizes 10000,100000,1000000]
 [--tree DIR] [--label NAME] [--ticks 5] [--steady 30] [--quick]``. Prints a table and writes
-bench-results/keepalive-<label>.json. ``--tree`` runs the code of another checkout (a git
-worktree of an older commit, say) with this same script, so two versions are measured
-the same way in one run.
+bench-results/keepalive.json (keepalive-<label>.json with --label). ``--tree`` runs the
+code of another checkout (a git worktree of an older commit, say) with this same script,
+so two versions are measured the same way in one run.
 
 Each size runs in a child process of its own (its memory is its own):
 
@@ -30,6 +30,9 @@ Each size runs in a child process of its own (its memory is its own):
 4. Steady (``--steady`` seconds): a tick a second as pyflowd runs them, walks as the
    engine's pacer decides (keepalive.Pacer), every connection's counters moved before each
    tick (not counted); the control plane's CPU seconds (this thread's) per wall second.
+5. Hand-back (``--handback 1``): Engine.flush(), every connection handed back (entries
+   deleted, conntrack given its protocol's timeout in a real round trip), timed; what is
+   left offloaded or in the map is reported (errors).
 """
 
 from __future__ import annotations
@@ -227,8 +230,18 @@ def child(args: argparse.Namespace) -> int:
                 steady["walks"] = steady["ticks"]
             steady["cpu_share"] = steady["cpu_s"] / max(steady["seconds"], 1e-9)
             assert len(eng.offloaded) == n
+        # hand-back of every connection (pyflowd's stop, or a flush): each one's entries
+        # deleted and its conntrack entry given its protocol's timeout (a real round trip)
+        handback: dict[str, Any] = {}
+        if args.handback:
+            sent, wall = ct.messages, time.perf_counter()
+            eng.flush()
+            handback = {"seconds": time.perf_counter() - wall, "messages": ct.messages - sent,
+                        "left_offloaded": len(eng.offloaded), "left_entries": flows.count(),
+                        "removed": dict(eng.stats.removed), "install_errors": eng.stats.install_errors}
         real.close()
         result = {
+            "handback": handback,
             "steady": steady,
             "tree": str(tree), "connections": n, "install_s": install_s,
             "rss_base_kib": base, "rss_kib": after, "rss_per_conn_bytes": (after - base) * 1024 / n,
@@ -251,6 +264,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tree", default=str(ROOT), help="checkout whose pyflow is measured")
     p.add_argument("--label", default="current")
     p.add_argument("--quick", action="store_true", help="10k and 100k, 3 ticks, 12 s steady")
+    p.add_argument("--handback", type=int, default=1, help="hand every connection back at the end (1/0)")
     p.add_argument("--ticks", type=int, default=5)
     p.add_argument("--steady", type=float, default=30.0,
                    help="seconds of a tick a second with every connection moving (control-plane CPU share)")
@@ -265,8 +279,9 @@ def main(argv: list[str]) -> int:
         # the child finds this script's tests/ (netns, fakes) under --tree: the tree's own
         out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(n),
                               "--tree", args.tree, "--ticks", str(args.ticks),
-                               "--steady", str(args.steady)], capture_output=True,
-                             text=True, env={**os.environ, "PYTHONPATH": args.tree}, timeout=3600)
+                               "--steady", str(args.steady), "--handback", str(args.handback)],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": args.tree},
+                             timeout=3600)
         if out.returncode:
             sys.stderr.write(out.stderr)
             return out.returncode
@@ -278,6 +293,11 @@ def main(argv: list[str]) -> int:
               f"{r['rss_kib'] / 1024:.1f} MiB); map {r['map_bytes'] / 2**20:.0f} MiB kernel; "
               f"install {r['install_s']:.1f} s; settle {r['settle']['messages']:,} msgs in "
               f"{r['settle']['ticks']} ticks, {r['settle']['wall_s']:.1f} s", flush=True)
+        hb = r.get("handback", {})
+        if hb:
+            print(f"{'':>27}hand-back of all: {hb['seconds']:.1f} s, {hb['messages']:,} conntrack msgs, "
+                  f"{hb['left_offloaded']} left offloaded, {hb['left_entries']} entries left in the map",
+                  flush=True)
         st = r.get("steady", {})
         if st.get("ticks"):
             print(f"{'':>27}steady {st['seconds']:.0f} s, {st['ticks']} ticks, every connection moving: "
@@ -287,7 +307,9 @@ def main(argv: list[str]) -> int:
                   flush=True)
     out_dir = ROOT / "bench-results"
     out_dir.mkdir(exist_ok=True)
-    (out_dir / f"keepalive-{args.label}.json").write_text(json.dumps(rows, indent=1))
+    # `make bench` reads keepalive.json; a labelled run (an older tree, say) writes its own file
+    name = "keepalive.json" if args.label == "current" else f"keepalive-{args.label}.json"
+    (out_dir / name).write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -32,7 +32,9 @@ Per (family, flow count), in one run and in this order:
 4. ``floor``: a program on the router's LAN port at the same hook as pyflow (TC ingress:
    bpf_redirect; generic or native XDP: a devmap redirect) sending every frame to the
    uplink (no parsing, no lookup, no rewrite): the most a forwarding program at that hook
-   can do on this machine.
+   can do on this machine;
+5. with ``--extra-mode`` (up to ``--extra-max-flows``): ``pyflow_MODE`` and ``floor_MODE``,
+   the same two at another hook (native XDP on veth, say), in the same run.
 Each is measured for ``--reps`` consecutive windows of ``--window`` seconds while the
 generator sends without pause: packets per second delivered to the receiver, and router
 CPU nanoseconds per forwarded packet (the router's NAPI threads' schedstat run time over
@@ -104,10 +106,8 @@ class Bench:
         # the floor: a program that only redirects every frame to the uplink, at the hook
         # pyflow runs on in this run (TC ingress, generic XDP or native XDP)
         self.floor = BPF(text=FLOOR_SRC, cflags=[f"-DFLOOR_IFINDEX={net.ifindex[UP]}"])
-        if args.mode == "tc":
-            self.floor_fn = self.floor.load_func("floor_tc", BPF.SCHED_CLS)
-        else:
-            self.floor_fn = self.floor.load_func("floor_fwd", BPF.XDP)
+        self.floor_fns = {"tc": self.floor.load_func("floor_tc", BPF.SCHED_CLS),
+                          "xdp": self.floor.load_func("floor_fwd", BPF.XDP)}
         with netns.inside(net.rt):
             # a devmap resolves ifindexes in the updating thread's namespace
             self.floor["floor_tx"][ct.c_int(0)] = ct.c_int(net.ifindex[UP])
@@ -219,8 +219,8 @@ class Bench:
     def kernel(self, family: int) -> dict:
         return self.measure(family)
 
-    def floor_path(self, family: int) -> dict:
-        mode = self.args.mode
+    def floor_path(self, family: int, mode: str | None = None) -> dict:
+        mode = mode or self.args.mode
         with netns.inside(self.net.rt):
             if mode == "tc":
                 from pyroute2 import IPRoute
@@ -228,11 +228,11 @@ class Bench:
                 with IPRoute() as ipr:
                     idx = self.net.ifindex[LAN]
                     ipr.tc("add", "clsact", idx)
-                    ipr.tc("add-filter", "bpf", idx, ":1", fd=self.floor_fn.fd, name="pft_floor",
+                    ipr.tc("add-filter", "bpf", idx, ":1", fd=self.floor_fns["tc"].fd, name="pft_floor",
                            parent="ffff:fff2", classid=1, direct_action=True)
             else:
                 flags = XDP_FLAGS_SKB_MODE if mode == "generic" else 0
-                self.floor.attach_xdp(LAN.encode(), self.floor_fn, flags)
+                self.floor.attach_xdp(LAN.encode(), self.floor_fns["xdp"], flags)
         try:
             return self.measure(family)
         finally:
@@ -314,6 +314,10 @@ def main(argv: list[str]) -> int:
                     help="IPv6 runs only the flow counts up to this (1M flows take minutes per family)")
     ap.add_argument("--mode", choices=MODES, default="tc",
                     help="pyflow's hook on the router's ports and the floor's (tc: auto's choice on veth)")
+    ap.add_argument("--extra-mode", choices=MODES, default=None,
+                    help="also pyflow and the floor at this hook (paths pyflow_MODE, floor_MODE)")
+    ap.add_argument("--extra-max-flows", type=int, default=100_000,
+                    help="the extra mode only up to this many flows")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--window", type=float, default=1.0)
     ap.add_argument("--warmup", type=float, default=0.5)
@@ -338,6 +342,7 @@ def main(argv: list[str]) -> int:
         "window_s": args.window, "router_cpu": ROUTER_CPU, "host_cpu": HOST_CPU,
         "kernel": os.uname().release, "cpus": os.cpu_count()}, "rows": []}
     results["method"]["mode"] = args.mode
+    results["method"]["extra_mode"] = args.extra_mode
     ct_max_before = None
     if max(flow_counts) > BIG:
         # conntrack's limit is the machine's (a namespace may only lower it): raised for the
@@ -370,17 +375,24 @@ def run(args: argparse.Namespace, flow_counts: list[int], families: list[int], r
                     row = {"family": family, "flows": flows, "establish": est}
                     print(f"IPv{family} {flows:>7} flows: established in {est['seconds']:.1f} s "
                           f"({est['passes']} passes, {est['unreplied']} unreplied)", flush=True)
-                    for path in ("kernel", "pyflow", "floor"):
+                    paths = ["kernel", "pyflow", "floor"]
+                    if args.extra_mode and flows <= args.extra_max_flows:
+                        paths += [f"pyflow_{args.extra_mode}", f"floor_{args.extra_mode}"]
+                    for path in paths:
                         if path == "kernel":
                             row[path] = bench.kernel(family)
                         elif path == "pyflow":
                             row[path] = bench.pyflow(family, flows)
-                        else:
+                        elif path == "floor":
                             row[path] = bench.floor_path(family)
+                        elif path.startswith("pyflow_"):
+                            row[path] = bench.pyflow(family, flows, args.extra_mode)
+                        else:
+                            row[path] = bench.floor_path(family, args.extra_mode)
                         r = row[path]
                         extra = (f", offloaded {r['offloaded']} after {r['offload_wait_s']:.1f} s "
-                                 f"{r['engine']}" if path == "pyflow" else "")
-                        print(f"   {path:7} {r['pps']['median'] / 1e3:8.0f} kpps "
+                                 f"{r['engine']}" if path.startswith("pyflow") else "")
+                        print(f"   {path:14} {r['pps']['median'] / 1e3:8.0f} kpps "
                               f"({r['pps']['min'] / 1e3:.0f}..{r['pps']['max'] / 1e3:.0f}), "
                               f"{r['ns_per_packet']['median']:7.0f} router ns/pkt, "
                               f"offered {r['offered_pps'] / 1e3:.0f} kpps{extra}", flush=True)

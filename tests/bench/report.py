@@ -183,6 +183,12 @@ def scale_targets(router: dict | None, control: dict | None, ka: list | None,
                         f"({r['kernel']['ns_per_packet']['median']:,.0f} vs "
                         f"{r['pyflow']['ns_per_packet']['median']:,.0f} ns)")
             ok = ok and (pps >= 3 or cpu >= 3)
+            xm = router.get("method", {}).get("extra_mode") if router else None
+            if xm and f"pyflow_{xm}" in r:
+                xp = r[f"pyflow_{xm}"]
+                xpps = xp["pps"]["median"] / r["kernel"]["pps"]["median"]
+                xcpu = r["kernel"]["ns_per_packet"]["median"] / xp["ns_per_packet"]["median"]
+                figs[-1] += f" [at {HOOK.get(xm, xm)}: {xpps:.2f}x pps, {xcpu:.2f}x less CPU]"
             why.append(f"IPv{f}: the bare redirect at the same hook costs "
                        f"{r['floor']['ns_per_packet']['median']:,.0f} ns/pkt, the kernel path "
                        f"{r['kernel']['ns_per_packet']['median']:,.0f}: no program at this hook can be "
@@ -409,6 +415,19 @@ def md_router(router: dict) -> list[str]:
             f"| {fmt_k(f['median'])} ({spread(f, 1e-3)}k) | {p['median'] / k['median']:.1f}x "
             f"| {p['median'] / f['median']:.0%} | {nk:,.0f} / {np_:,.0f} / {nf:,.0f} | {nf / np_:.0%} "
             f"| {fmt_k(r['pyflow']['offered_pps'])} | {r['pyflow'].get('offloaded', '?'):,} |")
+    xm = m.get("extra_mode")
+    xrows = [r for r in router["rows"] if xm and f"pyflow_{xm}" in r]
+    if xrows:
+        lines += ["", f"The same run with pyflow and the floor at {HOOK.get(xm, xm)} instead (kernel path as "
+                  "above):", "", "| case | pyflow pps | floor pps | router ns/pkt pyflow / floor "
+                  "| pyflow / floor by CPU "
+                  "| kernel / pyflow by CPU |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in xrows:
+            p, f = r[f"pyflow_{xm}"], r[f"floor_{xm}"]
+            np_, nf = p["ns_per_packet"]["median"], f["ns_per_packet"]["median"]
+            lines.append(f"| IPv{r['family']}, {r['flows']:,} | {fmt_k(p['pps']['median'])} "
+                         f"| {fmt_k(f['pps']['median'])} | {np_:,.0f} / {nf:,.0f} | {nf / np_:.0%} "
+                         f"| {r['kernel']['ns_per_packet']['median'] / np_:.2f}x |")
     lines += ["", "Router CPU share during the windows (cores, median) and pyflow's control-plane thread:",
               "",
               "| case | kernel | pyflow | floor | control plane | receiver loss (floor) |",

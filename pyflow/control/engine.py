@@ -70,7 +70,6 @@ from pyflow.control.model import (
 )
 from pyflow.control.placement import HwPlacement, MapPlacement, pack_entries
 from pyflow.control.returning import Returning
-from pyflow.control.returning import Returning
 from pyflow.datapath.abi import FlowAction, FlowKey, datapath_clock_ns, key_bytes
 
 __all__ = ["BATCH", "Engine", "EngineConfig", "EngineStats", "ManagedDevice", "Offloaded"]
@@ -95,11 +94,6 @@ class EngineConfig:
     # most this many wait at once
     return_window_s: float = 300.0
     return_max: int = 65536
-    # a connection a path change took off the fast path is offloaded again at the first later
-    # path change that resolves its path, if that comes within this window (returning.py); at
-    # most this many wait at once
-    return_window_s: float = 300.0
-    return_max: int = 65536
 
 
 @dataclass
@@ -116,7 +110,6 @@ class EngineStats:
     hw_failures: int = 0  # placements the hardware refused: those flows went to the XDP path
     hw_refused: dict[str, int] = field(default_factory=dict)  # hw_failures by reason
     reoffloaded: int = 0  # connections a path change took off, offloaded again when it came back
-    reoffloaded: int = 0  # connections a path change took off, offloaded again when it came back
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -131,8 +124,6 @@ class Engine:
         self.clock = clock  # must be the datapath's clock: last_seen_ns is compared with it
         self.offloaded: dict[tuple, Offloaded] = {}
         self.pending: dict[tuple, Conn] = {}
-        # taken off by a path change, offered again at each later one (returning.py)
-        self.returning = Returning(int(self.config.return_window_s * 1e9), self.config.return_max)
         # taken off by a path change, offered again at each later one (returning.py)
         self.returning = Returning(int(self.config.return_window_s * 1e9), self.config.return_max)
         self.stats = EngineStats()
@@ -238,11 +229,6 @@ class Engine:
                 self.returning.update(ident, conn)
             else:
                 self.returning.discard(ident)
-        if ident in self.returning:  # waiting for its path: keep its latest state, or let it go
-            if why is None:
-                self.returning.update(ident, conn)
-            else:
-                self.returning.discard(ident)
         off = self.offloaded.get(ident)
         if off is not None:
             off.conn = conn  # the latest state: a hand-back reads it (Engine.handback_timeout)
@@ -273,7 +259,6 @@ class Engine:
             for ident in list(self.pending):
                 if ident not in live:
                     del self.pending[ident]
-            self.returning.retain(live)
             self.returning.retain(live)
             for ident, conn in live.items():
                 self._consider(conn, ident, queue=True)
@@ -522,7 +507,6 @@ class Engine:
             self.remove(ident, "flushed", tell_conntrack=True)
         self.pending.clear()
         self.returning.clear()
-        self.returning.clear()
 
     # ---- keep-alive, expiry, FIN/RST --------------------------------------------------
 
@@ -531,7 +515,6 @@ class Engine:
         table, matched against every connection in C; only the connections that need
         something done come back: entry missing, FIN/RST, packets moved (refresh), idle."""
         keepalive.tick(self)
-        self.returning.expire(self.clock())
         self.returning.expire(self.clock())
 
     # ---- path changes -----------------------------------------------------------------

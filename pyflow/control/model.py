@@ -210,12 +210,6 @@ BAD_ADDRESS = "bad_address"  # not an IPv4/IPv6 address of the family
 LOOKUP_FAILED = "lookup_failed"  # the route lookup itself failed (timeout, ENOMEM ...): not a verdict
 INGRESS_NOT_MANAGED = "ingress_not_managed"  # a direction arrives on a device pyflow does not run on
 EGRESS_NOT_MANAGED = "egress_not_managed"  # a direction leaves through a device pyflow does not run on
-# bridges (pyflow.control.bridge): why the port behind which a MAC is learned cannot be used
-NOT_A_BRIDGE = "not_a_bridge"  # asked for the port of a device that is not a bridge
-BRIDGE_LOCAL_MAC = "bridge_local_mac"  # the MAC is the bridge's own or a port's: delivered to the host
-BRIDGE_PORT_BLOCKED = "bridge_port_blocked"  # the port is not forwarding (spanning tree)
-BRIDGE_VLAN_FILTERED = "bridge_vlan_filtered"  # the bridge or the port is not a member of the VLAN
-BRIDGE_NO_PVID = "bridge_no_pvid"  # VLAN filtering and no PVID on the bridge: untagged frames dropped
 PPPOE_NO_SESSION = "pppoe_no_session"  # a ppp device with no PPPoE session (L2TP, serial, not connected)
 PPPOE_AMBIGUOUS = "pppoe_ambiguous"  # which PPPoE session a ppp device runs over cannot be told
 # bridges (pyflow.control.bridge): why the port behind which a MAC is learned cannot be used

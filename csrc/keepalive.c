@@ -21,6 +21,10 @@
  *   last-seen updated when the packets of both directions moved) idle for longer
  *   than idle_ns -> IDLE; else conntrack's timeout has less than extend_ns left
  *   -> EXTEND.
+ * At most max_extend EXTEND verdicts are handed out (the others are counted in
+ * *extend_over and come back at the next scan): connections offloaded together run
+ * low together, and a table of a million would otherwise hand Python a million
+ * verdicts of which it acts on max_extend.
  */
 #include "pyflow_abi.h"
 #include "pyflow_native.h"
@@ -66,15 +70,17 @@ static int32_t index_find(const struct index *ix, const unsigned char *key)
 
 int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t n, uint32_t key_size,
 		   const void *dump_keys, const void *dump_counters, uint32_t ndump, int64_t now_ns,
-		   int64_t idle_ns, int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout)
+		   int64_t idle_ns, int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout,
+		   uint32_t max_extend, uint32_t *extend_over)
 {
 	const struct pyflow_flow_counters *cnt = dump_counters;
 	const unsigned char *ck = conn_keys;
 	struct index ix = { .keys = dump_keys, .key_size = key_size };
 	uint64_t size = 16;
-	uint32_t i, found = 0;
+	uint32_t i, found = 0, extends = 0;
 
 	*nout = 0;
+	*extend_over = 0;
 	if (!key_size || key_size > PYFLOW_FT_KEY_MAX)
 		return -EINVAL;
 	while (size < 2ull * ndump)
@@ -123,6 +129,10 @@ int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t
 				what = PYFLOW_KA_IDLE;
 			else if (c->ct_deadline_ns - now_ns < extend_ns)
 				what = PYFLOW_KA_EXTEND;
+		}
+		if (what == PYFLOW_KA_EXTEND && extends++ >= max_extend) {
+			(*extend_over)++;
+			continue;
 		}
 		if (what) {
 			out_index[found] = i;

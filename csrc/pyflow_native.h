@@ -163,7 +163,8 @@ struct pyflow_ka_conn {
 
 int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t n, uint32_t key_size,
 		   const void *dump_keys, const void *dump_counters, uint32_t ndump, int64_t now_ns,
-		   int64_t idle_ns, int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout);
+		   int64_t idle_ns, int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout,
+		   uint32_t max_extend, uint32_t *extend_over);
 /* ==== end of keep-alive section ============================================= */
 
 /* ==== conntrack feed (csrc/ctfeed.c, libmnl) ==================================

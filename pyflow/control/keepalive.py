@@ -156,6 +156,8 @@ class Slots:
         self.keys: Any = None  # uint8_t[2 * KEY_SIZE * cap]: each slot's two keys
         self.conns: Any = None  # struct pyflow_ka_conn[cap]
         self._nout = ffi.new("uint32_t *")
+        self._over = ffi.new("uint32_t *")
+        self.extend_over = 0  # EXTEND verdicts the last scan held back (max_extend)
         self._grow(cap)
 
     def _grow(self, cap: int) -> None:
@@ -210,13 +212,17 @@ class Slots:
         self.free.append(slot)
         off.slot = -1
 
-    def scan(self, counters: Counters, now: int, idle_ns: int, extend_ns: int) -> Verdicts:
+    def scan(self, counters: Counters, now: int, idle_ns: int, extend_ns: int,
+             max_extend: int = 0xFFFFFFFF) -> Verdicts:
         """The verdicts of every connection in the slots against one counter read, in C
-        (packet counts and last-seen times are updated there)."""
+        (packet counts and last-seen times are updated there); at most max_extend EXTEND
+        verdicts, the number held back in ``extend_over``."""
         nout = self._nout
         if lib.pyflow_ka_scan(self.keys, self.conns, self.top, KEY_SIZE, counters.keys, counters.counters,
-                              counters.n, now, idle_ns, extend_ns, self.out_index, self.out_what, nout) < 0:
+                              counters.n, now, idle_ns, extend_ns, self.out_index, self.out_what, nout,
+                              max_extend, self._over) < 0:
             raise MemoryError(f"keep-alive scan of {counters.n} entries: no memory for the index")
+        self.extend_over = self._over[0]
         out: Verdicts = []
         owner, index, what = self.owner, self.out_index, self.out_what
         for k in range(nout[0]):
@@ -239,12 +245,12 @@ def tick(eng: Engine) -> None:
     verdicts: Verdicts = []
     if walked:
         cpu0 = pacer.cpu()
-        verdicts = eng.slots.scan(eng.flows.read_counters(), now, idle_ns, ext_ns)
+        verdicts = eng.slots.scan(eng.flows.read_counters(), now, idle_ns, ext_ns, MAX_EXTENDS_PER_TICK)
         cost = pacer.cpu() - cpu0
     if eng.rules.flows:
         verdicts += eng.rules.scan(now, idle_ns, ext_ns)
     extend: list[tuple[tuple, Offloaded]] = []
-    backlog = False
+    backlog = walked and eng.slots.extend_over > 0
     for ident, off, what in verdicts:
         if what == MISSING:
             # do not leave half a flow behind

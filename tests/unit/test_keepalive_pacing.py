@@ -92,11 +92,13 @@ def test_a_walk_that_left_extensions_is_followed_at_the_next_tick(monkeypatch):
     clock.now += (86400 // 2 + 1) * SEC
     for off in eng.offloaded.values():
         flows.hit(off.keys[0], 1, clock.now)
-    done = []
+    done, over = [], []
     for _ in range(3):
         eng.tick()
         done.append(len(ct.refreshed))
+        over.append(eng.slots.extend_over)
         clock.now += SEC
     assert done == [3, 6, 7]
+    assert over == [4, 1, 0]  # the scan handed out 3 and held the others back in C
     eng.tick()  # nothing left over: the 10 s interval holds
     assert eng.pacer.interval_s == keepalive.MAX_WALK_INTERVAL_S and eng.pacer.skipped == 1

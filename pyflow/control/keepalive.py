@@ -68,7 +68,15 @@ MAX_EXTENDS_PER_TICK = 10000
 """Conntrack timeouts written again in one tick (about 15 us each). Connections offloaded
 together (a start with 1M of them) run low together; the rest are found again at the
 next ticks, with half a timeout of margin, instead of one tick sending a million
-messages."""
+messages. Above 200,000 connections a tick writes a twentieth of them instead (see
+extends_per_walk): every walk that finds more costs a walk of the whole table."""
+
+
+def extends_per_walk(connections: int) -> int:
+    """Timeouts one walk writes at most: MAX_EXTENDS_PER_TICK, or a twentieth of the table
+    when that is more, so that writing every connection's timeout (the start of 1M) takes
+    at most about 20 walks instead of 100, each a walk of the whole table."""
+    return max(MAX_EXTENDS_PER_TICK, connections // 20)
 
 SETTLE_NS = 1_000_000_000
 """The long timeout is written once more this long after a connection's entries went in.
@@ -242,10 +250,12 @@ def tick(eng: Engine) -> None:
     idle_ns, ext_ns = int(eng.config.idle_timeout_s * 1e9), extend_ns(hold)
     pacer = eng.pacer
     walked, cost = pacer.due(now), 0.0
+    limit = MAX_EXTENDS_PER_TICK
     verdicts: Verdicts = []
     if walked:
         cpu0 = pacer.cpu()
-        verdicts = eng.slots.scan(eng.flows.read_counters(), now, idle_ns, ext_ns, MAX_EXTENDS_PER_TICK)
+        limit = extends_per_walk(eng.slots.in_use())
+        verdicts = eng.slots.scan(eng.flows.read_counters(), now, idle_ns, ext_ns, limit)
         cost = pacer.cpu() - cpu0
     if eng.rules.flows:
         verdicts += eng.rules.scan(now, idle_ns, ext_ns)
@@ -259,7 +269,7 @@ def tick(eng: Engine) -> None:
             eng.remove(ident, "fin_rst", tell_conntrack=True)
         elif what == IDLE:
             eng.remove(ident, "idle", tell_conntrack=True)
-        elif len(extend) < MAX_EXTENDS_PER_TICK:
+        elif len(extend) < limit:
             extend.append((ident, off))
         else:
             backlog = True

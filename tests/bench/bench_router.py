@@ -26,7 +26,8 @@ Per (family, flow count), in one run and in this order:
 2. ``kernel``: no XDP on the router; routing, conntrack and masquerade in the kernel;
 3. ``pyflow``: the datapath at ``--mode`` on both router ports (TC ingress by default, what
    ``auto`` takes on veth) and pyflow's control plane running (a keep-alive tick every
-   second, as a daemon would); measured once every flow is offloaded; the control plane's
+   second, as a daemon would); measured once every flow is offloaded and the keep-alive has
+   written each one's long timeout once more (the start's work, timed as settle_s); the control plane's
    own thread is moved off the router's CPU and its CPU time per wall second is reported
    beside the NAPI threads' (``control_cpu_share``);
 4. ``floor``: a program on the router's LAN port at the same hook as pyflow (TC ingress:
@@ -271,6 +272,14 @@ class Bench:
                     last, last_change = n, time.monotonic()
                 time.sleep(0.05)
             offloaded, waited = len(cp.engine.offloaded), time.monotonic() - t0
+            # the steady state: after the installs the keep-alive writes every connection's
+            # long timeout once more (keepalive.SETTLE_NS, a share of the table per tick);
+            # measured apart, not mixed into the windows
+            t_settle = time.monotonic()
+            settle_deadline = t_settle + 30 + flows / 4000
+            while cp.engine.stats.refreshes < offloaded and time.monotonic() < settle_deadline:
+                time.sleep(0.1)
+            settled = time.monotonic() - t_settle
             tid = cp._thread.native_id if cp._thread is not None else None
             if tid is not None:
                 # beside the generator, off the router's CPU: the control plane's time is
@@ -282,7 +291,7 @@ class Bench:
                              "removed": dict(st.removed), "pending": st.pending,
                              "install_errors": st.install_errors, "resyncs": st.resyncs,
                              "lost_events": getattr(cp.ct, "lost_events", None)}
-            res.update({"offloaded": offloaded, "offload_wait_s": waited, "mode": mode,
+            res.update({"offloaded": offloaded, "offload_wait_s": waited, "mode": mode, "settle_s": settled,
                         "keepalive": {"walks": cp.engine.pacer.walks,
                                       "walk_cpu_s": cp.engine.pacer.last_cost_s,
                                       "interval_s": cp.engine.pacer.interval_s},

@@ -274,7 +274,8 @@ def scale_targets(router: dict | None, control: dict | None, ka: list | None,
             e, ka1 = p.get("engine", {}), p.get("keepalive", {})
             fine = (p.get("offloaded", 0) >= big["flows"] and not e.get("install_errors")
                     and p["matched_fraction"] > 0.9)
-            figs.append(f"router: {p.get('offloaded', 0):,} offloaded in {p.get('offload_wait_s', 0):.0f} s, "
+            figs.append(f"router: {p.get('offloaded', 0):,} offloaded in {p.get('offload_wait_s', 0):.0f} s "
+                        f"(long timeouts written once more in {p.get('settle_s', 0):.0f} s), "
                         f"{e.get('install_errors', '?')} install errors, {fmt_k(p['pps']['median'])} pps "
                         f"forwarded, keep-alive walk {ka1.get('walk_cpu_s', 0) * 1e3:.0f} ms "
                         f"every {ka1.get('interval_s', 0):.0f} s")

@@ -46,12 +46,12 @@ from tests.support.traffic import payload, tcp_transfer
 pytestmark = pytest.mark.root
 
 MIB = 1 << 20
-SIZE = 4 * MIB
-UDP_SIZE = 1 * MIB
+SIZE = 1 * MIB  # the ISP's user-space pppoe moves about 100 KB/s under emulation
+UDP_SIZE = MIB // 2
 OFFLOAD_WAIT_S = 15.0  # emulation makes conntrack listings and the control loop slow
 SLOW_PATH_SHARE = 1 / 20  # offloaded: the forward chain saw under 5% of the bytes
 EVENT_SLOW_PATH_SHARE = 1 / 4  # with a move or a re-dial inside the transfer
-EVENT_TIMEOUT_S = 40.0  # a transfer stalled by a move or re-dial fails after this long
+EVENT_TIMEOUT_S = 60.0  # a transfer stalled by a move or re-dial fails after this long
 
 SCENARIOS = ("pmtu", "tcp4_up", "tcp4_down", "tcp6_up", "tcp6_down", "udp4", "udp6", "vlan", "roam",
              "redial4", "redial6", "fin")
@@ -159,7 +159,7 @@ def run_scenario(name: str, topo, system) -> Outcome:
         topo.mss_clamp(False)  # full-sized segments from the client, so the router must say 1492
         try:
             before, icmp0 = client_pmtu(topo, "c1", 4), netns.mib(topo.rt)["Icmp"]["OutDestUnreachs"]
-            out = tcp(topo, system, family=4, client="c1", port=5001, upload=True, size=2 * MIB, gate_after=0)
+            out = tcp(topo, system, family=4, client="c1", port=5001, upload=True, size=SIZE, gate_after=0)
             icmp = netns.mib(topo.rt)["Icmp"]["OutDestUnreachs"] - icmp0
             out.detail.update(client_pmtu_before=before, client_pmtu_after=client_pmtu(topo, "c1", 4),
                               router_icmp_unreachable_sent=icmp)
@@ -186,7 +186,7 @@ def run_scenario(name: str, topo, system) -> Outcome:
 
         found, th = event_during(system, 4, port, move)
         try:
-            out = tcp(topo, system, family=4, client="c1", port=port, upload=False, size=8 * MIB, pace=0.03,
+            out = tcp(topo, system, family=4, client="c1", port=port, upload=False, size=2 * MIB,
                       on_connected=th.start, share=EVENT_SLOW_PATH_SHARE, timeout=EVENT_TIMEOUT_S)
             th.join(OFFLOAD_WAIT_S * 2 + 5)
         finally:
@@ -203,7 +203,7 @@ def run_scenario(name: str, topo, system) -> Outcome:
             return {"old_session": old.sid, "new_session": new.sid}
 
         found, th = event_during(system, family, port, redial)
-        out = tcp(topo, system, family=family, client="c2", port=port, upload=False, size=8 * MIB, pace=0.03,
+        out = tcp(topo, system, family=family, client="c2", port=port, upload=False, size=2 * MIB,
                   on_connected=th.start, share=EVENT_SLOW_PATH_SHARE, timeout=EVENT_TIMEOUT_S)
         th.join(OFFLOAD_WAIT_S * 2 + 60)
         out.detail.update(found)

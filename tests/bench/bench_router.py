@@ -183,11 +183,16 @@ class Bench:
 
     # -- measuring ---------------------------------------------------------------------
 
-    def measure(self, family: int, extra_tid: int | None = None) -> dict:
-        """Windows of steady sending: delivered pps, router ns/packet, CPU shares."""
+    def blaster(self, family: int, seconds: float) -> trafficgen.Blaster:
+        return trafficgen.Blaster(self.gen, self.net.gen, self.net.ifindex[GEN_IF], family,
+                                  cpu=HOST_CPU, max_seconds=seconds).start()
+
+    def measure(self, family: int, extra_tid: int | None = None,
+                running: trafficgen.Blaster | None = None) -> dict:
+        """Windows of steady sending: delivered pps, router ns/packet, CPU shares. ``running``:
+        a generator already sending (kept sending while pyflow offloads: flows stay active)."""
         a = self.args
-        blaster = trafficgen.Blaster(self.gen, self.net.gen, self.net.ifindex[GEN_IF], family,
-                                     cpu=HOST_CPU, max_seconds=a.warmup + a.reps * a.window + 20).start()
+        blaster = running or self.blaster(family, a.warmup + a.reps * a.window + 20)
         pps, ns_pkt, router_share, cp_share, matched, sink_loss, fwd = [], [], [], [], [], [], []
         try:
             time.sleep(a.warmup)
@@ -257,6 +262,11 @@ class Bench:
             for dev in (LAN, UP):
                 self.dp.attach(dev, mode)
             cp = ControlPlane(self.dp, ControlConfig(engine=EngineConfig(), keepalive_period_s=1.0))
+            # the flows keep moving while they are offloaded (a million take half a minute, and
+            # a flow with no packet for idle_timeout_s is handed back)
+            a = self.args
+            blaster = self.blaster(family, a.offload_timeout + flows / 5000 + 30 + flows / 4000
+                                   + a.warmup + a.reps * a.window + 20)
             t0 = time.monotonic()
             cp.start()
         try:
@@ -285,7 +295,7 @@ class Bench:
                 # beside the generator, off the router's CPU: the control plane's time is
                 # reported as its own share, not mixed into the router's per-packet figure
                 os.sched_setaffinity(tid, {HOST_CPU})
-            res = self.measure(family, extra_tid=tid)
+            res = self.measure(family, extra_tid=tid, running=blaster)
             st = cp.engine.stats
             res["engine"] = {"offloaded": st.offloaded, "refused": dict(st.refused),
                              "removed": dict(st.removed), "pending": st.pending,
@@ -301,6 +311,7 @@ class Bench:
             # No hand-back: it removes connections one by one (tens of seconds for 100,000),
             # and stop() stops waiting after 10 s. The loop is stopped and joined, the map
             # cleared here, and the next flow count starts from a flushed conntrack anyway.
+            blaster._stop.set()  # stopped by measure() already, unless something failed before
             with netns.inside(self.net.rt):
                 cp.stop(hand_back=False)
                 if cp._thread is not None:

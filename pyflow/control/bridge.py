@@ -73,6 +73,7 @@ from pyflow.netlink.uapi import (
     IFF_RUNNING,
     IFF_UP,
     IFLA_AF_SPEC,
+    IFLA_BR_AGEING_TIME,
     IFLA_BR_VLAN_FILTERING,
     IFLA_BR_VLAN_PROTOCOL,
     IFLA_BRIDGE_VLAN_INFO,
@@ -85,6 +86,7 @@ from pyflow.netlink.uapi import (
     IFLA_MASTER,
     IFLA_MTU,
     IFLA_PROTINFO,
+    NDA_CACHEINFO,
     NDA_LLADDR,
     NDA_MASTER,
     NDA_VLAN,
@@ -92,8 +94,12 @@ from pyflow.netlink.uapi import (
     NLA_TYPE_MASK,
     NLM_F_DUMP,
     NLMSG_HDRLEN,
+    NTF_EXT_LEARNED,
     NTF_MASTER,
+    NTF_USE,
+    NUD_NOARP,
     NUD_PERMANENT,
+    NUD_REACHABLE,
     RTEXT_FILTER_BRVLAN,
     RTM_DELNEIGH,
     RTM_GETLINK,
@@ -113,6 +119,9 @@ _NDMSG = struct.Struct("=BxxxiHBB")  # struct ndmsg
 _IFINFO = struct.Struct("=BxHiII")  # struct ifinfomsg
 _VLAN_INFO = struct.Struct("=HH")  # struct bridge_vlan_info: flags, vid
 _LEN_TYPE = struct.Struct("=IH")
+_CACHEINFO = struct.Struct("=IIII")  # struct nda_cacheinfo: confirmed, used, updated, refcnt (clock_t ago)
+USER_HZ = 100  # the unit of clock_t in netlink (IFLA_BR_AGEING_TIME, nda_cacheinfo)
+DEFAULT_AGEING_S = 300.0  # the bridge's default ageing time (BR_DEFAULT_AGEING_TIME)
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,10 @@ class BridgePort:
     vlan_tci: int | None  # the tag on the wire at that port (None: untagged)
     vlan_tpid: int = ETH_P_8021Q  # the bridge's VLAN protocol (802.1Q or 802.1ad) when tagged
     mtu: int = 0  # the port's MTU: frames larger than it would not leave it
+    # the FDB entry the answer comes from (bridge ifindex, VLAN id: 0 without filtering), for
+    # BridgePorts.refresh; not part of what frames look like, so not compared
+    bridge: int = field(default=0, compare=False)
+    fdb_vid: int = field(default=0, compare=False)
 
 
 def mac_text(mac: bytes) -> str:
@@ -144,6 +157,7 @@ class FdbEntry:
     vid: int  # 0 without VLAN filtering
     state: int  # NUD_PERMANENT: local (delivered to the host); NUD_NOARP static; else learned
     flags: int  # NTF_*
+    updated_s: float | None = None  # seconds since the bridge last refreshed it (NDA_CACHEINFO)
 
 
 def parse_fdb(data: Buffer) -> FdbEntry | None:
@@ -159,8 +173,11 @@ def parse_fdb(data: Buffer) -> FdbEntry | None:
     span = a.get(NDA_LLADDR)
     if span is None or span[1] - span[0] != 6:
         return None
+    ci = a.get(NDA_CACHEINFO)
+    updated = (_CACHEINFO.unpack_from(data, ci[0])[2] / USER_HZ
+               if ci is not None and ci[1] - ci[0] >= _CACHEINFO.size else None)
     return FdbEntry(ifindex, value(data, a.get(NDA_MASTER), U32) or 0, bytes(data[span[0]:span[1]]),
-                    value(data, a.get(NDA_VLAN), U16) or 0, state, flags)
+                    value(data, a.get(NDA_VLAN), U16) or 0, state, flags, updated)
 
 
 @dataclass(frozen=True)
@@ -226,6 +243,7 @@ class BridgeInfo:
     ifname: str
     vlan_filtering: bool
     vlan_protocol: int  # ETH_P_8021Q / ETH_P_8021AD
+    ageing_s: float = DEFAULT_AGEING_S  # IFLA_BR_AGEING_TIME: learned entries not refreshed this long go
 
 
 def parse_bridge(data: Buffer) -> BridgeInfo | None:
@@ -239,7 +257,9 @@ def parse_bridge(data: Buffer) -> BridgeInfo | None:
     d = nested(data, info.get(IFLA_INFO_DATA))
     return BridgeInfo(index, string(data, a.get(IFLA_IFNAME)) or f"ifindex {index}",
                       bool(u8(data, d.get(IFLA_BR_VLAN_FILTERING))),
-                      value(data, d.get(IFLA_BR_VLAN_PROTOCOL), BE16) or ETH_P_8021Q)
+                      value(data, d.get(IFLA_BR_VLAN_PROTOCOL), BE16) or ETH_P_8021Q,
+                      ageing / USER_HZ if (ageing := value(data, d.get(IFLA_BR_AGEING_TIME), U32)) is not None
+                      else DEFAULT_AGEING_S)
 
 
 def fdb_vid(bridge: BridgeInfo, own: PortInfo | None, vid: int | None) -> int:
@@ -295,7 +315,8 @@ def decide(bridge: BridgeInfo, ports: Mapping[int, PortInfo], entry: FdbEntry | 
         tci = None if flags & BRIDGE_VLAN_INFO_UNTAGGED else v
     else:
         tci = vid  # no filtering: a tagged frame keeps its tag on every port
-    return BridgePort(port.ifindex, port.ifname, tci, tpid if tci is not None else ETH_P_8021Q, port.mtu)
+    return BridgePort(port.ifindex, port.ifname, tci, tpid if tci is not None else ETH_P_8021Q, port.mtu,
+                      bridge.ifindex, v)
 
 
 # ---------------------------------------------------------------------------
@@ -318,6 +339,9 @@ class BridgePorts:
         self._bridges: dict[int, BridgeInfo | None] = {}
         self._ports: dict[int, PortInfo] | None = None
         self.lookups = 0  # FDB queries sent to the kernel
+        # the learned entries answers were given from: (bridge, MAC, FDB VLAN) -> port, for
+        # refresh (the entries offloaded flows use); newest last, at most cache_size
+        self.used: dict[tuple[int, bytes, int], int] = {}
 
     def close(self) -> None:
         self._watch.close()
@@ -366,7 +390,83 @@ class BridgePorts:
                 per_mac[(bridge_ifindex, vid)] = hit
         if isinstance(hit, Exception):
             raise type(hit)(*hit.args)
+        used = self.used
+        key = (hit.bridge, mac, hit.fdb_vid)
+        if used.get(key) != hit.ifindex:
+            used.pop(key, None)
+            if len(used) >= self._max:
+                del used[next(iter(used))]
+            used[key] = hit.ifindex
         return hit
+
+    def ageing_s(self, bridge_ifindex: int) -> float:
+        """The bridge's ageing time (IFLA_BR_AGEING_TIME, re-read after a link change).
+        Raises NoPath when it is not a bridge (any more)."""
+        self._sync()
+        return self._bridge(bridge_ifindex).ageing_s
+
+    def refresh(self, bridge_ifindex: int, mac: bytes, vid: int, port: int, fresh_s: float) -> str:
+        """Keep the learned FDB entry (bridge, mac, vid) on ``port`` from ageing out, as a
+        frame from mac arriving on that port would: the fast path carries those frames past
+        the bridge, which no longer sees them. Unless the bridge refreshed the entry itself
+        less than ``fresh_s`` ago. What happened, one word: ``refreshed``, ``fresh``,
+        ``moved`` (now on another port), ``gone`` (not in the FDB), ``not_learned`` (a
+        static, local or switch-learned entry: they do not age in the bridge), ``failed``.
+
+        How (net/bridge/br_fdb.c): RTM_NEWNEIGH of family AF_BRIDGE on the port with
+        NTF_MASTER (to the bridge's br_fdb_add) and NTF_USE is __br_fdb_add's NTF_USE branch:
+        br_fdb_update(br, port, mac, vid), the learning a received frame does. It sets the
+        entry's ``updated`` (what ageing reads) and leaves it dynamic: it is not made static
+        or local (fdb_add_entry, which ``bridge fdb add/replace`` reaches, would), it still
+        ages. It only marks the entry added_by_user, which no dump shows and which the
+        bridge reads only to tell switchdev drivers at the entry's next change (a DSA switch
+        then holds it in hardware until the bridge deletes it). Ports not learning (STP
+        state, ``learning off``) ignore it. But br_fdb_update also moves an entry to the
+        port named, or creates a missing one there: so the entry is read first
+        (RTM_GETNEIGH) and refreshed only when it is still learned on ``port``.
+
+        The remaining race: the client roams between that read and the refresh (a few
+        microseconds), its first frame on the new port teaches the bridge the new port, and
+        the refresh moves it back. The client's next frame on the new port misses the fast
+        path (its key holds the old port), reaches the bridge and moves the entry to the new
+        port again, which is the FDB change that rewrites the flows; meanwhile frames to it
+        leave on the old port. The same happens when the entry ages out between the read and
+        the refresh: it is learned again on the port just read, which the client was on.
+
+        Under VLAN filtering the entry's VLAN is named (NDA_VLAN): without it the kernel
+        updates the MAC in every VLAN of the port. Without filtering the entry is VLAN 0,
+        which cannot be named; on kernels with bridge VLAN support the port keeps its default
+        VLAN list even then, so br_fdb_add also learns the MAC in those VLANs (entries the
+        bridge never looks up while not filtering; each ages out once the refreshes stop,
+        and its arrival and departure are FDB changes that re-resolve this MAC's flows to
+        the same port)."""
+        try:
+            bridge = self._bridge(bridge_ifindex)
+        except _Transient:
+            return "failed"
+        except NoPath:
+            return "gone"
+        try:
+            entry = self._fdb(bridge, mac, vid)
+        except NoPath:
+            return "failed"
+        key = (bridge_ifindex, mac, vid)
+        if entry is None or entry.ifindex != port:
+            if self.used.get(key) == port:
+                del self.used[key]  # learned again elsewhere, the next answer records it
+            return "gone" if entry is None else "moved"
+        if entry.state & (NUD_PERMANENT | NUD_NOARP) or entry.flags & NTF_EXT_LEARNED:
+            return "not_learned"
+        if entry.updated_s is not None and entry.updated_s < fresh_s:
+            return "fresh"
+        body = _NDMSG.pack(AF_BRIDGE, port, NUD_REACHABLE, NTF_USE | NTF_MASTER, 0) + nla(NDA_LLADDR, mac)
+        if vid:
+            body += nla(NDA_VLAN, U16.pack(vid))
+        try:
+            err = self._rt.ack(RTM_NEWNEIGH, 0, body, REPLY_TIMEOUT)
+        except OSError:
+            return "failed"
+        return "failed" if err else "refreshed"
 
     def _resolve(self, br: int, mac: bytes, vid: int | None) -> BridgePort:
         bridge = self._bridge(br)

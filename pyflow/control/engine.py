@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pyflow.control import keepalive
+from pyflow.control.fdbkeep import FdbKeeper
 from pyflow.control.keepalive import Slots
 from pyflow.control.model import (
     EGRESS_NOT_MANAGED,
@@ -136,6 +137,7 @@ class Engine:
         self.pacer = keepalive.Pacer()  # when the keep-alive's next walk of the map is due
         self.rules = HwPlacement(self.stats, clock)  # the connections carried as flower rules
         self.rules.hw = hw
+        self.fdb = FdbKeeper()  # bridge FDB entries offloaded flows use, kept from ageing out
 
     @property
     def flows(self) -> FlowMap:
@@ -516,6 +518,7 @@ class Engine:
         something done come back: entry missing, FIN/RST, packets moved (refresh), idle."""
         keepalive.tick(self)
         self.returning.expire(self.clock())
+        self.fdb.tick(self)
 
     # ---- path changes -----------------------------------------------------------------
 

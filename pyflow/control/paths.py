@@ -924,6 +924,12 @@ class RtPaths:
         if self._bridges is not None:
             self._bridges.close()
 
+    @property
+    def bridge_ports(self) -> BridgePorts | None:
+        """The bridge-port resolver below_bridge uses (None until a path first went below a
+        bridge): fdbkeep.FdbKeeper refreshes the FDB entries its answers came from."""
+        return self._bridges
+
     def __enter__(self) -> RtPaths:
         return self
 

@@ -108,6 +108,7 @@ RTEXT_FILTER_BRVLAN = 1 << 1  # IFLA_EXT_MASK: list each bridge VLAN
 # -- <linux/neighbour.h> -----------------------------------------------------------------
 NDA_DST = 1
 NDA_LLADDR = 2
+NDA_CACHEINFO = 3  # struct nda_cacheinfo: ages in clock_t (a bridge FDB entry's 'updated')
 NDA_VLAN = 5  # a bridge FDB entry's VLAN id (u16)
 NDA_MASTER = 9  # the bridge whose FDB holds the entry (u32)
 
@@ -124,6 +125,7 @@ NUD_NONE = 0x00
 NTF_USE = 0x01
 NTF_SELF = 0x02
 NTF_MASTER = 0x04
+NTF_EXT_LEARNED = 0x10  # a bridge FDB entry a switch learned (it ages there, not in the bridge)
 
 # -- <linux/if_link.h> -------------------------------------------------------------------
 IFLA_ADDRESS = 1
@@ -138,6 +140,7 @@ IFLA_AF_SPEC = 26  # AF_BRIDGE: the VLAN list (IFLA_BRIDGE_VLAN_INFO)
 IFLA_EXT_MASK = 29  # a dump request's RTEXT_FILTER_* bits
 IFLA_INFO_KIND = 1  # inside IFLA_LINKINFO
 IFLA_INFO_DATA = 2
+IFLA_BR_AGEING_TIME = 4  # inside IFLA_INFO_DATA of a bridge: u32, clock_t
 IFLA_BR_VLAN_FILTERING = 7  # inside IFLA_INFO_DATA of a bridge
 IFLA_BR_VLAN_PROTOCOL = 8
 IFLA_BRPORT_STATE = 1  # inside IFLA_PROTINFO

@@ -207,3 +207,71 @@ def test_a_forgotten_fdb_entry_sends_flows_back_and_they_return():
             assert seen["off"] is not None and seen["off"].actions[1].out_ifindex == lan.ifindex(LAN1)
         finally:
             r.close()
+
+
+AGEING_S = 3.0
+
+
+def test_fdb_entries_of_offloaded_flows_do_not_age_out():
+    """Port mode with a 3 s ageing time: the bridge never sees the client's offloaded frames,
+    so pyflow refreshes the client's FDB entry (fdbkeep.FdbKeeper). A download of more than
+    three ageing times stays on the fast path throughout: the entry is never deleted or
+    moved, the connection never taken off, byte-exact."""
+    size, port = 16 * MIB, 5321
+    cfg = ControlConfig(engine=EngineConfig(), keepalive_period_s=0.2, offload_mark=0x100)
+    with bridged_lan() as lan:
+        lan.sh("r", f"ip link set {BRIDGE} type bridge ageing_time {int(AGEING_S * 100)}")
+        r = BridgedRouter(lan, MODES["ports"], cfg)
+        seen: dict = {"gaps": [], "fdb_changes": []}
+        with netns.inside(lan.r):
+            watch = PathWatcher()
+        done = threading.Event()
+
+        def observe():
+            try:
+                seen["first"] = off = wait_for(lambda: r.offloaded_with(port), 5.0)
+                watch.poll(0)  # what came before the offload
+                seen["start"] = time.monotonic()
+                while not done.is_set():
+                    for kind, _i, addr in watch.poll(0.1):
+                        if kind == "fdb" and addr == CLIENT_MAC:
+                            seen["fdb_changes"].append(time.monotonic() - seen["start"])
+                    now = r.offloaded_with(port)
+                    if now is not off:
+                        seen["gaps"].append(time.monotonic())
+                        off = now
+                seen["end"] = time.monotonic()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                seen["error"] = exc
+
+        try:
+            th = threading.Thread(target=observe, daemon=True)
+            fwd_before = lan.nft_bytes()
+            # 64 KiB every 50 ms: about 13 s, more than three ageing times
+            res = tcp_transfer(lan.sv, V4["sv"], port, lan.cl, V4["sv"], port, payload(size, port),
+                               upload=False, pace=0.05, timeout=60,
+                               gate=lambda: th.start() or wait_for(lambda: r.offloaded_with(port), 5.0))
+            seen["done_at"] = time.monotonic() - 0.1  # (its FIN takes it off from here)
+            time.sleep(0.05)
+            done.set()
+            th.join(10)
+            watch.close()
+            fwd = lan.nft_bytes() - fwd_before
+            keeper = r.engine.fdb
+            print(f"download {res.seconds:.1f} s, ageing {AGEING_S} s: FDB refreshes {keeper.counts}, "
+                  f"rounds {keeper.rounds}, forward chain {fwd} bytes; stats {r.engine.stats}")
+            assert "error" not in seen, seen.get("error")
+            assert res.received == size and res.received_sha == res.sent_sha
+            assert seen.get("first") is not None, f"not offloaded: {r.engine.stats.refused}"
+            lasted = seen["end"] - seen["start"]
+            assert lasted > 3 * AGEING_S, f"the download lasted {lasted:.1f} s, not three ageing times"
+            assert not seen["fdb_changes"], f"the client's FDB entry changed at {seen['fdb_changes']} s"
+            assert r.engine.stats.removed.get("path_lost", 0) == 0, r.engine.stats.removed
+            # on the fast path throughout: the same connection record until its FIN took it off
+            # at the end of the transfer
+            early = [t - seen["start"] for t in seen["gaps"] if t < seen["done_at"]]
+            assert not early, f"the connection left the fast path at {early} s"
+            assert keeper.counts["refreshed"] >= 2, keeper.counts
+            assert fwd < size * 0.2, fwd
+        finally:
+            r.close()

@@ -72,6 +72,7 @@ from pyflow.control.model import (
 from pyflow.control.placement import HwPlacement, MapPlacement, pack_entries
 from pyflow.control.returning import Returning
 from pyflow.datapath.abi import FlowAction, FlowKey, datapath_clock_ns, key_bytes
+from pyflow.datapath.flowtable import Counters
 
 __all__ = ["BATCH", "Engine", "EngineConfig", "EngineStats", "ManagedDevice", "Offloaded"]
 
@@ -512,11 +513,14 @@ class Engine:
 
     # ---- keep-alive, expiry, FIN/RST --------------------------------------------------
 
-    def tick(self) -> None:
+    def tick(self, counters: Counters | None = None, *, walk: bool = True,
+             read_cpu_s: float = 0.0, write_extends: bool = True) -> None:
         """One keep-alive round (keepalive.tick): one batched counter read for the whole
         table, matched against every connection in C; only the connections that need
-        something done come back: entry missing, FIN/RST, packets moved (refresh), idle."""
-        keepalive.tick(self)
+        something done come back: entry missing, FIN/RST, packets moved (refresh), idle.
+        ``counters``, ``walk``, ``read_cpu_s``: a map read made in another thread;
+        ``write_extends`` False: timeouts running low queued for keepalive.drain (keepalive.tick)."""
+        keepalive.tick(self, counters, walk=walk, read_cpu_s=read_cpu_s, write_extends=write_extends)
         self.returning.expire(self.clock())
         self.fdb.tick(self)
 

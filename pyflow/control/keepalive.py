@@ -33,7 +33,9 @@ conntrack follows the close itself; the walk only finds idleness and low timeout
 cost of pacing is delay, bounded: a connection idle for idle_timeout_s is handed back
 at most the walk interval (MAX_WALK_INTERVAL_S, 10 s, at most) plus one tick later, and
 a closed one's entries are removed at most that late. A walk that left extensions for
-later (more than MAX_EXTENDS_PER_TICK ran low) is followed by one at the next tick.
+later (more than a walk writes ran low) is followed by one as soon as what it found is
+written. The control loop writes the timeouts a walk found in small batches between its
+turns (drain), so that no conntrack event waits for ten thousand of them.
 
 A connection handed back gets its protocol's own timeout again (Engine.remove: TCP
 established or UDP stream timeout of the namespace's sysctls, less the time it was
@@ -48,6 +50,7 @@ timeout); a dead one lingers at most the long timeout.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -111,9 +114,13 @@ class Pacer:
         self.last_cost_s = 0.0  # CPU seconds of the last walk
         self.walks = 0
         self.skipped = 0  # ticks that did not walk
+        # conntrack timeouts found running low, to write (drain); the scan held more back
+        # when walk_when_drained: the next walk comes as soon as these are written
+        self.queue: deque[tuple[tuple, Offloaded]] = deque()
+        self.walk_when_drained = False
 
     def due(self, now: int) -> bool:
-        if now >= self.next_ns:
+        if now >= self.next_ns or (self.walk_when_drained and not self.queue):
             return True
         self.skipped += 1
         return False
@@ -123,7 +130,8 @@ class Pacer:
         """A walk of cost_s CPU seconds over `connections` ended at now: set the next one."""
         self.walks += 1
         self.last_cost_s = cost_s
-        if backlog or connections < PACE_FROM:
+        self.walk_when_drained = backlog
+        if connections < PACE_FROM:
             self.interval_s = 0.0
         else:
             self.interval_s = min(cost_s / WALK_BUDGET, max_walk_interval_s(idle_timeout_s))
@@ -166,6 +174,9 @@ class Slots:
         self._nout = ffi.new("uint32_t *")
         self._over = ffi.new("uint32_t *")
         self.extend_over = 0  # EXTEND verdicts the last scan held back (max_extend)
+        # slots taken or rewritten since the current map read began: a read made in another
+        # thread may have missed their entries, so a scan against it must not call them missing
+        self.touched: set[int] = set()
         self._grow(cap)
 
     def _grow(self, cap: int) -> None:
@@ -190,6 +201,7 @@ class Slots:
             self.top += 1
         self.owner[slot] = off
         off.slot = slot
+        self.touched.add(slot)
         c = self.conns[slot]
         c.used, c.packets, c.last_seen_ns, c.ct_deadline_ns = 1, 0, last_seen_ns, deadline_ns
         self.rewritten(off)
@@ -198,6 +210,7 @@ class Slots:
         """off's entries were written anew (keys in off.key_bytes): their counters restart at
         zero, so does the slot's count."""
         slot = off.slot
+        self.touched.add(slot)
         ffi.memmove(self.keys + slot * 2 * KEY_SIZE, off.keys_raw, 2 * KEY_SIZE)
         self.conns[slot].packets = 0
 
@@ -240,28 +253,80 @@ class Slots:
         return out
 
 
-def tick(eng: Engine) -> None:
+def begin_read(eng: Engine) -> None:
+    """A read of the map for the next scan begins now: from here on the slots taken or
+    rewritten are remembered (Slots.touched), their entries may be missing from it."""
+    eng.slots.touched = set()
+
+
+def wants_background_read(eng: Engine) -> bool:
+    """A walk is due and the table is large enough that reading the map in another thread
+    (the loop handling events meanwhile) is worth it."""
+    return eng.slots.in_use() >= PACE_FROM and eng.pacer.due(eng.clock())
+
+
+def drain(eng: Engine, n: int) -> int:
+    """Write up to n of the queued conntrack timeouts (those still offloaded), in one
+    sendmsg() where the adapter can; an entry found gone is removed as destroyed. The
+    loop calls it between its turns in batches small enough that no event waits long
+    (runner: DRAIN_BATCH); Engine.tick writes a walk's worth at once."""
+    q = eng.pacer.queue
+    batch: list[tuple[tuple, Offloaded]] = []
+    while q and len(batch) < n:
+        ident, off = q.popleft()
+        if eng.offloaded.get(ident) is off:
+            batch.append((ident, off))
+    if not batch:
+        return 0
+    hold = eng.config.conntrack_timeout_s
+    now = eng.clock()
+    eng.stats.refreshes += len(batch)
+    many = getattr(eng.ct, "refresh_many", None)  # CtNetlink: the changes in one sendmsg()
+    if many is not None and len(batch) > 1:
+        written = many([off.conn for _i, off in batch], hold)
+    else:
+        written = [eng.ct.refresh(off.conn, hold) for _i, off in batch]
+    for (ident, off), ok in zip(batch, written, strict=True):
+        if ok:
+            eng.held(off, now + hold * 1_000_000_000)
+        else:
+            eng.remove(ident, "destroyed", tell_conntrack=False)
+    return len(batch)
+
+
+def tick(eng: Engine, counters: Counters | None = None, *, walk: bool = True,
+         read_cpu_s: float = 0.0, write_extends: bool = True) -> None:
     """One keep-alive round of eng (Engine.tick): when the pacer says a walk is due, one
     batched counter read for the whole table scanned in C; one read of the rules' counters
     when there are hardware flows (few: every tick); then the verdicts acted on: Python
-    work and netlink messages only for what changed."""
+    work and netlink messages only for what changed.
+
+    ``counters``: a read made elsewhere (another thread: runner.BackgroundRead, begun
+    with begin_read) to scan now; ``walk`` False: no walk this time (a read is under way);
+    ``read_cpu_s``: what that read cost, for the pacer; ``write_extends`` False: the
+    timeouts running low are only queued (pacer.queue), the caller writes them (drain)."""
     now = eng.clock()
     hold = eng.config.conntrack_timeout_s
     idle_ns, ext_ns = int(eng.config.idle_timeout_s * 1e9), extend_ns(hold)
     pacer = eng.pacer
-    walked, cost = pacer.due(now), 0.0
+    walked, cost = counters is not None or (walk and pacer.due(now)), read_cpu_s
     limit = MAX_EXTENDS_PER_TICK
     verdicts: Verdicts = []
+    touched: set[int] = set()
     if walked:
         cpu0 = pacer.cpu()
+        if counters is None:
+            begin_read(eng)
+            counters = eng.flows.read_counters()
+        touched = eng.slots.touched
         limit = extends_per_walk(eng.slots.in_use())
-        verdicts = eng.slots.scan(eng.flows.read_counters(), now, idle_ns, ext_ns, limit)
-        cost = pacer.cpu() - cpu0
-    if eng.rules.flows:
-        verdicts += eng.rules.scan(now, idle_ns, ext_ns)
+        verdicts = eng.slots.scan(counters, now, idle_ns, ext_ns, limit)
+        cost += pacer.cpu() - cpu0
+    rule_verdicts = eng.rules.scan(now, idle_ns, ext_ns) if eng.rules.flows else []
     extend: list[tuple[tuple, Offloaded]] = []
-    backlog = walked and eng.slots.extend_over > 0
-    for ident, off, what in verdicts:
+    for ident, off, what in verdicts + rule_verdicts:
+        if what == MISSING and off.slot in touched:
+            continue  # written after the read began: judged at the next walk
         if what == MISSING:
             # do not leave half a flow behind
             eng.remove(ident, "entry_missing", tell_conntrack=True)
@@ -269,23 +334,18 @@ def tick(eng: Engine) -> None:
             eng.remove(ident, "fin_rst", tell_conntrack=True)
         elif what == IDLE:
             eng.remove(ident, "idle", tell_conntrack=True)
-        elif len(extend) < limit:
+        else:
             extend.append((ident, off))
-        else:
-            backlog = True
-    if extend:
-        eng.stats.refreshes += len(extend)
-        many = getattr(eng.ct, "refresh_many", None)  # CtNetlink: the changes in one sendmsg()
-        if many is not None and len(extend) > 1:
-            written = many([off.conn for _i, off in extend], hold)
-        else:
-            written = [eng.ct.refresh(off.conn, hold) for _i, off in extend]
-        for (ident, off), ok in zip(extend, written, strict=True):
-            if ok:
-                eng.held(off, now + hold * 1_000_000_000)
-            else:
-                eng.remove(ident, "destroyed", tell_conntrack=False)
     if walked:
-        pacer.walked(eng.clock(), cost, eng.slots.in_use(), eng.config.idle_timeout_s, backlog)
+        # what this walk found running low replaces what was queued: a walk finds all of it
+        # (up to `limit`), and what was written since no longer runs low
+        pacer.queue = deque(extend)
+    else:
+        pacer.queue.extend(extend)  # the rules' (scanned at every tick)
+    if write_extends:
+        drain(eng, limit)
+    if walked:
+        pacer.walked(eng.clock(), cost, eng.slots.in_use(), eng.config.idle_timeout_s,
+                     eng.slots.extend_over > 0)
     if eng.pending:
         eng.retry_pending()

@@ -18,6 +18,7 @@ from tests.support.fakes import (
     FakeDevices,
     FakeFlows,
     FakePaths,
+    _kb,
     masq_conn,
     offer,
 )
@@ -53,7 +54,9 @@ def test_pacer_interval_is_the_cost_over_the_budget_and_bounded():
     p.walked(0, 5.0, keepalive.PACE_FROM - 1, 30.0, backlog=False)
     assert p.interval_s == 0.0  # a small table walks at every tick
     p.walked(0, 5.0, keepalive.PACE_FROM, 30.0, backlog=True)
-    assert p.interval_s == 0.0 and p.due(0)  # extensions left over: the next tick walks
+    assert p.due(0)  # extensions held back and none queued: the next tick walks
+    p.queue.append(((), None))  # type: ignore[arg-type]
+    assert not p.due(0)  # ... once what the walk found is written
 
 
 def test_a_costly_walk_is_spaced_and_idle_hand_back_stays_within_the_bound(monkeypatch):
@@ -102,3 +105,45 @@ def test_a_walk_that_left_extensions_is_followed_at_the_next_tick(monkeypatch):
     assert over == [4, 1, 0]  # the scan handed out 3 and held the others back in C
     eng.tick()  # nothing left over: the 10 s interval holds
     assert eng.pacer.interval_s == keepalive.MAX_WALK_INTERVAL_S and eng.pacer.skipped == 1
+
+
+def test_a_read_made_elsewhere_does_not_call_what_came_after_it_missing():
+    """The loop reads the map in another thread and scans when the read is done: a
+    connection offloaded meanwhile is not in that read and must not be removed as missing;
+    one whose entries really went (flushed by hand) before the read is."""
+    eng, ct, flows, clock = rig(cost=0.0)
+    gone, early = masq_conn(proto=UDP, sport=30001), masq_conn(proto=UDP, sport=30002)
+    offer(eng, ct, gone)
+    offer(eng, ct, early)
+    for key in eng.offloaded[gone.ident].keys:
+        del flows.entries[_kb(key)]
+    keepalive.begin_read(eng)
+    read = flows.read_counters()  # what the other thread got
+    late = masq_conn(proto=UDP, sport=30003)
+    offer(eng, ct, late)  # offloaded while the read was under way
+    clock.now += SEC
+    eng.tick(read, read_cpu_s=0.01)
+    assert gone.ident not in eng.offloaded and eng.stats.removed.get("entry_missing") == 1
+    assert early.ident in eng.offloaded and late.ident in eng.offloaded
+    clock.now += SEC
+    eng.tick()  # an ordinary walk: the late one's entries are there
+    assert late.ident in eng.offloaded and eng.stats.removed.get("entry_missing") == 1
+
+
+def test_the_loop_writes_what_a_walk_found_in_small_batches():
+    """With write_extends False a tick only queues the timeouts running low; drain writes
+    them n at a time and skips a connection that left meanwhile."""
+    eng, ct, flows, clock = rig(cost=0.0)
+    conns = [masq_conn(proto=UDP, sport=21000 + i) for i in range(5)]
+    for conn in conns:
+        ct.table[conn.ident] = conn
+    eng.handle([CtEvent(EventType.UPDATE, conn) for conn in conns])
+    clock.now += (86400 // 2 + 1) * SEC
+    for off in eng.offloaded.values():
+        flows.hit(off.keys[0], 1, clock.now)
+    eng.tick(write_extends=False)
+    assert ct.refreshed == [] and len(eng.pacer.queue) == 5
+    eng.remove(conns[0].ident, "flushed", tell_conntrack=True)
+    assert keepalive.drain(eng, 2) == 2 and len(ct.refreshed) == 2  # the first one is gone: skipped
+    assert keepalive.drain(eng, 2) == 2 and keepalive.drain(eng, 2) == 0
+    assert {i for i, _t in ct.refreshed} == {c.ident for c in conns[1:]}

@@ -188,7 +188,8 @@ def run_scenario(name: str, topo, system) -> Outcome:
         try:
             out = tcp(topo, system, family=4, client="c1", port=port, upload=False, size=2 * MIB,
                       on_connected=th.start, share=EVENT_SLOW_PATH_SHARE, timeout=EVENT_TIMEOUT_S)
-            th.join(OFFLOAD_WAIT_S * 2 + 5)
+            if th.ident is not None:  # not started when the connection itself failed
+                th.join(OFFLOAD_WAIT_S * 2 + 5)
         finally:
             topo.roam("lan1")
         out.detail.update(found)
@@ -205,7 +206,8 @@ def run_scenario(name: str, topo, system) -> Outcome:
         found, th = event_during(system, family, port, redial)
         out = tcp(topo, system, family=family, client="c2", port=port, upload=False, size=2 * MIB,
                   on_connected=th.start, share=EVENT_SLOW_PATH_SHARE, timeout=EVENT_TIMEOUT_S)
-        th.join(OFFLOAD_WAIT_S * 2 + 60)
+        if th.ident is not None:
+            th.join(OFFLOAD_WAIT_S * 2 + 60)
         out.detail.update(found)
         out.offloaded = out.offloaded and bool(found.get("offloaded_after_event"))
         if topo.session is None:  # a re-dial that failed half way: the next scenarios need the WAN
@@ -223,6 +225,20 @@ def run_scenario(name: str, topo, system) -> Outcome:
     raise ValueError(f"unknown scenario {name}")
 
 
+def _session_lost(topo) -> str | None:
+    """If the PPPoE session ended since the last scenario (pppd exited), the tail of its log,
+    and a new dial, so that one lost session does not fail every later scenario."""
+    pppd = topo.procs.get("pppd")
+    if pppd is not None and pppd.poll() is None:
+        return None
+    logs = topo.ppp_logs()[-1500:]
+    lab_log(f"openwrt: the PPPoE session ended; dialing again. Logs:\n{logs}")
+    topo.session = None
+    topo.procs.pop("pppd", None)
+    topo.dial()
+    return logs
+
+
 class _Not:
     """A system whose "offloaded" is the original's "torn down" (to wait for the latter)."""
 
@@ -237,6 +253,7 @@ def run_all(topo, system) -> dict[str, Outcome]:
     found = {}
     for name in SCENARIOS:
         t0 = time.monotonic()
+        lost = _session_lost(topo)
         try:
             out = run_scenario(name, topo, system)
         except (OSError, RuntimeError, AssertionError, ValueError) as exc:
@@ -244,6 +261,8 @@ def run_all(topo, system) -> dict[str, Outcome]:
             out = Outcome(offloaded=False, exact=False, slow_path_bytes=0, bytes=SIZE, seen_offloaded=False,
                           detail={"error": repr(exc)})
         out.detail["scenario_s"] = round(time.monotonic() - t0, 1)
+        if lost:
+            out.detail["session_lost_before"] = lost
         found[name] = out
         lab_log(f"openwrt: {system.name} {name}: offloaded={out.offloaded} exact={out.exact} "
                 f"slow_path_bytes={out.slow_path_bytes}/{out.bytes} {out.detail}")

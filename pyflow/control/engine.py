@@ -514,13 +514,13 @@ class Engine:
     # ---- keep-alive, expiry, FIN/RST --------------------------------------------------
 
     def tick(self, counters: Counters | None = None, *, walk: bool = True,
-             read_cpu_s: float = 0.0, write_extends: bool = True) -> None:
+             read_cpu_s: float = 0.0) -> None:
         """One keep-alive round (keepalive.tick): one batched counter read for the whole
         table, matched against every connection in C; only the connections that need
         something done come back: entry missing, FIN/RST, packets moved (refresh), idle.
-        ``counters``, ``walk``, ``read_cpu_s``: a map read made in another thread;
-        ``write_extends`` False: timeouts running low queued for keepalive.drain (keepalive.tick)."""
-        keepalive.tick(self, counters, walk=walk, read_cpu_s=read_cpu_s, write_extends=write_extends)
+        ``counters``, ``walk``, ``read_cpu_s``: a map read made in another thread
+        (keepalive.tick)."""
+        keepalive.tick(self, counters, walk=walk, read_cpu_s=read_cpu_s)
         self.returning.expire(self.clock())
         self.fdb.tick(self)
 

@@ -118,6 +118,7 @@ class Pacer:
         # when walk_when_drained: the next walk comes as soon as these are written
         self.queue: deque[tuple[tuple, Offloaded]] = deque()
         self.walk_when_drained = False
+        self.defer_writes = False  # True: ticks only queue them, the control loop drains
 
     def due(self, now: int) -> bool:
         if now >= self.next_ns or (self.walk_when_drained and not self.queue):
@@ -295,7 +296,7 @@ def drain(eng: Engine, n: int) -> int:
 
 
 def tick(eng: Engine, counters: Counters | None = None, *, walk: bool = True,
-         read_cpu_s: float = 0.0, write_extends: bool = True) -> None:
+         read_cpu_s: float = 0.0, write_extends: bool | None = None) -> None:
     """One keep-alive round of eng (Engine.tick): when the pacer says a walk is due, one
     batched counter read for the whole table scanned in C; one read of the rules' counters
     when there are hardware flows (few: every tick); then the verdicts acted on: Python
@@ -303,8 +304,9 @@ def tick(eng: Engine, counters: Counters | None = None, *, walk: bool = True,
 
     ``counters``: a read made elsewhere (another thread: runner.BackgroundRead, begun
     with begin_read) to scan now; ``walk`` False: no walk this time (a read is under way);
-    ``read_cpu_s``: what that read cost, for the pacer; ``write_extends`` False: the
-    timeouts running low are only queued (pacer.queue), the caller writes them (drain)."""
+    ``read_cpu_s``: what that read cost, for the pacer; ``write_extends`` False (by
+    default: not pacer.defer_writes): the timeouts running low are only queued
+    (pacer.queue), the caller writes them (drain)."""
     now = eng.clock()
     hold = eng.config.conntrack_timeout_s
     idle_ns, ext_ns = int(eng.config.idle_timeout_s * 1e9), extend_ns(hold)
@@ -342,7 +344,7 @@ def tick(eng: Engine, counters: Counters | None = None, *, walk: bool = True,
         pacer.queue = deque(extend)
     else:
         pacer.queue.extend(extend)  # the rules' (scanned at every tick)
-    if write_extends:
+    if write_extends if write_extends is not None else not pacer.defer_writes:
         drain(eng, limit)
     if walked:
         pacer.walked(eng.clock(), cost, eng.slots.in_use(), eng.config.idle_timeout_s,

@@ -349,15 +349,16 @@ class ControlPlane:
         """The keep-alive tick; a walk of a large table reads the map in ``reader``'s thread
         and is scanned when that read is done (_turns), the rest of the tick runs now."""
         if reader.busy:
-            self.engine.tick(walk=False, write_extends=False)
+            self.engine.tick(walk=False)
         elif keepalive.wants_background_read(self.engine):
             keepalive.begin_read(self.engine)
             reader.start()
-            self.engine.tick(walk=False, write_extends=False)
+            self.engine.tick(walk=False)
         else:
-            self.engine.tick(write_extends=False)
+            self.engine.tick()
 
     def _turns(self, reader: BackgroundRead) -> None:
+        self.engine.pacer.defer_writes = True  # written between the turns (DRAIN_BATCH)
         gc_full = _GcPacer()
         next_tick = time.monotonic() + self.config.keepalive_period_s
         sources = [self.ct.fileno(), self.watcher.fileno(), self._wake_r, reader.r]
@@ -378,7 +379,7 @@ class ControlPlane:
             if reader.r in ready:
                 counters, cpu_s = reader.finish()
                 self.flows.entries_seen = len(counters)
-                self.engine.tick(counters, read_cpu_s=cpu_s, write_extends=False)
+                self.engine.tick(counters, read_cpu_s=cpu_s)
             if self.engine.pacer.queue:
                 keepalive.drain(self.engine, DRAIN_BATCH)
             if time.monotonic() >= next_tick:

@@ -131,7 +131,7 @@ def test_a_read_made_elsewhere_does_not_call_what_came_after_it_missing():
 
 
 def test_the_loop_writes_what_a_walk_found_in_small_batches():
-    """With write_extends False a tick only queues the timeouts running low; drain writes
+    """With defer_writes a tick only queues the timeouts running low; drain writes
     them n at a time and skips a connection that left meanwhile."""
     eng, ct, flows, clock = rig(cost=0.0)
     conns = [masq_conn(proto=UDP, sport=21000 + i) for i in range(5)]
@@ -141,7 +141,8 @@ def test_the_loop_writes_what_a_walk_found_in_small_batches():
     clock.now += (86400 // 2 + 1) * SEC
     for off in eng.offloaded.values():
         flows.hit(off.keys[0], 1, clock.now)
-    eng.tick(write_extends=False)
+    eng.pacer.defer_writes = True  # as the control loop sets it
+    eng.tick()
     assert ct.refreshed == [] and len(eng.pacer.queue) == 5
     eng.remove(conns[0].ident, "flushed", tell_conntrack=True)
     assert keepalive.drain(eng, 2) == 2 and len(ct.refreshed) == 2  # the first one is gone: skipped

@@ -72,7 +72,8 @@ class Outcome:
 
     @property
     def fast_path_bytes(self) -> int:
-        return max(self.bytes - self.slow_path_bytes, 0)
+        """Bytes the forward chain did not see; none claimed for a transfer that broke off."""
+        return max(self.bytes - self.slow_path_bytes, 0) if self.exact else 0
 
 
 # ---- one transfer --------------------------------------------------------------------------

@@ -107,7 +107,8 @@ lab:
 # (bench-results/lab-openwrt.{json,md}); about 20 min under emulation, so not part of
 # `make lab` / `make test` (which runs a short OpenWrt subset).
 lab-parity:
-	$(PY) tests/lab/run.py --timeout 2700 -- tests/lab/guest/test_flowtable_parity.py tests/lab/guest/test_openwrt.py
+	PYFLOW_LAB_FULL=1 $(PY) tests/lab/run.py --timeout 3300 -- tests/lab/guest/test_flowtable_parity.py \
+		tests/lab/guest/test_openwrt.py tests/lab/guest/test_pppoe_gso.py
 
 lint:
 	$(VENV)/bin/ruff check pyflow tests

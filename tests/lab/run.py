@@ -118,6 +118,7 @@ done
 grep -q ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf
 uname -r > {out}/kernel.txt
 export PYFLOW_LAB=1 PYFLOW_LAB_RESULTS={q(str(RESULTS_DIR))} PYFLOW_LAB_OUT={out}
+export PYFLOW_LAB_FULL={q(os.environ.get('PYFLOW_LAB_FULL', '0'))}
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 started=$(date +%s)
 timeout -k 10 {guest_timeout} {python} -m pytest -p no:cacheprovider -rs \\

@@ -42,7 +42,7 @@ SUITE: list[tuple[str, list[str]]] = [
     # 15 s of new connections spans a keep-alive walk of the 100k or two (paced about 10 s
     # apart); the client holds a socket per connection, and a process may hold 20,000 here
     ("control", ["--conns", "100000", "--latency-seconds", "15"]),
-    ("keepalive", ["--sizes", "10000,100000,1000000", "--steady", "20"]),
+    ("keepalive", ["--sizes", "10000,100000,1000000", "--steady", "30"]),
     ("datapath", ["--repeat", "500000", "--rounds", "5"]),
     ("tcp", []),
     ("flowtable", []),

@@ -36,6 +36,9 @@ Per (family, flow count), in one run and in this order:
    can do on this machine;
 5. with ``--extra-mode`` (up to ``--extra-max-flows``): ``pyflow_MODE`` and ``floor_MODE``,
    the same two at another hook (native XDP on veth, say), in the same run.
+With ``--perf-flows`` (IPv4 flow counts) every path of those rows is also profiled after
+its windows, the generator still sending: 2 s of ``perf record`` on the router's CPU
+(cpu-clock: no hardware counters here), the hottest kernel and BPF symbols in ``perf_top``.
 Each is measured for ``--reps`` consecutive windows of ``--window`` seconds while the
 generator sends without pause: packets per second delivered to the receiver, and router
 CPU nanoseconds per forwarded packet (the router's NAPI threads' schedstat run time over
@@ -84,6 +87,34 @@ def thread_cpu_ns(tid: int) -> int:
         return 0
 
 
+def perf_top(cpu: int, seconds: float, n: int = 12) -> list[tuple[str, float]]:
+    """Where CPU `cpu` spends its time for `seconds` (perf record, the cpu-clock software
+    event: this machine has no hardware counters): the n hottest symbols with their share
+    of the samples (idle included, so shares add up to the CPU's busy share)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pft-perf-") as tmp:
+        data = f"{tmp}/perf.data"
+        rec = subprocess.run(["perf", "record", "-q", "-C", str(cpu), "-F", "2000", "-o", data, "--",
+                              "sleep", str(seconds)], capture_output=True, text=True, timeout=seconds + 30)
+        if rec.returncode:
+            return [(f"perf record failed: {rec.stderr.strip()[:80]}", 0.0)]
+        rep = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "sym", "--stdio",
+                              "-g", "none"], capture_output=True, text=True, timeout=120)
+    top = []
+    for line in rep.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].endswith("%") and not line.startswith("#"):
+            try:
+                top.append((" ".join(parts[2:]), float(parts[0][:-1]) / 100))
+            except ValueError:
+                continue
+        if len(top) >= n:
+            break
+    return top
+
+
 def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
 
@@ -93,6 +124,7 @@ class Bench:
         from bcc import BPF
 
         self.net, self.args = net, args
+        self.profiling = False  # perf record on the router's CPU after the windows (--perf-flows)
         self.gen = trafficgen.Generator()
         self.sink = trafficgen.Sink()   # on the receiver's port
         self.back = trafficgen.Sink()   # on the sender's port: replies while establishing
@@ -212,6 +244,7 @@ class Bench:
                 cp_share.append((x1 - x0) / dt / 1e9)
                 matched.append((c1["matched"] - c0["matched"]) / max(n, 1))
                 sink_loss.append((l1[UP]["tx_dropped"] - l0[UP]["tx_dropped"]) / max(sent, 1))
+            profile = perf_top(ROUTER_CPU, 2.0) if self.profiling else None
         finally:
             st = blaster.stop()
         out = {"pps": summarize(pps), "router_forwarded_pps": summarize(fwd),
@@ -220,6 +253,8 @@ class Bench:
                "matched_fraction": min(matched), "receiver_loss": summarize(sink_loss)}
         if extra_tid:
             out["control_cpu_share"] = summarize(cp_share)
+        if profile is not None:
+            out["perf_top"] = profile
         return out
 
     def kernel(self, family: int) -> dict:
@@ -338,6 +373,8 @@ def main(argv: list[str]) -> int:
                     help="also pyflow and the floor at this hook (paths pyflow_MODE, floor_MODE)")
     ap.add_argument("--extra-max-flows", type=int, default=100_000,
                     help="the extra mode only up to this many flows")
+    ap.add_argument("--perf-flows", default="",
+                    help="IPv4 flow counts whose paths are also profiled on the router CPU (perf, 2 s each)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--window", type=float, default=1.0)
     ap.add_argument("--warmup", type=float, default=0.5)
@@ -378,6 +415,7 @@ def main(argv: list[str]) -> int:
 
 def run(args: argparse.Namespace, flow_counts: list[int], families: list[int], results: dict,
         t_start: float) -> int:
+    perf_flows = {int(x) for x in args.perf_flows.split(",") if x} if args.perf_flows else set()
     with benchnet.network(threaded=True) as net:
         net.pin(ROUTER_CPU, HOST_CPU, realtime_hosts=True)
         if max(flow_counts) > BIG:
@@ -395,6 +433,7 @@ def run(args: argparse.Namespace, flow_counts: list[int], families: list[int], r
                     row = {"family": family, "flows": flows, "establish": est}
                     print(f"IPv{family} {flows:>7} flows: established in {est['seconds']:.1f} s "
                           f"({est['passes']} passes, {est['unreplied']} unreplied)", flush=True)
+                    bench.profiling = family == 4 and flows in perf_flows
                     paths = ["kernel", "pyflow", "floor"]
                     if args.extra_mode and flows <= args.extra_max_flows:
                         paths += [f"pyflow_{args.extra_mode}", f"floor_{args.extra_mode}"]

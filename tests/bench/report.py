@@ -432,6 +432,20 @@ def md_router(router: dict) -> list[str]:
             lines.append(f"| IPv{r['family']}, {r['flows']:,} | {fmt_k(p['pps']['median'])} "
                          f"| {fmt_k(f['pps']['median'])} | {np_:,.0f} / {nf:,.0f} | {nf / np_:.0%} "
                          f"| {r['kernel']['ns_per_packet']['median'] / np_:.2f}x |")
+    prof_rows = [r for r in router["rows"] if any("perf_top" in r[k] for k in r if isinstance(r[k], dict))]
+    for r in prof_rows:
+        paths = [k for k in r if isinstance(r[k], dict) and "perf_top" in r[k]]
+        lines += ["", f"Where the router's CPU goes, IPv{r['family']} {r['flows']:,} flows: `perf record` "
+                  "on the router's CPU for 2 s after the windows, generator still sending (cpu-clock "
+                  "sampling: this machine has no hardware counters, and time with interrupts off is charged "
+                  "to where they "
+                  "come back on, `__napi_schedule` and the like); share of the CPU's samples, idle "
+                  "(`pv_native_safe_halt`) included:", "",
+                  "| " + " | ".join(paths) + " |", "|" + " --- |" * len(paths)]
+        tops = [r[k]["perf_top"][:10] for k in paths]
+        for i in range(max(len(t) for t in tops)):
+            cells = [f"{t[i][0][:38]} {t[i][1]:.1%}" if i < len(t) else "" for t in tops]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Router CPU share during the windows (cores, median) and pyflow's control-plane thread:",
               "",
               "| case | kernel | pyflow | floor | control plane | receiver loss (floor) |",

@@ -38,7 +38,7 @@ OUT = ROOT / "bench-results"
 # pyflow and the floor at TC (what auto takes on veth) and, up to 100k flows, at native XDP.
 SUITE: list[tuple[str, list[str]]] = [
     ("router", ["--flows", "1,1000,100000,1000000", "--max-flows6", "100000",
-                "--extra-mode", "native", "--extra-max-flows", "100000"]),
+                "--extra-mode", "native", "--extra-max-flows", "100000", "--perf-flows", "1,100000"]),
     # 15 s of new connections spans a keep-alive walk of the 100k or two (paced about 10 s
     # apart); the client holds a socket per connection, and a process may hold 20,000 here
     ("control", ["--conns", "100000", "--latency-seconds", "15"]),

@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KVER := $(shell uname -r)
 APT_PACKAGES := clang llvm libbpf-dev libmnl-dev bpftool python3-bpfcc python3-venv iproute2 nftables conntrack \
-	ethtool socat iperf3 tcpdump iputils-ping gcc make systemd curl
+	ethtool socat iperf3 tcpdump iputils-ping gcc make systemd curl linux-perf
 PYTEST_ARGS ?=
 
 .PHONY: all setup apt headers bpffs venv native datapath lab-setup test test-host lab lab-parity lint bench demo clean

@@ -96,8 +96,12 @@ def perf_top(cpu: int, seconds: float, n: int = 12) -> list[tuple[str, float]]:
 
     with tempfile.TemporaryDirectory(prefix="pft-perf-") as tmp:
         data = f"{tmp}/perf.data"
-        rec = subprocess.run(["perf", "record", "-q", "-C", str(cpu), "-F", "2000", "-o", data, "--",
-                              "sleep", str(seconds)], capture_output=True, text=True, timeout=seconds + 30)
+        try:
+            rec = subprocess.run(["perf", "record", "-q", "-C", str(cpu), "-F", "2000", "-o", data, "--",
+                                  "sleep", str(seconds)], capture_output=True, text=True,
+                                 timeout=seconds + 30)
+        except FileNotFoundError:
+            return [("perf is not installed (Debian: linux-perf)", 0.0)]
         if rec.returncode:
             return [(f"perf record failed: {rec.stderr.strip()[:80]}", 0.0)]
         rep = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "sym", "--stdio",

@@ -171,44 +171,23 @@ ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
 ETH_P_ALL = 0x0003
 
-# -- <linux/pkt_sched.h> -----------------------------------------------------------------
-TC_H_CLSACT = 0xFFFFFFF1  # == TC_H_INGRESS: the parent clsact/ingress hang from
-TC_H_MIN_INGRESS = 0xFFF2
-TC_H_MIN_EGRESS = 0xFFF3
-
-# -- <linux/pkt_cls.h> -------------------------------------------------------------------
-TCA_BPF_ID = 11
-
-# -- <linux/ethtool_netlink.h> -----------------------------------------------------------
-ETHTOOL_MSG_FEATURES_GET = 11
-
-# -- <linux/netconf.h> -------------------------------------------------------------------
-NETCONFA_IFINDEX = 1
-NETCONFA_FORWARDING = 2
-NETCONFA_IFINDEX_ALL = -1
-
-# -- <linux/netfilter/nfnetlink.h> -------------------------------------------------------
-NFNETLINK_V0 = 0
-NFNL_SUBSYS_CTNETLINK = 1
-# enum nfnetlink_groups
-NFNLGRP_CONNTRACK_NEW = 1
-# enum TCA_* (struct tcmsg's attributes)
+# -- <linux/rtnetlink.h>: enum TCA_* (struct tcmsg's attributes) ------------------------
 TCA_KIND = 1
 TCA_OPTIONS = 2
 
-NFNLGRP_CONNTRACK_UPDATE = 2
+# -- <linux/pkt_sched.h> -----------------------------------------------------------------
 TC_H_ROOT = 0xFFFFFFFF
 TC_H_INGRESS = 0xFFFFFFF1
-NFNLGRP_CONNTRACK_DESTROY = 3
-
-# -- <linux/netfilter/nfnetlink_conntrack.h> ---------------------------------------------
+TC_H_CLSACT = 0xFFFFFFF1  # == TC_H_INGRESS: the parent clsact/ingress hang from
+TC_H_MIN_INGRESS = 0xFFF2
+TC_H_MIN_EGRESS = 0xFFF3
 # qdisc options that carry a rate (bytes per second)
 TCA_TBF_PARMS = 1  # struct tc_tbf_qopt: its first member is struct tc_ratespec rate
 TCA_TBF_RATE64 = 4
 TCA_CAKE_BASE_RATE64 = 2
-# enum cntl_msg_types (the low byte of nlmsg_type; the subsystem is the high byte)
-IPCTNL_MSG_CT_NEW = 0
-IPCTNL_MSG_CT_GET = 1
+
+# -- <linux/pkt_cls.h> -------------------------------------------------------------------
+TCA_BPF_ID = 11
 # the action list of each classifier that can carry one
 TCA_BPF_ACT = 1
 TCA_U32_ACT = 7
@@ -226,6 +205,27 @@ TCA_EGRESS_REDIR = 1
 TCA_EGRESS_MIRROR = 2
 TCA_INGRESS_REDIR = 3
 TCA_INGRESS_MIRROR = 4
+
+# -- <linux/ethtool_netlink.h> -----------------------------------------------------------
+ETHTOOL_MSG_FEATURES_GET = 11
+
+# -- <linux/netconf.h> -------------------------------------------------------------------
+NETCONFA_IFINDEX = 1
+NETCONFA_FORWARDING = 2
+NETCONFA_IFINDEX_ALL = -1
+
+# -- <linux/netfilter/nfnetlink.h> -------------------------------------------------------
+NFNETLINK_V0 = 0
+NFNL_SUBSYS_CTNETLINK = 1
+# enum nfnetlink_groups
+NFNLGRP_CONNTRACK_NEW = 1
+NFNLGRP_CONNTRACK_UPDATE = 2
+NFNLGRP_CONNTRACK_DESTROY = 3
+
+# -- <linux/netfilter/nfnetlink_conntrack.h> ---------------------------------------------
+# enum cntl_msg_types (the low byte of nlmsg_type; the subsystem is the high byte)
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
 
 # enum ctattr_type

@@ -659,7 +659,7 @@ def md_keepalive(ka: list) -> list[str]:
             f"| {r['rss_base_kib'] / 1024:.0f} -> {r['rss_kib'] / 1024:.0f} MiB "
             f"| {r['map_bytes'] / 2**20:,.0f} MiB "
             f"| {r['install_s']:.0f} s | "
-            + (f"{hb['seconds']:.0f} s, {hb['left_offloaded']} left, {hb['left_entries']} entries left"
+            + (f"{hb['seconds']:.1f} s, {hb['left_offloaded']} left, {hb['left_entries']} entries left"
                if hb else "") + " |")
     return lines + [""]
 

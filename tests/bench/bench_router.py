@@ -57,6 +57,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
@@ -219,11 +220,15 @@ class Bench:
 
     # -- measuring ---------------------------------------------------------------------
 
+    @staticmethod
+    def _cp_ns(tid: int | None, extra_cpu_s: Any) -> int:
+        return (thread_cpu_ns(tid) if tid else 0) + (int(extra_cpu_s() * 1e9) if extra_cpu_s else 0)
+
     def blaster(self, family: int, seconds: float) -> trafficgen.Blaster:
         return trafficgen.Blaster(self.gen, self.net.gen, self.net.ifindex[GEN_IF], family,
                                   cpu=HOST_CPU, max_seconds=seconds).start()
 
-    def measure(self, family: int, extra_tid: int | None = None,
+    def measure(self, family: int, extra_tid: int | None = None, extra_cpu_s: Any = None,
                 running: trafficgen.Blaster | None = None) -> dict:
         """Windows of steady sending: delivered pps, router ns/packet, CPU shares. ``running``:
         a generator already sending (kept sending while pyflow offloads: flows stay active)."""
@@ -234,10 +239,10 @@ class Bench:
             time.sleep(a.warmup)
             for _ in range(a.reps):
                 c0, l0, r0, x0, t0 = (self.sink.counts(), self.net.router_links(), self.net.router_cpu_ns(),
-                                      thread_cpu_ns(extra_tid) if extra_tid else 0, time.monotonic())
+                                      self._cp_ns(extra_tid, extra_cpu_s), time.monotonic())
                 time.sleep(a.window)
                 c1, l1, r1, x1, t1 = (self.sink.counts(), self.net.router_links(), self.net.router_cpu_ns(),
-                                      thread_cpu_ns(extra_tid) if extra_tid else 0, time.monotonic())
+                                      self._cp_ns(extra_tid, extra_cpu_s), time.monotonic())
                 n, dt = c1["packets"] - c0["packets"], t1 - t0
                 # what the router sent out of its uplink, taken by the receiver or not
                 sent = sum(l1[UP][k] - l0[UP][k] for k in ("tx", "tx_dropped"))
@@ -334,7 +339,9 @@ class Bench:
                 # beside the generator, off the router's CPU: the control plane's time is
                 # reported as its own share, not mixed into the router's per-packet figure
                 os.sched_setaffinity(tid, {HOST_CPU})
-            res = self.measure(family, extra_tid=tid, running=blaster)
+            # the control plane = its loop thread and the keep-alive's map reads (a thread each)
+            res = self.measure(family, extra_tid=tid, running=blaster,
+                               extra_cpu_s=lambda: cp.reader.total_cpu_s if cp.reader else 0.0)
             st = cp.engine.stats
             res["engine"] = {"offloaded": st.offloaded, "refused": dict(st.refused),
                              "removed": dict(st.removed), "pending": st.pending,

@@ -4,7 +4,7 @@ One namespace holds a bridge pft-br with ports pft-l1 and pft-l2 (veth pairs who
 ends, pft-p1 and pft-p2, stay outside the bridge). FDB entries are made with bridge(8)
 (static ones: deterministic) or learned from a frame sent on a port's peer. This kernel has
 no bridge VLAN filtering; the VLAN rules are tested on decoded messages in
-tests/unit/test_bridge.py.
+tests/unit/test_bridge_ports.py.
 """
 
 from __future__ import annotations

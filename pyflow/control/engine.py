@@ -47,6 +47,7 @@ from pyflow.control.model import (
     IPS_OFFLOAD,
     IPS_SEEN_REPLY,
     IPS_SEQ_ADJUST,
+    SHAPED_UPPER,
     TCP_CONNTRACK_ESTABLISHED,
     Actions,
     Conn,
@@ -59,6 +60,7 @@ from pyflow.control.model import (
     FlowMap,
     HwPlacer,
     Keys,
+    Layer,
     ManagedDevice,
     NoPath,
     NotYet,
@@ -574,6 +576,24 @@ class Engine:
             self._retry_returning()
             self.retry_pending()
 
+    def shaping_changed(self, ifindexes: Iterable[int]) -> None:
+        """The devices that shape (pyflow.daemon.shaping: a rate-limiting egress qdisc or an
+        ingress redirected to an IFB), any device of the namespace. A connection whose path
+        goes through one of them above the device the datapath redirects to is refused
+        (shaped_upper); offloaded ones are re-planned so that those leave the fast path when
+        a shaper appears, and a full dump brings back the refused ones when one goes."""
+        shaped = frozenset(ifindexes)
+        planner = self.planner
+        old = planner.shaped
+        if shaped == old:
+            return
+        planner.shaped = shaped
+        if planner.memo is not None:
+            planner.memo.clear()  # answers of this pass were planned with the old set
+        self.paths_changed()
+        if old - shaped:
+            self.resync()
+
     def _path_lost(self, ident: tuple) -> None:
         """Take ident off for a path change; it waits in self.returning for its path."""
         off = self.offloaded.get(ident)
@@ -625,6 +645,9 @@ class Planner:
         self.paths = paths
         self.devices = devices
         self.memo: dict[tuple, Path | Exception] | None = None  # by (family, orig src, reply src, mark)
+        # ifindexes of the devices that shape (Engine.shaping_changed): a path with one of them
+        # above its managed layer is refused, since the redirect below would skip its qdisc
+        self.shaped: frozenset[int] = frozenset()
         # one object per distinct path, across passes, so that "same path as before" is
         # mostly an identity check (Egress and ManagedDevice compare field by field in Python)
         self._interned: dict[Path, Path] = {}
@@ -678,12 +701,22 @@ class Planner:
             layer = layers[i]
             dev = self.devices.get(layer.ifindex)
             if dev is not None:
+                if self.shaped and i:
+                    self._check_unshaped(layers, i)
                 return egress_at(eg, layer), dev
             if layer.bridge and i == len(layers) - 1:
                 # an unmanaged bridge: on to the port where the next hop's MAC is learned
                 layers = layers + self.paths.below_bridge(layer, eg.dmac)
             i += 1
         raise self._not_managed(eg, layers[0].ifindex == lives_at)
+
+    def _check_unshaped(self, layers: tuple[Layer, ...], below: int) -> None:
+        """NoPath (shaped_upper) when a layer above layers[below] (the managed one) shapes."""
+        shaped = self.shaped
+        for layer in layers[:below]:
+            if layer.ifindex in shaped:
+                raise NoPath(f"{layer.ifname} shapes its traffic, above the managed "
+                             f"{layers[below].ifname}: a redirect there would skip it", SHAPED_UPPER)
 
     @staticmethod
     def _not_managed(eg: Egress, symmetric: bool) -> NoPath:

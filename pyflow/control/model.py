@@ -218,13 +218,17 @@ BRIDGE_LOCAL_MAC = "bridge_local_mac"  # the MAC is the bridge's own or a port's
 BRIDGE_PORT_BLOCKED = "bridge_port_blocked"  # the port is not forwarding (spanning tree)
 BRIDGE_VLAN_FILTERED = "bridge_vlan_filtered"  # the bridge or the port is not a member of the VLAN
 BRIDGE_NO_PVID = "bridge_no_pvid"  # VLAN filtering and no PVID on the bridge: untagged frames dropped
+# a device above the one the datapath redirects to (pppoe-wan, wan.7, br-lan over a managed
+# port) shapes: a redirect to the port below would skip that shaper, the kernel path keeps it
+SHAPED_UPPER = "shaped_upper"
 
 NO_PATH_CODES = (NO_PATH, NO_ROUTE, UNREACHABLE, PROHIBITED, BLACKHOLE, RP_FILTER, THROW_ROUTE,
                  LOCAL_DESTINATION, MULTICAST_DESTINATION, ROUTE_TYPE, ENCAP_ROUTE, NO_OUTPUT_DEVICE,
                  DEVICE_GONE, DEVICE_DOWN, NOT_ETHERNET, NO_MAC, VLAN_UNSUPPORTED, BAD_NEXT_HOP,
                  IPV6_FORWARDING_OFF, BAD_ADDRESS, LOOKUP_FAILED, INGRESS_NOT_MANAGED, EGRESS_NOT_MANAGED,
                  PPPOE_NO_SESSION, PPPOE_AMBIGUOUS,
-                 NOT_A_BRIDGE, BRIDGE_LOCAL_MAC, BRIDGE_PORT_BLOCKED, BRIDGE_VLAN_FILTERED, BRIDGE_NO_PVID)
+                 NOT_A_BRIDGE, BRIDGE_LOCAL_MAC, BRIDGE_PORT_BLOCKED, BRIDGE_VLAN_FILTERED, BRIDGE_NO_PVID,
+                 SHAPED_UPPER)
 
 
 class NoPath(Exception):

@@ -324,8 +324,9 @@ class Daemon:
                 next_shaping = time.monotonic() + CHECK_INTERVAL_S
 
     def check_shaping(self) -> None:
-        """Re-read the qdiscs of the wanted devices (on this thread's own socket) and, when
-        the shaping changed, re-apply the policy inside the loop (pyflow.daemon.shaping)."""
+        """Re-read the qdiscs (on this thread's own socket: one dump covers every device) and,
+        when the shaping changed, re-apply the policy inside the loop (pyflow.daemon.shaping),
+        which tells the engine too."""
         from pyflow.control.runner import LoopStopped, StillRunning
         from pyflow.daemon.shaping import Watcher
 
@@ -337,9 +338,10 @@ class Daemon:
         except OSError as exc:
             log.debug("qdiscs unreadable: %s", exc)
             return
-        if sh == ops.shaping:
+        if sh == ops.shaping and sh.shaped_ifindexes == ops.shaped_applied:
             return
-        log.info("traffic shaping changed on the managed devices: applying the policy again")
+        if sh != ops.shaping:
+            log.info("traffic shaping changed: applying the policy again")
         try:
             ops.cp.call(lambda: ops.apply_devices(live=True, shaped=sh), REQUEST_TIMEOUT_S)
         except StillRunning:

@@ -75,6 +75,8 @@ class Operations:
         self.no_xdp: str | None = None  # why no device may forward by XDP now (an egress is shaped)
         self.guards: dict[str, str | None] = {}  # name -> the no_xdp it was last attached under
         self._shaping_reader = shaping.Watcher()  # the loop thread's socket (apply_devices)
+        # the shaping devices the engine plans with (Engine.shaping_changed); None: not told yet
+        self.shaped_applied: frozenset[int] | None = None
 
     # ---- the attached devices ---------------------------------------------------------
 
@@ -141,6 +143,10 @@ class Operations:
             changed = True
         if live and changed:
             self.cp.devices_changed()
+        if live and self.shaping.shaped_ifindexes != self.shaped_applied:
+            # after the devices: a path through a shaper above the managed port leaves the fast path
+            self.cp.engine.shaping_changed(self.shaping.shaped_ifindexes)
+            self.shaped_applied = self.shaping.shaped_ifindexes
 
     def _remove(self, name: str, *, live: bool) -> int:
         """Hand back every connection through ``name``, then detach it; returns how many."""

@@ -28,6 +28,11 @@ Policy, applied at every attach and whenever the qdiscs change:
    not offloaded (``ingress_not_managed``/``egress_not_managed``) and keep their IFB
    shaping. The equivalent that offloads is a shaper on the LAN device's egress (the
    README's "SQM and shaping").
+3. A connection whose path goes through a shaping device above the managed device the
+   datapath redirects to (SQM on pppoe-wan or wan.7 over a managed wan, on br-lan over a
+   managed port) is not offloaded (``shaped_upper``): the redirect would skip that shaper.
+   The set of shaping devices covers every device of the namespace, managed or not
+   (``Shaping.shaped_ifindexes``, handed to Engine.shaping_changed).
 """
 
 from __future__ import annotations
@@ -69,6 +74,10 @@ class Shaping:
     """The shaping of every device read, by name (devices with none are absent)."""
 
     devices: Mapping[str, DeviceShaping] = field(default_factory=dict)
+    # every device of the namespace, managed or not, with a rate-limiting egress qdisc or an
+    # ingress redirected elsewhere (an IFB): the planner refuses paths through one of them
+    # above the managed layer (shaped_upper)
+    shaped_ifindexes: frozenset[int] = frozenset()
 
     def of(self, name: str) -> DeviceShaping:
         return self.devices.get(name, DeviceShaping())
@@ -120,7 +129,9 @@ def from_dumps(qdiscs: Iterable[qdisc.Qdisc], redirects: Iterable[qdisc.Redirect
         ingress[name] = f"{r.action} to {target} ({r.filter_kind})"
     out = {n: DeviceShaping(tuple(sorted(egress.get(n, ()))), ingress.get(n))
            for n in sorted(set(egress) | set(ingress))}
-    return Shaping(out)
+    shaped = {q.ifindex for q in qdiscs if not q.at_ingress_hook and q.limits_rate}
+    shaped.update(r.ifindex for r in redirects)
+    return Shaping(out, frozenset(shaped))
 
 
 def _ifname(ifindex: int) -> str:
@@ -132,23 +143,23 @@ def _ifname(ifindex: int) -> str:
 
 def read(nl: NetlinkSocket, names: Iterable[str]) -> Shaping:
     """Read the shaping of the named devices (absent ones are skipped) in the socket's
-    namespace. OSError when the kernel refuses the qdisc dump."""
+    namespace, and which devices of the namespace shape at all (one qdisc dump, and a
+    filter dump per device with an ingress or clsact qdisc). OSError when the kernel
+    refuses the qdisc dump."""
     index: dict[int, str] = {}
     for name in names:
         try:
             index[socket.if_nametoindex(name)] = name
         except OSError:
             continue  # not there (yet): attaching it will say so
-    if not index:
-        return Shaping()
     qdiscs = qdisc.dump_qdiscs(nl)
     redirects: list[qdisc.Redirect] = []
     for q in qdiscs:
-        if q.at_ingress_hook and q.ifindex in index:
+        if q.at_ingress_hook:
             try:
                 redirects.extend(qdisc.dump_ingress_redirects(nl, q.ifindex))
             except OSError as exc:  # gone or changed between the two dumps: next read
-                log.debug("%s: ingress filters unreadable: %s", index[q.ifindex], exc)
+                log.debug("ifindex %d: ingress filters unreadable: %s", q.ifindex, exc)
     return from_dumps(qdiscs, redirects, index)
 
 

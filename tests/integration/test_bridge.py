@@ -60,12 +60,14 @@ def lan() -> Iterator[Lan]:
 
 
 def _fdb_changes(w: PathWatcher, expect: int = 1, timeout: float = 3.0) -> list[tuple[str, int, str | None]]:
-    """The FDB changes the watcher reports: until ``expect`` came (then 0.2 s more, to see any
-    extra one) or timeout passed (a loaded machine may deliver a learned frame late)."""
+    """The FDB changes the watcher reports about the client's MAC: until ``expect`` came (then
+    0.2 s more, to see any extra one) or timeout passed (a loaded machine may deliver a learned
+    frame late). Only the client's: the bridge also learns the ports' peers from their own
+    frames (IPv6 DAD, router solicitations) whenever those happen to be sent."""
     out: list[tuple[str, int, str | None]] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out += [c for c in w.poll(0.05) if c[0] == "fdb"]
+        out += [c for c in w.poll(0.05) if c[0] == "fdb" and (c[2] or "").split()[0] == CLIENT]
         if len(out) >= expect:
             deadline = min(deadline, time.monotonic() + 0.2)
     return out

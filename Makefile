@@ -108,7 +108,7 @@ lab:
 # `make lab` / `make test` (which runs a short OpenWrt subset).
 lab-parity:
 	PYFLOW_LAB_FULL=1 $(PY) tests/lab/run.py --timeout 3300 -- tests/lab/guest/test_flowtable_parity.py \
-		tests/lab/guest/test_openwrt.py tests/lab/guest/test_pppoe_gso.py
+		tests/lab/guest/test_openwrt.py tests/lab/guest/test_pppoe_gso.py tests/lab/guest/test_sqm.py
 
 lint:
 	$(VENV)/bin/ruff check pyflow tests

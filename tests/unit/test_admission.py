@@ -30,6 +30,7 @@ from pyflow.netlink import uapi
 from pyflow.netlink.wire import BE32, attrs, nla
 from tests.support.fakes import (
     LAN,
+    LIVE,
     TCP,
     UDP,
     WAN,
@@ -41,8 +42,6 @@ from tests.support.fakes import (
     masq_conn,
     offer,
 )
-
-LIVE = IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ import pytest
 
 from pyflow.control.engine import Engine, EngineConfig
 from pyflow.control.model import (
-    IPS_ASSURED,
-    IPS_CONFIRMED,
     IPS_DYING,
     IPS_SEEN_REPLY,
     TCP_CONNTRACK_ESTABLISHED,
@@ -26,6 +24,7 @@ from tests.support.fakes import (
     GW2_MAC,
     GW_MAC,
     LAN,
+    LIVE,
     MAC,
     OTHER,
     SEC,
@@ -42,7 +41,6 @@ from tests.support.fakes import (
 )
 
 CONFIG = EngineConfig(idle_timeout_s=30, conntrack_timeout_s=120, exclude_mark_mask=0x10)
-LIVE = IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED  # a replied, assured, confirmed entry
 
 
 @pytest.fixture

@@ -18,9 +18,6 @@ from dataclasses import replace
 
 from pyflow.control.engine import BATCH, Engine, EngineConfig
 from pyflow.control.model import (
-    IPS_ASSURED,
-    IPS_CONFIRMED,
-    IPS_SEEN_REPLY,
     TCP_CONNTRACK_ESTABLISHED,
     Conn,
     CtEvent,
@@ -33,6 +30,7 @@ from tests.support.fakes import (
     CLIENT_MAC,
     GW2_MAC,
     LAN,
+    LIVE,
     MAC,
     WAN,
     Clock,
@@ -44,7 +42,6 @@ from tests.support.fakes import (
 
 WAN2 = 4  # a second uplink: moving to it changes the reply direction's key (its ingress device)
 MACS = {**MAC, WAN2: bytes.fromhex("020000000400")}
-LIVE = IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED  # a replied, assured, confirmed entry
 
 
 class EncapPaths(FakePaths):

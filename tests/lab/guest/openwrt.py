@@ -55,7 +55,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests import netns
+from tests.lab.guest.lab import lab_log, require_modules
 from tests.support.topology import TEST_OFFLOADS
 
 ROLES = ("c1", "c2", "ap", "rt", "isp", "inet")
@@ -479,6 +482,20 @@ def missing_tools() -> str | None:
     if not any(Path("/usr/lib/pppd").glob("*/rp-pppoe.so")):
         return "pppd's rp-pppoe plugin not installed (Debian package ppp)"
     return None
+
+
+@contextlib.contextmanager
+def lab_openwrt(label: str) -> Iterator[OpenWrt]:
+    """openwrt() for a guest test module's fixture: skips, naming it, where the lab lacks a
+    module or tool the topology needs, and logs its progress under ``label``."""
+    require_modules("pppoe", "8021q", "bridge")
+    why = missing_tools()
+    if why:
+        pytest.skip(why)
+    lab_log(f"{label}: building the topology and dialing PPPoE")
+    with openwrt() as topo:
+        lab_log(f"{label}: session {topo.session}, {topo.timings}")
+        yield topo
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from tests.lab.guest.lab import lab_log, require_modules
-from tests.lab.guest.openwrt import PPP, PPP_MTU, V4, V6, WAN_VLAN, missing_tools, openwrt
+from tests.lab.guest.lab import lab_log
+from tests.lab.guest.openwrt import PPP, PPP_MTU, V4, V6, WAN_VLAN, lab_openwrt
 from tests.lab.guest.openwrt_systems import PyflowDaemon
 from tests.lab.guest.test_openwrt import MIB, tcp
 
@@ -19,13 +19,7 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def topo():
-    require_modules("pppoe", "8021q", "bridge")
-    why = missing_tools()
-    if why:
-        pytest.skip(why)
-    lab_log("openwrt: building the topology and dialing PPPoE")
-    with openwrt() as t:
-        lab_log(f"openwrt: session {t.session}, {t.timings}")
+    with lab_openwrt("openwrt") as t:
         yield t
 
 

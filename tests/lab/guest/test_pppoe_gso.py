@@ -33,8 +33,8 @@ import pytest
 from pyflow.datapath import abi
 from pyflow.datapath.loader import Datapath
 from tests import netns
-from tests.lab.guest.lab import lab_log, require_modules
-from tests.lab.guest.openwrt import PPP, PPP_MTU, V4, V6, WAN, WAN_VID, missing_tools, openwrt
+from tests.lab.guest.lab import lab_log
+from tests.lab.guest.openwrt import PPP, PPP_MTU, V4, V6, WAN, WAN_VID, lab_openwrt
 from tests.pins import remove_pin_dir
 
 pytestmark = pytest.mark.root
@@ -95,12 +95,7 @@ def expected_digest() -> str:
 
 @pytest.fixture(scope="module")
 def topo():
-    require_modules("pppoe", "8021q", "bridge")
-    why = missing_tools()
-    if why:
-        pytest.skip(why)
-    lab_log("pppoe_gso: building the OpenWrt topology and dialing PPPoE")
-    with openwrt() as t:
+    with lab_openwrt("pppoe_gso") as t:
         yield t
     RESULTS.mkdir(exist_ok=True)
     if _figures:

@@ -15,8 +15,8 @@ import pytest
 from pyflow.control import model
 from pyflow.control.paths import RtPaths
 from tests import netns
-from tests.lab.guest.lab import lab_log, require_modules
-from tests.lab.guest.openwrt import ISP_VLAN, PPP, PPP_MTU, V4, WAN, WAN_VID, WAN_VLAN, missing_tools, openwrt
+from tests.lab.guest.lab import lab_log
+from tests.lab.guest.openwrt import ISP_VLAN, PPP, PPP_MTU, V4, WAN, WAN_VID, WAN_VLAN, lab_openwrt
 
 pytestmark = pytest.mark.root
 
@@ -25,12 +25,7 @@ ETH_P_PPP_SES = 0x8864
 
 @pytest.fixture(scope="module")
 def topo():
-    require_modules("pppoe", "8021q", "bridge")
-    why = missing_tools()
-    if why:
-        pytest.skip(why)
-    lab_log("pppoe paths: building the topology and dialing PPPoE")
-    with openwrt() as t:
+    with lab_openwrt("pppoe paths") as t:
         yield t
 
 

@@ -98,10 +98,22 @@ def tcp(topo, system, *, family: int, client: str, port: int, upload: bool, size
     except (OSError, RuntimeError) as exc:
         exact = False
         detail["error"] = repr(exc)
+        detail.update(after_failure(topo, system))
     slow = topo.nft_counter("fwd_tcp")[1] - slow0
     ok = bool(seen and seen[0])
     return Outcome(offloaded=ok and slow < size * share, exact=exact, slow_path_bytes=slow, bytes=size,
                    seen_offloaded=ok, detail=detail)
+
+
+def after_failure(topo, system) -> dict:
+    """What a broken transfer leaves to look at: the system's own counters (pyflowd's stats),
+    the router's link counters and the end of both pppd logs."""
+    found = {"router_links": topo.sh("rt", "ip -s link", check=False).stdout[-3000:],
+             "ppp_logs": topo.ppp_logs()[-3000:]}
+    stats = getattr(system, "stats", None)
+    if stats is not None:
+        found["stats"] = stats()
+    return found
 
 
 def udp(topo, system, *, family: int, client: str, port: int) -> Outcome:

@@ -79,7 +79,7 @@ test-host:
 # image from pulling udev/systemd upgrades into the machine; the image is only ever booted by
 # qemu (no bootloader is touched: none is installed). bcc inside the lab needs the headers of
 # exactly the lab kernel, so those are installed by version.
-LAB_APT := qemu-system-x86 busybox-static linux-image-amd64 tiny-initramfs ppp pppoe
+LAB_APT := qemu-system-x86 busybox-static linux-image-amd64 tiny-initramfs ppp
 LAB_ARGS ?=
 lab-setup: venv
 	@missing=""; for p in $(LAB_APT); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \

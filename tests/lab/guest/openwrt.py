@@ -1,7 +1,7 @@
 """An OpenWrt-shaped router for guest tests: bridged LAN ports, a tagged WAN port carrying a
-PPPoE session to an "ISP" running a real pppoe-server, and an internet host behind it.
+PPPoE session to an "ISP" (an access concentrator, pppoe_ac.py), and an internet host behind it.
 
-    c1 (client) -- lan1 ---+                                        isp (pppoe-server)
+    c1 (client) -- lan1 ---+                                        isp (concentrator)
       br0 = eth0 + wlan0   |  rt: br-lan (VLAN filtering)             cpe.7 -- pppN
       br0.20 (VLAN 20)     |      br-lan.20 (LAN VLAN 20)               |
                            |      wan -- wan.7 -- pppoe-wan  =========  cpe      inet -- inet
@@ -22,8 +22,9 @@ wan, wan.7, br-lan, pppoe-wan): they live only in the router's namespace.
   from lan1 to lan2 the way a roaming Wi-Fi client moves: lan1 keeps its carrier, c1's
   frames simply start arriving on lan2, and the router's bridge learns the move from them.
 - wan is the WAN port; wan.7 (802.1Q VLAN 7) carries a PPPoE session: pppd with the rp-pppoe
-  plugin, interface pppoe-wan, MTU 1492, to pppoe-server on the ISP's cpe.7. IPv4 from the
-  server (198.18.70.1 <-> 198.18.70.2, the same address at every dial), IPv6 over ipv6cp
+  plugin, interface pppoe-wan, MTU 1492, to the concentrator on the ISP's cpe.7 (its sessions
+  run in the kernel at both ends). IPv4 from the
+  ISP (198.18.70.1 <-> 198.18.70.2, the same address at every dial), IPv6 over ipv6cp
   with link-local interface ids ::2 (router) and ::1 (ISP), routes set here: the LAN
   prefixes are routed, not translated. :meth:`OpenWrt.redial` ends the session and dials a
   new one (a new session id) while traffic may be running.
@@ -37,16 +38,13 @@ wan, wan.7, br-lan, pppoe-wan): they live only in the router's namespace.
   ``meta l4proto { tcp, udp } flow add @ft``).
 
 Every veth has GRO on and transmit checksum offload off (tests/support/topology.py says why).
-Only the pppd and pppoe-server processes started here are ended (by PID), then the
-namespaces are removed.
+Only the pppd processes started here are ended (by PID), then the namespaces are removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -59,6 +57,7 @@ import pytest
 
 from tests import netns
 from tests.lab.guest.lab import lab_log, require_modules
+from tests.lab.guest.pppoe_ac import AccessConcentrator, isp_pppd
 from tests.support.topology import TEST_OFFLOADS
 
 ROLES = ("c1", "c2", "ap", "rt", "isp", "inet")
@@ -82,8 +81,8 @@ C1_MAC = "02:00:c6:12:0a:0a"  # c1's one MAC, on lan1 or lan2
 # pppd options common to both ends. Compression of any kind (VJ headers, CCP, address and
 # protocol field compression) is off, as on OpenWrt: the frames on the wire are then plain
 # PPPoE with IP inside, which is what a flow offload can write and read. LCP echoes are
-# sparse and forgiving: under emulation the ISP's user-space pppoe falls far behind during
-# a bulk transfer, and a strict echo timeout would end the session mid-test. The IPv4 up/down
+# sparse and forgiving: under emulation pppd itself may be starved for seconds during a
+# bulk transfer, and a strict echo timeout would end the session mid-test. The IPv4 up/down
 # scripts are /bin/true so that the host's /etc/ppp ones do nothing to the namespaces (this
 # pppd has no such option for IPv6; Debian's ipv6-up scripts do nothing by default).
 PPPD_COMMON = ("noauth", "novj", "noccp", "nodeflate", "nobsdcomp", "noaccomp", "nopcomp",
@@ -137,6 +136,7 @@ class OpenWrt:
     session: Session | None = None
     dials: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # seconds to build, to dial
+    ac: AccessConcentrator | None = None  # the ISP's end of the sessions
 
     def __getattr__(self, role: str) -> str:
         ns = self.__dict__.get("ns", {})
@@ -150,23 +150,13 @@ class OpenWrt:
     # ---- the PPPoE session ----------------------------------------------------------------
 
     def start_isp(self) -> None:
-        """pppoe-server on the ISP's VLAN 7, in the foreground (its PID is the Popen's). Debian
-        builds it without kernel mode, so the ISP's end runs the pppoe program under pppd in
-        synchronous mode (-s: no HDLC framing); the router's end is the kernel's (pppd's
-        rp-pppoe plugin), as on OpenWrt. The pool holds the router's address twice: two
-        session slots, so a re-dial takes the other slot (the server puts a freed slot at the
-        end of its free list) and so a new session id, with the same address."""
-        pool = self.workdir / "pool"
-        pool.write_text(f"{V4['isp_ppp']}:{V4['rt_ppp']}\n" * 2)
-        opts = self.workdir / "isp-options"
-        opts.write_text("\n".join([*_pairs(PPPD_COMMON), "ipv6 ::1,::2",
-                                   f"logfile {self.workdir / 'isp-pppd.log'}"]) + "\n")
-        log = open(self.workdir / "pppoe-server.log", "ab")  # noqa: SIM115 - kept by the process
-        self.procs["pppoe-server"] = subprocess.Popen(
-            [*_in(self.ns["isp"]), "pppoe-server", "-F", "-s", "-I", ISP_VLAN, "-C", "pft-isp", "-S", "pft",
-             "-p", str(pool), "-O", str(opts), "-X", str(self.workdir / "pppoe-server.pid")],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        log.close()
+        """The ISP's access concentrator on its VLAN 7 (pppoe_ac.py): discovery answered from a
+        thread, each session's pppd on the kernel's PPPoE channel, so both ends of the session
+        forward in the kernel; the router's end is pppd's rp-pppoe plugin, as on OpenWrt."""
+        options = [*PPPD_COMMON, f"{V4['isp_ppp']}:{V4['rt_ppp']}", "ipv6", "::1,::2",
+                   "logfile", str(self.workdir / "isp-pppd.log")]
+        start = isp_pppd(_in(self.ns["isp"]), ISP_VLAN, options, self.workdir / "isp-pppd.out")
+        self.ac = AccessConcentrator(self.ns["isp"], ISP_VLAN, start)
 
     def dial(self, timeout: float = 60.0) -> Session:
         """Start the router's pppd and wait until IPv4 and IPv6 run over the session; then set
@@ -311,31 +301,14 @@ class OpenWrt:
     # ---- teardown --------------------------------------------------------------------------
 
     def stop_ppp(self) -> None:
-        """End what this topology started: the router's pppd, then pppoe-server and the pppd
-        processes it spawned for sessions (its children), each by PID."""
+        """End what this topology started: the router's pppd, then the ISP's concentrator and
+        its pppd per session, each by PID."""
         pppd = self.procs.pop("pppd", None)
         if pppd is not None:
             _end(pppd)
-        server = self.procs.pop("pppoe-server", None)
-        if server is not None:
-            kids = _descendants(server.pid)
-            _end(server)
-            for pid in kids:
-                _kill_pid(pid)
-
-
-def _pairs(options: tuple[str, ...]) -> list[str]:
-    """pppd options as option-file lines: an option and its value on one line."""
-    takes_value = {"mtu", "mru", "lcp-echo-interval", "lcp-echo-failure", "ip-up-script", "ip-down-script"}
-    lines, i = [], 0
-    while i < len(options):
-        if options[i] in takes_value:
-            lines.append(f"{options[i]} {options[i + 1]}")
-            i += 2
-        else:
-            lines.append(options[i])
-            i += 1
-    return lines
+        if self.ac is not None:
+            self.ac.close()
+            self.ac = None
 
 
 def _in(ns: str) -> list[str]:
@@ -352,29 +325,6 @@ def _end(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout)
-
-
-def _descendants(pid: int) -> list[int]:
-    """PIDs under ``pid`` (pppoe-server's pppd per session and the pppoe program under each),
-    parents first."""
-    found, todo = [], [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                kids = [int(p) for p in task.read_text().split()]
-                found += kids
-                todo += kids
-    return found
-
-
-def _kill_pid(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
 def _build(ns: dict[str, str]) -> None:
@@ -476,7 +426,7 @@ def _nsenter(ns: str) -> str:
 
 def missing_tools() -> str | None:
     """What the topology needs and this system lacks, or None."""
-    for tool, package in (("pppd", "ppp"), ("pppoe-server", "pppoe"), ("bridge", "iproute2")):
+    for tool, package in (("pppd", "ppp"), ("bridge", "iproute2")):
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
             return f"{tool} not installed (Debian package {package}; make lab-setup)"
     if not any(Path("/usr/lib/pppd").glob("*/rp-pppoe.so")):

@@ -46,7 +46,7 @@ from tests.support.traffic import payload, tcp_transfer
 pytestmark = pytest.mark.root
 
 MIB = 1 << 20
-SIZE = 1 * MIB  # the ISP's user-space pppoe moves about 100 KB/s under emulation
+SIZE = 1 * MIB
 UDP_SIZE = MIB // 2
 OFFLOAD_WAIT_S = 15.0  # emulation makes conntrack listings and the control loop slow
 SLOW_PATH_SHARE = 1 / 20  # offloaded: the forward chain saw under 5% of the bytes

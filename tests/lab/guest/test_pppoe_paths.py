@@ -1,5 +1,5 @@
 """The path resolver on a real PPPoE session (the OpenWrt-shaped router of openwrt.py: pppd's
-kernel PPPoE over wan.7 to a pppoe-server): the session id, concentrator MAC, session device
+kernel PPPoE over wan.7 to the ISP's concentrator): the session id, concentrator MAC, session device
 and MTU it finds are the ones on the wire, read independently from a frame the ISP's end
 receives; and after a re-dial it answers with the new session, never the old one."""
 

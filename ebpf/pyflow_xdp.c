@@ -90,7 +90,8 @@ static __always_inline int pyflow_process(void *ctx, const int is_tc)
 	proto = parse_eth(&cur, &pkt);
 	if (proto < 0)
 		return pyflow_pass(is_tc, &pkt);
-	proto = parse_vlans(&cur, &pkt, &key, proto, ctx_accel_tci(ctx, is_tc));
+	proto = parse_vlans(&cur, &pkt, &key, proto, ctx_accel_tci(ctx, is_tc),
+			    ctx_accel_tpid(ctx, is_tc));
 	if (proto < 0)
 		return pyflow_pass(is_tc, &pkt);
 	proto = parse_pppoe(&cur, &pkt, &key, proto);

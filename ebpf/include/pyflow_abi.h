@@ -37,10 +37,20 @@
  * saddr[0]/daddr[0]; the other words are zero. VLAN ids and the PPPoE session
  * id are in host byte order; 0 means "not present" (VLAN id 0 priority tags and
  * PPPoE session 0 never reach a lookup: the datapath passes them to the kernel).
+ *
+ * The tag protocol is part of the match: vlan_outer holds the 12-bit VLAN id
+ * and, for an 802.1ad (S-VLAN, TPID 0x88a8) outer tag, PYFLOW_KEY_VLAN_8021AD
+ * on top, so 802.1ad id 7 and 802.1Q id 7 on one port are different keys
+ * (whether the tag came in the frame or, on TC, as skb metadata). The inner
+ * tag is always 802.1Q (an 802.1ad tag inside a tag goes to the kernel), so
+ * vlan_inner is the bare id.
  */
+#define PYFLOW_KEY_VLAN_8021AD 0x8000 /* in vlan_outer: the outer tag's TPID is 802.1ad */
+#define PYFLOW_KEY_VLAN_VID 0x0fff    /* in vlan_outer / vlan_inner: the VLAN id */
+
 struct pyflow_flow_key {
 	__u32 ifindex;    /* ingress device */
-	__u16 vlan_outer; /* VLAN id of the outer tag (802.1Q or 802.1ad), 0 = none */
+	__u16 vlan_outer; /* VLAN id of the outer tag | PYFLOW_KEY_VLAN_8021AD if 802.1ad, 0 = none */
 	__u16 vlan_inner; /* VLAN id of the inner 802.1Q tag, 0 = none */
 	__u16 pppoe_sid;  /* PPPoE session id, 0 = no PPPoE */
 	__u8 family;      /* PYFLOW_FAMILY_IPV4 or PYFLOW_FAMILY_IPV6 */

@@ -100,6 +100,15 @@ static __always_inline int ctx_accel_tci(void *ctx, const int is_tc)
 	return -1;
 }
 
+/* TC: that tag's protocol (skb->vlan_proto, network order: ETH_P_8021Q or
+ * ETH_P_8021AD); meaningful only when ctx_accel_tci says a tag is there. */
+static __always_inline __be16 ctx_accel_tpid(void *ctx, const int is_tc)
+{
+	if (is_tc)
+		return (__be16)ctx_skb(ctx)->vlan_proto;
+	return 0;
+}
+
 /* TC: GSO segment size (0 = not GSO) and segment count; XDP frames are single. */
 static __always_inline __u32 ctx_gso_size(void *ctx, const int is_tc)
 {

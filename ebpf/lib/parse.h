@@ -96,20 +96,33 @@ static __always_inline int parse_eth(struct hdr_cursor *c, struct pyflow_pkt *pk
 	return eth->h_proto;
 }
 
+/* The key's outer VLAN field: the id, with PYFLOW_KEY_VLAN_8021AD for an 802.1ad tag. */
+static __always_inline __u16 key_vlan_outer(__u16 vid, __be16 tpid)
+{
+	return tpid == bpf_htons(PYFLOW_ETH_P_8021AD) ? vid | PYFLOW_KEY_VLAN_8021AD : vid;
+}
+
 /*
  * Up to two VLAN tags: the outer one 802.1Q or 802.1ad, the inner one 802.1Q.
  * accel_tci >= 0 is a tag the TC hook found in skb metadata (the stack moved
- * it out of the data): it is the outer tag and the data may hold only one more.
+ * it out of the data), accel_tpid its protocol (skb->vlan_proto): it is the
+ * outer tag and the data may hold only one more. The outer tag's protocol
+ * goes into the key with its id, however the tag arrived.
  */
 static __always_inline int parse_vlans(struct hdr_cursor *c, struct pyflow_pkt *pkt,
-				       struct pyflow_flow_key *key, int proto, int accel_tci)
+				       struct pyflow_flow_key *key, int proto, int accel_tci,
+				       __be16 accel_tpid)
 {
 	int tags = 0;
 
 	if (accel_tci >= 0) {
-		key->vlan_outer = accel_tci & PYFLOW_VLAN_VID_MASK;
-		if (!key->vlan_outer) /* priority tag: the kernel's business */
+		__u16 vid = accel_tci & PYFLOW_VLAN_VID_MASK;
+
+		if (!vid) /* priority tag: the kernel's business */
 			return parse_fail(pkt, PYFLOW_R_L2_UNSUPPORTED);
+		if (!is_vlan_tpid(accel_tpid)) /* only these two are ever moved into metadata */
+			return parse_fail(pkt, PYFLOW_R_L2_UNSUPPORTED);
+		key->vlan_outer = key_vlan_outer(vid, accel_tpid);
 		tags = 1;
 	}
 #pragma unroll
@@ -128,7 +141,7 @@ static __always_inline int parse_vlans(struct hdr_cursor *c, struct pyflow_pkt *
 		if (!vid)
 			return parse_fail(pkt, PYFLOW_R_L2_UNSUPPORTED);
 		if (tags == 0)
-			key->vlan_outer = vid;
+			key->vlan_outer = key_vlan_outer(vid, proto);
 		else
 			key->vlan_inner = vid;
 		tags++;

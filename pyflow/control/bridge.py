@@ -131,7 +131,10 @@ class BridgePort:
     ifindex: int
     ifname: str
     vlan_tci: int | None  # the tag on the wire at that port (None: untagged)
-    vlan_tpid: int = ETH_P_8021Q  # the bridge's VLAN protocol (802.1Q or 802.1ad) when tagged
+    # the tag's protocol when tagged: the bridge's VLAN protocol (802.1Q or 802.1ad) when it
+    # filters VLANs; 0 when it does not (the frame keeps the tag it entered the bridge with,
+    # of the protocol the VLAN device above the bridge gave it)
+    vlan_tpid: int = ETH_P_8021Q
     mtu: int = 0  # the port's MTU: frames larger than it would not leave it
     # the FDB entry the answer comes from (bridge ifindex, VLAN id: 0 without filtering), for
     # BridgePorts.refresh; not part of what frames look like, so not compared
@@ -314,7 +317,8 @@ def decide(bridge: BridgeInfo, ports: Mapping[int, PortInfo], entry: FdbEntry | 
                          refusal.BRIDGE_VLAN_FILTERED)
         tci = None if flags & BRIDGE_VLAN_INFO_UNTAGGED else v
     else:
-        tci = vid  # no filtering: a tagged frame keeps its tag on every port
+        tci = vid  # no filtering: a tagged frame keeps its tag on every port, protocol and all
+        tpid = 0
     return BridgePort(port.ifindex, port.ifname, tci, tpid if tci is not None else ETH_P_8021Q, port.mtu,
                       bridge.ifindex, v)
 

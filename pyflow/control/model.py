@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pyflow.datapath.abi import FlowAction, FlowKey
+from pyflow.datapath.abi import ETH_P_8021Q, FlowAction, FlowKey
 from pyflow.datapath.flowtable import Counters
 
 # conntrack status bits (<linux/netfilter/nf_conntrack_common.h>, enum ip_conntrack_status)
@@ -371,10 +371,14 @@ def entry_fields(conn: Conn, path: Path) -> Fields:
                     dnat=_nat((r.dst, r.dport), (o.src, o.sport))))
 
 
-def _encap_key(eg: Egress) -> tuple[int, int, int]:
-    """The key's (outer VLAN id, inner VLAN id, PPPoE session) of frames arriving where eg's
-    frames leave: the ids of its tags (the priority bits are not part of the key)."""
-    return ((eg.vlan_outer_tci or 0) & 0xFFF, (eg.vlan_inner_tci or 0) & 0xFFF, eg.pppoe_sid or 0)
+def _encap_key(eg: Egress) -> tuple[int, int, int, int]:
+    """The key's (outer VLAN id, inner VLAN id, PPPoE session, outer tag protocol) of frames
+    arriving where eg's frames leave: the ids of its tags (the priority bits are not part of
+    the key) and the protocol (802.1Q / 802.1ad) of its outer tag, which the key matches too."""
+    if eg.vlan_outer_tci is None:
+        return 0, 0, eg.pppoe_sid or 0, ETH_P_8021Q
+    return (eg.vlan_outer_tci & 0xFFF, (eg.vlan_inner_tci or 0) & 0xFFF, eg.pppoe_sid or 0,
+            eg.vlan_outer_tpid)
 
 
 def entries_of(conn: Conn, path: Path) -> tuple[Keys, Actions]:

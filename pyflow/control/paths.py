@@ -572,7 +572,8 @@ def port_layers(bridge: Layer, port: BridgePort, link: Callable[[int], LinkInfo 
     dev = link(port.ifindex)
     if dev is None:
         raise NoPath(f"port {port.ifname} of bridge {bridge.ifname} is gone", refusal.DEVICE_GONE)
-    tags = ((port.vlan_tci, port.vlan_tpid),) if port.vlan_tci is not None else ()
+    # a tag the bridge keeps as the frame entered (no VLAN filtering) has the protocol it entered with
+    tags = ((port.vlan_tci, port.vlan_tpid or bridge.vlan_outer_tpid),) if port.vlan_tci is not None else ()
     return tuple(walk_down(dev, link, tags=tags, sid=bridge.pppoe_sid))
 
 

@@ -31,6 +31,8 @@ PROTO_TCP = socket.IPPROTO_TCP
 PROTO_UDP = socket.IPPROTO_UDP
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
+KEY_VLAN_8021AD = lib.PYFLOW_KEY_VLAN_8021AD  # in the key's vlan_outer: the outer tag is 802.1ad
+KEY_VLAN_VID = lib.PYFLOW_KEY_VLAN_VID
 
 
 def _reasons() -> list[str]:
@@ -94,9 +96,28 @@ def _put_port(port: int) -> int:
     return socket.htons(port)
 
 
+def key_vlan_outer(vlan_outer: int, vlan_inner: int, vlan_outer_tpid: int) -> int:
+    """The key's vlan_outer field: the outer VLAN id, with KEY_VLAN_8021AD when the outer
+    tag's protocol is 802.1ad. ValueError for an id that is not 12 bits, a protocol other
+    than 802.1Q / 802.1ad, or 802.1ad without an outer tag."""
+    if vlan_outer_tpid == ETH_P_8021Q and vlan_outer <= KEY_VLAN_VID and vlan_inner <= KEY_VLAN_VID:
+        return vlan_outer  # the common case first: the engine packs two keys per connection
+    if not (0 <= vlan_outer <= KEY_VLAN_VID and 0 <= vlan_inner <= KEY_VLAN_VID):
+        raise ValueError(f"VLAN ids must be 0..{KEY_VLAN_VID}: outer {vlan_outer}, inner {vlan_inner}")
+    if vlan_outer_tpid == ETH_P_8021AD:
+        if not vlan_outer:
+            raise ValueError("an 802.1ad tag protocol needs an outer VLAN id")
+        return vlan_outer | KEY_VLAN_8021AD
+    if vlan_outer_tpid != ETH_P_8021Q:
+        raise ValueError(f"VLAN tag protocol 0x{vlan_outer_tpid:04x} is neither 802.1Q nor 802.1ad")
+    return vlan_outer
+
+
 @dataclass(frozen=True)
 class FlowKey:
-    """One direction of a connection, as the datapath sees it arriving."""
+    """One direction of a connection, as the datapath sees it arriving. vlan_outer_tpid:
+    the outer tag's protocol (ETH_P_8021Q or ETH_P_8021AD), part of the match; the inner tag
+    is always 802.1Q."""
 
     ifindex: int
     proto: int
@@ -107,12 +128,13 @@ class FlowKey:
     vlan_outer: int = 0
     vlan_inner: int = 0
     pppoe_sid: int = 0
+    vlan_outer_tpid: int = ETH_P_8021Q
 
     def to_c(self, out=None):
         k = out if out is not None else ffi.new(KEY_TYPE + " *")
         ffi.memmove(k, bytes(KEY_SIZE), KEY_SIZE)
         k.ifindex = self.ifindex
-        k.vlan_outer = self.vlan_outer
+        k.vlan_outer = key_vlan_outer(self.vlan_outer, self.vlan_inner, self.vlan_outer_tpid)
         k.vlan_inner = self.vlan_inner
         k.pppoe_sid = self.pppoe_sid
         fam_s = _put_addr(k.saddr, self.saddr)
@@ -288,12 +310,14 @@ _htons = socket.htons
 
 
 def _pack_key_fields(ifindex: int, proto: int, saddr: str, daddr: str, sport: int, dport: int,
-                     vlan_outer: int = 0, vlan_inner: int = 0, pppoe_sid: int = 0) -> bytes:
+                     vlan_outer: int = 0, vlan_inner: int = 0, pppoe_sid: int = 0,
+                     vlan_outer_tpid: int = ETH_P_8021Q) -> bytes:
     fam_s, saddr_w = _addr_words(saddr)
     fam_d, daddr_w = _addr_words(daddr)
     if fam_s != fam_d:
         raise ValueError(f"address families differ: {saddr} -> {daddr}")
-    return _KEY.pack(ifindex, vlan_outer, vlan_inner, pppoe_sid, fam_s, proto,  # type: ignore[union-attr]
+    outer = key_vlan_outer(vlan_outer, vlan_inner, vlan_outer_tpid)
+    return _KEY.pack(ifindex, outer, vlan_inner, pppoe_sid, fam_s, proto,  # type: ignore[union-attr]
                      _htons(sport), _htons(dport), saddr_w, daddr_w)
 
 
@@ -319,7 +343,7 @@ def _pack_value_fields(out_ifindex: int, tx_port: int, mtu: int, in_mac: str | b
 
 def _pack_key(key: FlowKey) -> bytes:
     return _pack_key_fields(key.ifindex, key.proto, key.saddr, key.daddr, key.sport, key.dport,
-                            key.vlan_outer, key.vlan_inner, key.pppoe_sid)
+                            key.vlan_outer, key.vlan_inner, key.pppoe_sid, key.vlan_outer_tpid)
 
 
 def _pack_value(a: FlowAction, key: FlowKey) -> bytes:

@@ -155,13 +155,16 @@ def flow_filter(key: FlowKey, action: FlowAction, *, indev: str, flags: int,
     actions: list[F.Action] = []
     ingress_tags = [t for t in (key.vlan_outer, key.vlan_inner) if t]
     if ingress_tags:
-        # the key's tags are 802.1Q ids as the datapath parsed them (outer first)
-        protocol = F.ETH_P_8021Q
+        # the key's tags as the datapath parsed them (outer first): the outer one with its
+        # protocol (802.1Q or 802.1ad, part of the match), the inner one 802.1Q
+        protocol = key.vlan_outer_tpid
+        if protocol not in (F.ETH_P_8021Q, F.ETH_P_8021AD):
+            raise Unplaceable(f"VLAN protocol 0x{protocol:04x}")
         if len(ingress_tags) == 2:
-            match = replace(match, eth_type=F.ETH_P_8021Q, vlan_id=ingress_tags[0] & 0x0FFF,
+            match = replace(match, eth_type=protocol, vlan_id=ingress_tags[0] & 0x0FFF,
                             vlan_eth_type=F.ETH_P_8021Q, cvlan_id=ingress_tags[1] & 0x0FFF, cvlan_eth_type=l3)
         else:
-            match = replace(match, eth_type=F.ETH_P_8021Q, vlan_id=ingress_tags[0] & 0x0FFF,
+            match = replace(match, eth_type=protocol, vlan_id=ingress_tags[0] & 0x0FFF,
                             vlan_eth_type=l3)
     else:
         protocol = l3

@@ -7,10 +7,10 @@ MAC, at most an 802.1Q or 802.1ad tag and an inner 802.1Q tag (no VLAN id 0), at
 a PPPoE session header (version 1, type 1, code 0, session not 0, length covering the
 IP packet and inside the frame) carrying IPv4 or IPv6, a whole IP header without
 options, fragments or extension headers, a whole TCP or UDP header inside the IP
-packet, TTL above 1, no FIN or RST, and the VLAN ids, session id, addresses, ports and
-protocol of an installed key. Anything else forwarded by the fast path is a wrong
-redirect: the kernel would have dropped it, treated it otherwise, or sent it to
-another flow.
+packet, TTL above 1, no FIN or RST, and the VLAN ids (the outer tag's protocol too),
+session id, addresses, ports and protocol of an installed key. Anything else forwarded
+by the fast path is a wrong redirect: the kernel would have dropped it, treated it
+otherwise, or sent it to another flow.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from scapy.layers.ppp import PPP, PPPoE, PPPoED
 
 from pyflow.datapath import abi
 
+ETH_P_8021Q, ETH_P_8021AD = abi.ETH_P_8021Q, abi.ETH_P_8021AD
+
 
 def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(addr)
@@ -37,8 +39,9 @@ class RedirectCheck:
     def __init__(self, flows: Iterable[tuple[abi.FlowKey, abi.FlowAction]]) -> None:
         self.hits: dict[tuple, bytes] = {}
         for k, a in flows:
-            key = (k.ifindex, k.vlan_outer, k.vlan_inner, k.pppoe_sid, k.proto, _ip(k.saddr), _ip(k.daddr),
-                   k.sport, k.dport)
+            tpid = k.vlan_outer_tpid if k.vlan_outer else 0
+            key = (k.ifindex, k.vlan_outer, tpid, k.vlan_inner, k.pppoe_sid, k.proto, _ip(k.saddr),
+                   _ip(k.daddr), k.sport, k.dport)
             self.hits[key] = abi.mac_bytes(a.in_mac)
 
     def wrong(self, frame: bytes, ifindex: int) -> str | None:
@@ -49,6 +52,7 @@ class RedirectCheck:
         layer = Ether(frame).payload
         off = 14
         vids: list[int] = []
+        outer_tpid = 0
         while isinstance(layer, Dot1Q):
             if off + 4 > n:
                 return "a cut VLAN tag"
@@ -58,6 +62,10 @@ class RedirectCheck:
                 return "an 802.1ad tag inside a tag"
             if layer.vlan == 0:
                 return "VLAN id 0"
+            if not vids:  # the TPID as on the wire
+                outer_tpid = struct.unpack_from("!H", frame, 12)[0]
+                if outer_tpid not in (ETH_P_8021Q, ETH_P_8021AD):
+                    return f"outer TPID {outer_tpid:#06x}"
             vids.append(layer.vlan)
             off += 4
             layer = layer.payload
@@ -125,11 +133,11 @@ class RedirectCheck:
             return f"PPPoE length {pppoe_len} against IP length {l3len} and {n - l3off + 2} bytes"
         if ttl <= 1:
             return f"TTL {ttl}"
-        key = (ifindex, vids[0] if vids else 0, vids[1] if len(vids) > 1 else 0, sid, proto, _ip(layer.src),
-               _ip(layer.dst), l4.sport, l4.dport)
+        key = (ifindex, vids[0] if vids else 0, outer_tpid, vids[1] if len(vids) > 1 else 0, sid, proto,
+               _ip(layer.src), _ip(layer.dst), l4.sport, l4.dport)
         mac = self.hits.get(key)
         if mac is None:
-            return "no installed key (VLAN ids, session, addresses, ports, protocol)"
+            return "no installed key (VLAN ids and tag protocol, session, addresses, ports, protocol)"
         if frame[:6] != mac:
             return "destination MAC is not the flow's ingress MAC"
         return None

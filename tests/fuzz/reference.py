@@ -9,7 +9,8 @@ the exact frame that must leave and what the flow's counters must gain.
 
 Order of checks (the first that fails names the reason):
   L2:  Ethernet header present (malformed) -> up to two VLAN tags, the outer
-       802.1Q or 802.1ad, the inner 802.1Q; a third tag, an 802.1ad tag inside a
+       802.1Q or 802.1ad (its protocol is part of the key, as its id), the inner
+       802.1Q; a third tag, an 802.1ad tag inside a
        tag, or VLAN id 0 (l2_unsupported); a cut tag (malformed) -> PPPoE:
        discovery (not_ip), session header cut (malformed), version/type not
        0x11, code not 0 or session 0 (l2_unsupported), PPP protocol not IPv4 or
@@ -140,8 +141,10 @@ def _family(addr: str) -> int:
 
 
 def model_key(k) -> tuple:
-    """The model's key for an abi.FlowKey (read as plain data)."""
-    return (k.ifindex, k.vlan_outer, k.vlan_inner, k.pppoe_sid, _family(k.saddr), k.proto,
+    """The model's key for an abi.FlowKey (read as plain data): the outer tag's protocol
+    counts only when there is an outer tag."""
+    tpid = k.vlan_outer_tpid if k.vlan_outer else 0
+    return (k.ifindex, k.vlan_outer, tpid, k.vlan_inner, k.pppoe_sid, _family(k.saddr), k.proto,
             k.sport, k.dport, _addr16(k.saddr), _addr16(k.daddr))
 
 
@@ -252,6 +255,7 @@ class Model:
         off = ETH_HLEN
         tags = 0
         vlan = [0, 0]
+        outer_tpid = 0
         while proto in (ETH_P_8021Q, ETH_P_8021AD):
             # a third tag, or an 802.1ad tag inside another one
             if tags >= 2 or (tags == 1 and proto != ETH_P_8021Q):
@@ -262,6 +266,8 @@ class Model:
             if not vid:  # priority tag
                 return L2_UNSUPPORTED
             vlan[tags] = vid
+            if not tags:
+                outer_tpid = proto
             tags += 1
             proto = _u16(frame, off + 2)[0]
             off += 4
@@ -350,7 +356,7 @@ class Model:
         if pppoe_len >= 0 and (l3len + 2 > pppoe_len or l3off - 2 + pppoe_len > n):
             return MALFORMED
         sport, dport = struct.unpack_from("!HH", frame, l4off)
-        key = (self.ifindex, vlan[0], vlan[1], sid, family, l4proto, sport, dport, saddr, daddr)
+        key = (self.ifindex, vlan[0], outer_tpid, vlan[1], sid, family, l4proto, sport, dport, saddr, daddr)
         return Parsed(key, l3off, l4off, l4hlen, l3len, proto, ttl, flags, l4proto)
 
     # -- the decision -------------------------------------------------------------------

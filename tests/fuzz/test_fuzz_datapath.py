@@ -203,7 +203,8 @@ def _matrix(flows: list[tuple[abi.FlowKey, abi.FlowAction]]) -> list[Base]:
                 if sid:
                     l2.append(pppoe(sid, l3))
                 key = key_of(l3, vlan_outer=tags[0][0] if tags else 0,
-                             vlan_inner=tags[1][0] if len(tags) > 1 else 0, pppoe_sid=sid)
+                             vlan_inner=tags[1][0] if len(tags) > 1 else 0, pppoe_sid=sid,
+                             tpid=tags[0][1] if tags else ETH_P_8021Q)
                 flows.append((key, action(**nat, **encap)))
                 out.append(_base(f"{in_name} in, {out_name} out, {'tcp4' if IP in l3 else 'udp6'}", l2, l3))
             port += 1
@@ -232,7 +233,7 @@ def corpus() -> Corpus:
         action(**SNAT4, **DNAT4))
     hit("t4 vlan in", [eth(), vlan(10)], tcp4(sport=CPORT + 2), action(), vlan_outer=10)
     hit("t4 qinq in, vlan out", [eth(), vlan(100, ETH_P_8021AD), vlan(10)], tcp4(sport=CPORT + 3),
-        action(**SNAT4, vlan_outer_tci=30), vlan_outer=100, vlan_inner=10)
+        action(**SNAT4, vlan_outer_tci=30), vlan_outer=100, vlan_inner=10, tpid=ETH_P_8021AD)
     hit("u4 q+q in, ad+q out", [eth(), vlan(100), vlan(11)], udp4(sport=CPORT + 4),
         action(vlan_outer_tci=200, vlan_outer_tpid=ETH_P_8021AD, vlan_inner_tci=7),
         vlan_outer=100, vlan_inner=11)
@@ -245,7 +246,7 @@ def corpus() -> Corpus:
         vlan_outer=10, pppoe_sid=0x1234)
     l3 = udp4(src=SERVER4, dst=ROUTER4, sport=SPORT, dport=NAT_PORT + 2)
     hit("u4 qinq+pppoe in, untagged out", [eth(), vlan(100, ETH_P_8021AD), vlan(10), pppoe(0x1234, l3)],
-        l3, action(nat_daddr=CLIENT4), vlan_outer=100, vlan_inner=10, pppoe_sid=0x1234)
+        l3, action(nat_daddr=CLIENT4), vlan_outer=100, vlan_inner=10, pppoe_sid=0x1234, tpid=ETH_P_8021AD)
     hit("u4 pppoe out (ppp device)", [eth()], udp4(sport=CPORT + 5),
         action(**SNAT4, pppoe_sid=7, ppp_ifindex=PPP_IFINDEX))
     # TC redirects a GSO super-packet of this one to its PPP device, anything else to no port
@@ -694,6 +695,20 @@ def op_vid_of_another_flow(b: bytearray, L: Layout, r: random.Random) -> str | N
     return f"vid@{t}={v & 0xFFF}"
 
 
+def op_other_tpid(b: bytearray, L: Layout, r: random.Random) -> str | None:
+    """The outer tag's TPID swapped between 802.1Q and 802.1ad: the same VLAN ids in the other
+    protocol, a near miss of the flow (the key holds the protocol), never a hit of it."""
+    if not L.tags or len(b) < 14:
+        return None
+    at = L.tags[0] - 2
+    old = _u16(b, at)
+    if old not in (ETH_P_8021Q, ETH_P_8021AD):
+        return None
+    new = ETH_P_8021AD if old == ETH_P_8021Q else ETH_P_8021Q
+    _put16(b, at, new)
+    return f"outer tpid {old:#06x}->{new:#06x}"
+
+
 def op_sid_of_another_flow(b: bytearray, L: Layout, r: random.Random) -> str | None:
     if L.pppoe is None or L.pppoe + 4 > len(b):
         return None
@@ -729,7 +744,8 @@ L2_OPS: tuple[Op, ...] = (op_vlan_tci, op_ethertype, op_insert_tag, op_remove_ta
                           op_pppoe_wrap, op_macs, op_trailer)
 STRUCTURED_OPS = IPV4_OPS + IPV6_OPS + L4_OPS + L2_OPS
 ENCAP_OPS: tuple[Op, ...] = L2_OPS + (op_vid_of_another_flow, op_sid_of_another_flow, op_pppoe_len_mismatch,
-                                      op_cut_l2, op_ip4_tot_len, op_ip6_plen, op_ttl, op_tcp_flags)
+                                      op_cut_l2, op_ip4_tot_len, op_ip6_plen, op_ttl, op_tcp_flags,
+                                      op_other_tpid)
 
 
 def _encapsulated(b: Base) -> bool:
@@ -795,6 +811,30 @@ def _family(ops: tuple[Op, ...], count: int, stack: tuple[int, int] = (1, 1),
     return gen
 
 
+def fam_other_tpid(c: Corpus, r: random.Random) -> Frames:
+    """Every tagged hit (bases and the encapsulation matrix) with its outer TPID swapped
+    between 802.1Q and 802.1ad: misses, each one; then the same stacked with the VLAN-id,
+    session and other encapsulation ops, so that a frame may also land on the ids of another
+    flow in the other protocol."""
+    pool = [b for b in c.bases + c.matrix if b.layout.tags]
+    out: Frames = []
+    for base in pool:
+        m = _mutate(base, (op_other_tpid,), r, 1)
+        assert m is not None, base.name
+        out.append(m)
+    while len(out) < 4000:
+        b = r.choice(pool)
+        frame = bytearray(b.frame)
+        L = b.layout.copy()
+        labels = [op_other_tpid(frame, L, r)]
+        for _ in range(r.randint(1, 2)):
+            op = r.choice((op_vid_of_another_flow, op_sid_of_another_flow, op_trailer, op_macs, op_ttl,
+                           op_tcp_flags, op_remove_tag, op_insert_tag))
+            labels.append(op(frame, L, r))
+        out.append((f"{b.name}: " + "; ".join(x for x in labels if x), bytes(frame)))
+    return out
+
+
 def fam_hits(c: Corpus, r: random.Random) -> Frames:
     """The bases as they are, padded, or with a changed destination MAC: mostly forwards."""
     out: Frames = []
@@ -852,6 +892,8 @@ FAMILIES: dict[str, Callable[[Corpus, random.Random], Frames]] = {
     "encap": _family(ENCAP_OPS, 16000, stack=(1, 3), want=_encapsulated),
     "encap_matrix_l2": _family(ENCAP_OPS, 12000, stack=(1, 2), matrix=True,
                                want=_encapsulated),
+    # the outer tag in the other protocol (802.1Q <-> 802.1ad), alone and with other ops
+    "other_tpid": fam_other_tpid,
 }
 
 
@@ -1086,6 +1128,7 @@ def test_redirect_check_knows_a_hit_from_a_near_miss():
     near = {
         "other ingress device": (base.frame, IFINDEX + 1),
         "other inner vid": (_patched(base.frame, L.tags[1], 11), IFINDEX),
+        "outer tag 802.1q, not 802.1ad": (_patched(base.frame, L.tags[0] - 2, ETH_P_8021Q), IFINDEX),
         "vid 0": (_patched(base.frame, L.tags[0], 0), IFINDEX),
         "other session": (_patched(base.frame, L.pppoe + 2, 0x1235), IFINDEX),
         "pppoe length short": (_patched(base.frame, L.pppoe + 4,

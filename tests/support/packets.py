@@ -20,7 +20,7 @@ length and not leave with PPPoE; the rows that meet those limits say so.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -131,13 +131,16 @@ def pppoe(sid: int, l3: Packet) -> Packet:
 
 
 def key_of(l3: Packet, *, vlan_outer: int = 0, vlan_inner: int = 0, pppoe_sid: int = 0,
-           ifindex: int = IFINDEX) -> FlowKey:
-    """The key the datapath must build for this packet."""
+           ifindex: int = IFINDEX, tpid: int = ETH_P_8021Q) -> FlowKey:
+    """The key the datapath must build for this packet (tpid: the outer tag's protocol)."""
     ip = l3[IP] if IP in l3 else l3[IPv6]
     l4 = l3[TCP] if TCP in l3 else l3[UDP]
     return FlowKey(ifindex=ifindex, proto=PROTO_TCP if TCP in l3 else PROTO_UDP, saddr=ip.src,
                    daddr=ip.dst, sport=l4.sport, dport=l4.dport, vlan_outer=vlan_outer,
-                   vlan_inner=vlan_inner, pppoe_sid=pppoe_sid)
+                   vlan_inner=vlan_inner, pppoe_sid=pppoe_sid, vlan_outer_tpid=tpid)
+
+
+AD = ETH_P_8021AD
 
 
 def action(**kw: Any) -> FlowAction:
@@ -263,7 +266,7 @@ def build_cases() -> list[Case]:
     c.append(fwd_case("vlan in, other vlan out (prio kept from action)", eth() / vlan(10), l3,
                       action(vlan_outer_tci=(5 << 13) | 20), key=key_of(l3, vlan_outer=10)))
     c.append(fwd_case("802.1ad+802.1q in, untagged out", eth() / vlan(100, ETH_P_8021AD) / vlan(10), l3,
-                      action(**SNAT4), key=key_of(l3, vlan_outer=100, vlan_inner=10)))
+                      action(**SNAT4), key=key_of(l3, vlan_outer=100, vlan_inner=10, tpid=AD)))
     c.append(fwd_case("802.1q+802.1q in, vlan out", eth() / vlan(100) / vlan(10), l3,
                       action(vlan_outer_tci=30), key=key_of(l3, vlan_outer=100, vlan_inner=10)))
     c.append(fwd_case("untagged in, 802.1ad+802.1q out", eth(), tcp6(),
@@ -292,7 +295,7 @@ def build_cases() -> list[Case]:
     c.append(fwd_case("802.1ad+802.1q+pppoe in, vlan out",
                       eth() / vlan(100, ETH_P_8021AD) / vlan(10) / pppoe(0x1234, l3), l3,
                       action(nat_daddr=CLIENT4, nat_dport=CPORT, vlan_outer_tci=30),
-                      key=key_of(l3, vlan_outer=100, vlan_inner=10, pppoe_sid=0x1234)))
+                      key=key_of(l3, vlan_outer=100, vlan_inner=10, pppoe_sid=0x1234, tpid=AD)))
     c.append(fwd_case("pppoe in, 802.1q+802.1q out (same length)", eth() / pppoe(0x1234, l3), l3,
                       action(nat_daddr=CLIENT4, nat_dport=CPORT, vlan_outer_tci=30, vlan_inner_tci=31),
                       key=key_of(l3, pppoe_sid=0x1234)))
@@ -404,9 +407,9 @@ def _encap_edge_cases() -> list[Case]:
     plain = key_of(l3)
     k_sid = key_of(l3, pppoe_sid=sid)
     k_vlan_sid = key_of(l3, vlan_outer=10, pppoe_sid=sid)
-    k_qinq_sid = key_of(l3, vlan_outer=100, vlan_inner=10, pppoe_sid=sid)
+    k_qinq_sid = key_of(l3, vlan_outer=100, vlan_inner=10, pppoe_sid=sid, tpid=AD)
     every = [(plain, reply), (k_sid, reply), (k_vlan_sid, reply), (k_qinq_sid, reply),
-             (key_of(l3, vlan_outer=10), reply), (key_of(l3, vlan_outer=100, vlan_inner=10), reply)]
+             (key_of(l3, vlan_outer=10), reply), (key_of(l3, vlan_outer=100, vlan_inner=10, tpid=AD), reply)]
     full = {"vlan": bytes(eth() / vlan(10) / l3),
             "qinq": bytes(eth() / vlan(100, ETH_P_8021AD) / vlan(10) / l3),
             "pppoe": bytes(eth() / pppoe(sid, l3) / l3),
@@ -415,7 +418,7 @@ def _encap_edge_cases() -> list[Case]:
     # forwarded: single 802.1ad tag; a PPPoE length that also covers Ethernet padding after
     # the IP packet (the kernel trims the frame to it, then IP trims to its own length)
     c.append(fwd_case("802.1ad in, untagged out", eth() / vlan(100, ETH_P_8021AD), l3, reply,
-                      key=key_of(l3, vlan_outer=100)))
+                      key=key_of(l3, vlan_outer=100, tpid=AD)))
     pad = bytes(6)
     padded = PPPoE(sessionid=sid, len=len(l3) + 2 + len(pad)) / PPP(proto=0x21)
     c.append(fwd_case("pppoe length covering padding after ip", eth() / padded, l3, reply, key=k_sid,
@@ -442,6 +445,34 @@ def _encap_edge_cases() -> list[Case]:
                        flows=[(k_sid, reply), (k_vlan_sid, reply)]))
     c.append(pass_case("pppoe session 0 over vlan", eth() / vlan(10) / pppoe(0, l3) / l3, "l2_unsupported",
                        flows=every))
+
+    # the outer tag's protocol is part of the key: a frame with the VLAN ids (and session) of
+    # a flow but the other TPID is not that flow's (802.1Q id 10 and 802.1ad id 10 on one port
+    # are different VLANs)
+    q = ETH_P_8021Q
+    for name, tags, flow_tpid, session in (
+            ("802.1q frame, 802.1ad flow of its id", ((10, q),), AD, 0),
+            ("802.1ad frame, 802.1q flow of its id", ((10, AD),), q, 0),
+            ("802.1q+802.1q frame, 802.1ad+802.1q flow of its ids", ((100, q), (10, q)), AD, 0),
+            ("802.1ad+802.1q frame, 802.1q+802.1q flow of its ids", ((100, AD), (10, q)), q, 0),
+            ("802.1ad+pppoe frame, 802.1q+pppoe flow of its id and session", ((10, AD),), q, sid),
+            ("802.1q+802.1q+pppoe frame, 802.1ad+802.1q+pppoe flow of its ids and session",
+             ((100, q), (10, q)), AD, sid)):
+        frame = eth()
+        for vid, tpid in tags:
+            frame = frame / vlan(vid, tpid)
+        if session:
+            frame = frame / pppoe(session, l3)
+        near = key_of(l3, vlan_outer=tags[0][0], vlan_inner=tags[1][0] if len(tags) > 1 else 0,
+                      pppoe_sid=session, tpid=flow_tpid)
+        c.append(pass_case(name, frame / l3, "miss", flows=[(near, reply)]))
+    # both flows there, with different actions: each frame takes its own protocol's
+    for tpid, other in ((q, AD), (AD, q)):
+        mine = action(nat_daddr=CLIENT4, nat_dport=CPORT, vlan_outer_tci=20 if tpid == q else 21)
+        theirs = action(nat_daddr=CLIENT4, nat_dport=CPORT, vlan_outer_tci=22)
+        name = f"{'802.1q' if tpid == q else '802.1ad'} in beside a flow of the same id, other protocol"
+        row = fwd_case(name, eth() / vlan(10, tpid), l3, mine, key=key_of(l3, vlan_outer=10, tpid=tpid))
+        c.append(replace(row, flows=row.flows + ((key_of(l3, vlan_outer=10, tpid=other), theirs),)))
 
     # PPPoE lengths that disagree with the frame
     n = len(l3)

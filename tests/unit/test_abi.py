@@ -25,6 +25,40 @@ def test_key_bytes_follow_header_order():
     assert abi.KEY_SIZE == len(want) == 48
 
 
+def test_the_outer_tag_protocol_is_a_bit_of_the_outer_vlan_field():
+    """802.1ad sets bit 15 of vlan_outer (the key does not grow); 802.1Q leaves the bare id.
+    The bytes path and the cffi path agree, and entry_bytes gives the same key."""
+    base = dict(ifindex=7, proto=6, saddr="198.18.0.1", daddr="198.19.0.2", sport=1000, dport=80)
+    q = abi.FlowKey(**base, vlan_outer=7)
+    ad = abi.FlowKey(**base, vlan_outer=7, vlan_outer_tpid=abi.ETH_P_8021AD)
+    qinq = abi.FlowKey(**base, vlan_outer=100, vlan_inner=200, pppoe_sid=5, vlan_outer_tpid=abi.ETH_P_8021AD)
+    assert abi.KEY_VLAN_8021AD == 0x8000 and abi.KEY_SIZE == 48
+    assert struct.unpack_from("=HH", abi.key_bytes(q), 4) == (7, 0)
+    assert struct.unpack_from("=HH", abi.key_bytes(ad), 4) == (0x8007, 0)
+    assert struct.unpack_from("=HHH", abi.key_bytes(qinq), 4) == (0x8064, 200, 5)
+    assert abi.key_bytes(q) != abi.key_bytes(ad)
+    for k in (q, ad, qinq):
+        assert abi.key_bytes(k) == bytes(ffi.buffer(k.to_c()))
+        fields = (k.ifindex, k.proto, k.saddr, k.daddr, k.sport, k.dport, k.vlan_outer, k.vlan_inner,
+                  k.pppoe_sid, k.vlan_outer_tpid)
+        action = (4, 2, 1500, "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03")
+        assert abi.entry_bytes(fields, action)[0] == abi.key_bytes(k)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(vlan_outer=7, vlan_outer_tpid=0x9100), "neither 802.1Q nor 802.1ad"),
+    (dict(vlan_outer_tpid=abi.ETH_P_8021AD), "needs an outer VLAN id"),
+    (dict(vlan_outer=0x8007), "VLAN ids must be"),
+    (dict(vlan_outer=7, vlan_inner=4096), "VLAN ids must be"),
+])
+def test_bad_vlan_fields_of_a_key_are_refused(fields, message):
+    k = abi.FlowKey(7, 6, "198.18.0.1", "198.19.0.2", 1000, 80, **fields)
+    with pytest.raises(ValueError, match=message):
+        abi.key_bytes(k)
+    with pytest.raises(ValueError, match=message):
+        k.to_c()
+
+
 def test_ipv6_key():
     k = abi.FlowKey(ifindex=1, proto=17, saddr="2001:2::1", daddr="2001:2:0:1::2", sport=53, dport=5353)
     raw = abi.key_bytes(k)

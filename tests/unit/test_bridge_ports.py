@@ -111,7 +111,11 @@ def test_without_filtering_the_port_is_the_fdb_entry_and_tags_pass() -> None:
     ports = ports_of(port_msg(BR, "br-lan", state=None), port_msg(L1, "lan1"), port_msg(L2, "lan2"))
     entry = parse_fdb(fdb_msg(L1))
     assert decide(bridge(False), ports, entry, MAC, None) == BridgePort(L1, "lan1", None, mtu=1500)
-    assert decide(bridge(False), ports, entry, MAC, 10) == BridgePort(L1, "lan1", 10, mtu=1500)
+    # the tag passes as it entered the bridge: its protocol is the VLAN device's above the
+    # bridge (vlan_tpid 0), whatever the bridge's own VLAN protocol, which applies to filtering
+    assert decide(bridge(False), ports, entry, MAC, 10) == BridgePort(L1, "lan1", 10, 0, mtu=1500)
+    assert decide(bridge(False, U.ETH_P_8021AD), ports, entry, MAC, 10) == BridgePort(L1, "lan1", 10, 0,
+                                                                                       mtu=1500)
     with pytest.raises(NotYet):
         decide(bridge(False), ports, None, MAC, None)
 

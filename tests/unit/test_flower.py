@@ -199,6 +199,25 @@ def test_vlan_egress_pushes_and_tagged_ingress_pops_or_modifies():
     assert Ether(forwarded(bytes(untagged), f))[IP].src == "198.19.0.1"
 
 
+def test_the_ingress_tag_protocol_is_matched():
+    """A key of an 802.1ad outer tag gets a rule under protocol 802.1ad (its own priority),
+    matching eth_type 802.1ad: an 802.1Q frame of the same VLAN id does not hit it."""
+    key, act = masq_v4()
+    s_tag = FlowKey(**{**key.__dict__, "vlan_outer": 20, "vlan_outer_tpid": F.ETH_P_8021AD})
+    place, f = rules.flow_filter(s_tag, act, indev="lan0", flags=0, ingress_mtu=1500)
+    assert place == rules.Placement(4, rules.RULE_PRIO + 3, F.ETH_P_8021AD)
+    assert (f.match.eth_type, f.match.vlan_id, f.match.vlan_eth_type) == (F.ETH_P_8021AD, 20, F.ETH_P_IP)
+    qinq = FlowKey(**{**s_tag.__dict__, "vlan_inner": 7})
+    place, f = rules.flow_filter(qinq, act, indev="lan0", flags=0, ingress_mtu=1500)
+    assert place.protocol == F.ETH_P_8021AD
+    assert (f.match.eth_type, f.match.vlan_id, f.match.vlan_eth_type, f.match.cvlan_id,
+            f.match.cvlan_eth_type) == (F.ETH_P_8021AD, 20, F.ETH_P_8021Q, 7, F.ETH_P_IP)
+    assert roundtrip(f, protocol=F.ETH_P_8021AD).filter == f
+    with pytest.raises(rules.Unplaceable, match="VLAN protocol 0x9100"):
+        rules.flow_filter(FlowKey(**{**s_tag.__dict__, "vlan_outer_tpid": 0x9100}), act, indev="lan0",
+                          flags=0, ingress_mtu=1500)
+
+
 @pytest.mark.parametrize("change, reason", [
     ({"mtu": 1400}, "mtu"),
     ({"pppoe_sid": 5}, "pppoe"),

@@ -242,6 +242,7 @@ def test_vlan_uplink_on_the_real_port():
     assert (actions[0].out_ifindex, actions[0].vlan_outer_tci, actions[0].smac) == (WAN, 7, mac(WAN7))
     # from the internet: arrives on wan with VLAN 7, addressed to wan.7
     assert (keys[1].ifindex, keys[1].vlan_outer, keys[1].vlan_inner, keys[1].pppoe_sid) == (WAN, 7, 0, 0)
+    assert keys[1].vlan_outer_tpid == actions[0].vlan_outer_tpid == P.ETH_P_8021Q
     assert actions[1].in_mac == mac(WAN7)
     assert (keys[0].ifindex, keys[0].vlan_outer) == (LAN1, 0)
     assert (actions[1].out_ifindex, actions[1].vlan_outer_tci) == (LAN1, None)
@@ -260,10 +261,26 @@ def test_qinq_keys_hold_both_ids():
     a = actions[0]
     assert (a.out_ifindex, a.vlan_outer_tci, a.vlan_outer_tpid, a.vlan_inner_tci) == (WAN, 300, 0x88A8, 20)
     assert (keys[1].ifindex, keys[1].vlan_outer, keys[1].vlan_inner) == (WAN, 300, 20)
+    # the S-VLAN device's protocol (IFLA_VLAN_PROTOCOL) is matched on the way back in
+    assert keys[1].vlan_outer_tpid == P.ETH_P_8021AD
     # managed on the S-VLAN device: only the inner tag is left to write
     keys, actions = keys_actions(LayeredPaths(LAN1, CVLAN), (LAN1, SVLAN))
     assert (actions[0].out_ifindex, actions[0].vlan_outer_tci, actions[0].vlan_inner_tci) == (SVLAN, 20, None)
     assert (keys[1].ifindex, keys[1].vlan_outer, keys[1].vlan_inner) == (SVLAN, 20, 0)
+    assert (actions[0].vlan_outer_tpid, keys[1].vlan_outer_tpid) == (P.ETH_P_8021Q, P.ETH_P_8021Q)
+
+
+def test_an_802_1ad_vlan_device_gives_key_and_action_its_protocol():
+    """wan.400 is an 802.1ad VLAN device (IFLA_VLAN_PROTOCOL 0x88a8): the tag written on the way
+    out and the tag matched on the way back in are 802.1ad, so an 802.1Q frame of VLAN 400
+    on wan does not hit the flow. The same id on an 802.1Q device gives 802.1Q in both."""
+    for proto in (P.ETH_P_8021AD, P.ETH_P_8021Q):
+        links = {**LINKS, 40: vlan(40, "wan.400", WAN, 400, proto)}
+        keys, actions = keys_actions(LayeredPaths(LAN1, 40, links=links), (LAN1, WAN))
+        a = actions[0]
+        assert (a.out_ifindex, a.vlan_outer_tci, a.vlan_outer_tpid) == (WAN, 400, proto)
+        assert (keys[1].ifindex, keys[1].vlan_outer, keys[1].vlan_outer_tpid) == (WAN, 400, proto)
+        assert keys[0].vlan_outer_tpid == P.ETH_P_8021Q and keys[0].vlan_outer == 0  # lan1: untagged
 
 
 def test_pppoe_over_vlan_keys_and_actions():
@@ -322,6 +339,26 @@ def test_bridge_port_with_vlan_filtering():
     paths.bridges.fdb[(BR, CLIENT_MAC, 10)] = Port(LAN1, "lan1", None)
     keys, actions = keys_actions(paths, (LAN1, WAN))
     assert (actions[1].vlan_outer_tci, keys[0].vlan_outer) == (None, 0)
+
+
+def test_bridge_vlan_protocol_802_1ad_tags_and_keys_the_port():
+    """A VLAN-filtering bridge with vlan_protocol 802.1ad tags a trunk port's frames 802.1ad
+    (the port answer's vlan_tpid): the action writes 802.1ad, the key matches it."""
+    paths = LayeredPaths(BR10, WAN)
+    paths.bridges.fdb[(BR, CLIENT_MAC, 10)] = Port(LAN1, "lan1", 10, P.ETH_P_8021AD)
+    keys, actions = keys_actions(paths, (LAN1, WAN))
+    assert (actions[1].out_ifindex, actions[1].vlan_outer_tci, actions[1].vlan_outer_tpid) == (
+        LAN1, 10, P.ETH_P_8021AD)
+    assert (keys[0].ifindex, keys[0].vlan_outer, keys[0].vlan_outer_tpid) == (LAN1, 10, P.ETH_P_8021AD)
+    # no VLAN filtering (vlan_tpid 0): the tag keeps the protocol of the VLAN device above the
+    # bridge, whatever the bridge's vlan_protocol
+    for proto in (P.ETH_P_8021AD, P.ETH_P_8021Q):
+        links = {**LINKS, BR10: vlan(BR10, "br-lan.10", BR, 10, proto, mac=mac(0x55))}
+        paths = LayeredPaths(BR10, WAN, links=links)
+        paths.bridges.fdb[(BR, CLIENT_MAC, 10)] = Port(LAN1, "lan1", 10, 0)
+        keys, actions = keys_actions(paths, (LAN1, WAN))
+        assert (actions[1].vlan_outer_tci, actions[1].vlan_outer_tpid) == (10, proto)
+        assert (keys[0].vlan_outer, keys[0].vlan_outer_tpid) == (10, proto)
 
 
 def test_a_managed_bridge_is_the_egress_without_fdb_lookup():

@@ -79,16 +79,18 @@ class BackgroundRead:
     """The keep-alive's read of the flow map in a thread of its own. The read is one C call
     that releases the GIL (cffi does around every call), so the loop goes on taking
     conntrack events while the kernel copies the table out (about two thirds of a walk:
-    55 ms of 85 at 100k connections); the scan, which updates the engine's slots, runs in
-    the loop once the read is done (keepalive.tick with its counters). The thread reads
-    through a FlowTable of its own (its own result buffers) on the same map, and says it
-    is done through a pipe the loop selects on."""
+    55 ms of 85 at 100k connections). The thread reads through a FlowTable of its own (its
+    own result buffers) on the same map, indexes what it read (keepalive.index_of, also
+    without the GIL) and says it is done through a pipe the loop selects on. The scan,
+    which updates the engine's slots, runs in the loop, in parts between which it takes
+    events (keepalive.begin_walk, Engine.scan)."""
 
     def __init__(self, fd: int):
         self.table = FlowTable(fd)
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.thread: threading.Thread | None = None
         self.counters: Counters | None = None
+        self.index: Any = None  # keepalive.index_of(counters)
         self.cpu_s = 0.0
         self.total_cpu_s = 0.0  # every read's CPU seconds, for who measures the control plane
         self.error: BaseException | None = None
@@ -98,7 +100,7 @@ class BackgroundRead:
         return self.thread is not None
 
     def start(self) -> None:
-        self.counters, self.error = None, None
+        self.counters, self.index, self.error = None, None, None
         self.thread = threading.Thread(target=self._run, name="pyflow-map-read", daemon=True)
         self.thread.start()
 
@@ -106,14 +108,15 @@ class BackgroundRead:
         cpu = time.thread_time()
         try:
             self.counters = self.table.read_counters()
+            self.index = keepalive.index_of(self.counters)
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, which raises it
             self.error = exc
         self.cpu_s = time.thread_time() - cpu
         self.total_cpu_s += self.cpu_s
         os.write(self.w, b"r")
 
-    def finish(self) -> tuple[Counters, float]:
-        """The read's counters and CPU seconds (raises what the read raised)."""
+    def finish(self) -> tuple[Counters, Any, float]:
+        """The read's counters, their index and CPU seconds (raises what the read raised)."""
         with contextlib.suppress(BlockingIOError):
             os.read(self.r, 64)
         assert self.thread is not None
@@ -122,7 +125,8 @@ class BackgroundRead:
         if self.error is not None:
             raise self.error
         assert self.counters is not None
-        return self.counters, self.cpu_s
+        counters, index, self.counters, self.index = self.counters, self.index, None, None
+        return counters, index, self.cpu_s
 
     def close(self) -> None:
         if self.thread is not None:
@@ -351,7 +355,7 @@ class ControlPlane:
     def _tick(self, reader: BackgroundRead) -> None:
         """The keep-alive tick; a walk of a large table reads the map in ``reader``'s thread
         and is scanned when that read is done (_turns), the rest of the tick runs now."""
-        if reader.busy:
+        if reader.busy or self.engine.pacer.walk is not None:
             self.engine.tick(walk=False)
         elif keepalive.wants_background_read(self.engine):
             keepalive.begin_read(self.engine)
@@ -370,8 +374,9 @@ class ControlPlane:
         self.keep_snapshot()
         while not self._stop.is_set():
             self.last_turn = now = time.monotonic()
-            # timeouts queued to write: only look for events, then write the next batch
-            wait = 0.0 if self.engine.pacer.queue else max(0.0, min(next_tick - now, 0.2))
+            # timeouts queued to write or a scan under way: only look for events, then go on
+            pacer = self.engine.pacer
+            wait = 0.0 if pacer.queue or pacer.walk else max(0.0, min(next_tick - now, 0.2))
             ready, _, _ = select.select(sources, [], [], wait)
             if self.ct.fileno() in ready:
                 self._conntrack_events()
@@ -380,9 +385,11 @@ class ControlPlane:
             if self._wake_r in ready:
                 self._run_calls()
             if reader.r in ready:
-                counters, cpu_s = reader.finish()
+                counters, index, cpu_s = reader.finish()
                 self.flows.entries_seen = len(counters)
-                self.engine.tick(counters, read_cpu_s=cpu_s)
+                keepalive.begin_walk(self.engine, counters, index, cpu_s)
+            if pacer.walk is not None:
+                self.engine.scan(keepalive.SCAN_SLICE)
             if self.engine.pacer.queue:
                 keepalive.drain(self.engine, DRAIN_BATCH)
             if time.monotonic() >= next_tick:
@@ -541,7 +548,9 @@ class ControlPlane:
                                   hw_failures=es.hw_failures, returning=len(engine.returning),
                                   reoffloaded=es.reoffloaded,
                                   returns_abandoned={"expired": engine.returning.expired,
-                                                     "overflow": engine.returning.overflow}),
+                                                     "overflow": engine.returning.overflow},
+                                  fdb_keepalive=dict(engine.fdb.counts),
+                                  fdb_keepalive_rounds=engine.fdb.rounds),
             latency=self.latency.snapshot(),
         )
 

@@ -95,6 +95,10 @@ class EngineCounters:
     returning: int = 0  # connections a path change took off, waiting for a path, now
     reoffloaded: int = 0  # of those, offloaded again when their path came back
     returns_abandoned: dict[str, int] = field(default_factory=dict)  # waits ended: expired, overflow
+    # bridge FDB entries of offloaded flows (bridge ports managed) the FDB keep-alive checked,
+    # by outcome (fdbkeep.OUTCOMES: refreshed, fresh, moved, gone, not_learned, failed), and its rounds
+    fdb_keepalive: dict[str, int] = field(default_factory=dict)
+    fdb_keepalive_rounds: int = 0
 
 
 @dataclass(frozen=True)

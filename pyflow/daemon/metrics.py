@@ -148,6 +148,14 @@ METRICS: tuple[MetricDef, ...] = (
               "Connections taken off by a path change and left to the kernel path: the wait expired, "
               "or too many waited",
               lambda s: _by(s.engine.returns_abandoned), ("cause",)),
+    MetricDef("pyflow_fdb_keepalive_entries", COUNTER,
+              "Bridge FDB entries of offloaded flows (bridge ports managed) the FDB keep-alive checked, "
+              "by outcome: refreshed, fresh (the bridge refreshed it itself), moved (to another port), "
+              "gone, not_learned, failed",
+              lambda s: _by(s.engine.fdb_keepalive), ("outcome",)),
+    MetricDef("pyflow_fdb_keepalive_rounds", COUNTER,
+              "FDB keep-alive rounds (one per a quarter of the shortest ageing time of the bridges in use)",
+              lambda s: s.engine.fdb_keepalive_rounds),
     MetricDef("pyflow_offload_latency_seconds", HISTOGRAM,
               "Time from reading a conntrack event to its flow entries being written",
               lambda s: s.latency),

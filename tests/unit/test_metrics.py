@@ -18,7 +18,8 @@ STATS = Stats.of(
                                  discarded_events=9, resyncs=2, refreshes=11, malformed_messages=3,
                                  rcvbuf_grown=1),
         engine=EngineCounters(offloads=4, removed={"idle": 1}, refused={"tcp_not_established": 3},
-                              hw_offloads=1),
+                              hw_offloads=1, fdb_keepalive={"refreshed": 12, "moved": 1, "failed": 0},
+                              fdb_keepalive_rounds=3),
         latency=Latency(((0.001, 2), (0.01, 3), (float("inf"), 3)), 0.012, 3),
     ),
     DeviceCounts(managed=2, by_mode={"tc": 2},
@@ -45,6 +46,10 @@ def test_samples_carry_the_snapshot():
     assert m["pyflow_conntrack_malformed_messages_total"] == 3
     assert m["pyflow_conntrack_event_buffer_grown_total"] == 1
     assert m['pyflow_offload_removals_total{cause="idle"}'] == 1
+    assert m['pyflow_fdb_keepalive_entries_total{outcome="refreshed"}'] == 12
+    assert m['pyflow_fdb_keepalive_entries_total{outcome="moved"}'] == 1
+    assert m['pyflow_fdb_keepalive_entries_total{outcome="failed"}'] == 0
+    assert m["pyflow_fdb_keepalive_rounds_total"] == 3
     assert m['pyflow_offload_latency_seconds_bucket{le="0.001"}'] == 2
     assert m['pyflow_offload_latency_seconds_bucket{le="+Inf"}'] == 3
     assert m["pyflow_offload_latency_seconds_sum"] == 0.012
@@ -84,7 +89,8 @@ def test_pyflowctl_stats_reads_the_same_snapshot():
     assert js["engine"] == {"offloads": 4, "removed": {"idle": 1}, "refused": {"tcp_not_established": 3},
                             "pending": 0, "install_errors": 0, "rewritten": 0, "hw_offloads": 1,
                             "returning": 0, "reoffloaded": 0, "returns_abandoned": {},
-                            "hw_failures": 0}
+                            "hw_failures": 0, "fdb_keepalive": {"refreshed": 12, "moved": 1, "failed": 0},
+                            "fdb_keepalive_rounds": 3}
     assert js["devices"] == {"managed": 2, "failed": 0, "by_mode": {"tc": 2}, "shaped": (
         {"device": "wan", "shaping": "egress", "treatment": "tc_only"},
         {"device": "wan2", "shaping": "ingress_redirect", "treatment": "kernel_path"})}

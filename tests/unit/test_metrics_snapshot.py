@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 from prometheus_client import generate_latest
 
+from pyflow.cli.main import show_pairs
+from pyflow.control.fdbkeep import OUTCOMES, FdbKeeper
 from pyflow.control.returning import Returning
 from pyflow.control.runner import ControlPlane
 from pyflow.control.stats import LatencyHistogram, LoopStats
@@ -40,7 +42,7 @@ def _plane() -> ControlPlane:
     cp.flows = Flows()  # type: ignore[assignment]
     cp.ct = SimpleNamespace(lost_events=0, discarded_events=0)  # type: ignore[assignment]
     cp.engine = SimpleNamespace(  # type: ignore[assignment]
-        offloaded={}, pending={}, returning=Returning(1, 1), stats=SimpleNamespace(
+        offloaded={}, pending={}, returning=Returning(1, 1), fdb=FdbKeeper(), stats=SimpleNamespace(
             resyncs=1, refreshes=0, offloaded=0, removed={}, refused={}, install_errors=0, rewritten=0,
             hw_offloaded=0, hw_failures=0, reoffloaded=0))
     cp.latency = LatencyHistogram()
@@ -96,3 +98,57 @@ def test_a_failing_snapshot_keeps_the_previous_one_and_the_loop_going():
     first = cp.kept
     cp.keep_snapshot()  # StopIteration: logged, not raised
     assert cp.kept is first
+
+
+class _Bridge:
+    """BridgePorts as the FDB keep-alive uses it: entries in use, the bridge's ageing time,
+    and each refresh's outcome as given (the kernel's side is tests/unit/test_fdbkeep.py's)."""
+
+    def __init__(self, outcomes: dict[bytes, str]):
+        self.used = {(5, mac, 0): 6 for mac in outcomes}
+        self.outcomes = outcomes
+
+    def ageing_s(self, _bridge: int) -> float:
+        return 8.0
+
+    def refresh(self, _bridge: int, mac: bytes, _vid: int, _port: int, _fresh_s: float) -> str:
+        if self.outcomes[mac] == "error":
+            raise OSError("rtnetlink socket gone")
+        return self.outcomes[mac]
+
+
+def test_fdb_keepalive_counts_reach_the_metrics_and_the_stats_answer():
+    """The keeper's work by outcome, and its rounds, from the engine's FdbKeeper through the
+    loop's snapshot to /metrics and to pyflowctl stats, with their values."""
+    outcomes = {bytes([2, 0, 0, 0, 0, n]): o for n, o in enumerate(
+        ("refreshed", "refreshed", "refreshed", "fresh", "moved", "gone", "not_learned", "error"))}
+    bridge = _Bridge(outcomes)
+    now = 10**12
+    conns = {n: SimpleNamespace(hw=True, slot=-1, last_seen_ns=now, conn=SimpleNamespace(family=2), path=(
+        None, None, SimpleNamespace(dmac=bytes(6)), SimpleNamespace(dmac=mac), None, None))
+        for n, mac in enumerate(outcomes)}
+    cp = _plane()
+    eng = cp.engine
+    eng.planner = SimpleNamespace(paths=SimpleNamespace(bridge_ports=bridge))  # type: ignore[attr-defined]
+    eng.offloaded, eng.clock = conns, (lambda: now)  # type: ignore[attr-defined]
+    eng.pacer, eng.slots = SimpleNamespace(interval_s=0.0), SimpleNamespace(activity=None)  # type: ignore[attr-defined]
+    clock = [100.0]
+    keeper = eng.fdb = FdbKeeper(monotonic=lambda: clock[0])  # type: ignore[attr-defined]
+    keeper.tick(eng)  # type: ignore[arg-type]
+    clock[0] += 2.5  # a quarter of the ageing time later: the second round
+    keeper.tick(eng)  # type: ignore[arg-type]
+    assert keeper.rounds == 2
+
+    stats = Stats.of(cp.snapshot(), Stats().devices)
+    # two rounds over the eight entries (this fake keeps moved and gone ones in use)
+    want = {"refreshed": 6, "fresh": 2, "moved": 2, "gone": 2, "not_learned": 2, "failed": 2}
+    assert stats.engine.fdb_keepalive == want and stats.engine.fdb_keepalive_rounds == 2
+    samples = _scrape(lambda: stats)
+    for outcome in OUTCOMES:
+        assert samples[f'pyflow_fdb_keepalive_entries_total{{outcome="{outcome}"}}'] == want[outcome], outcome
+    assert samples["pyflow_fdb_keepalive_rounds_total"] == 2
+    js = stats.to_json()["engine"]
+    assert (js["fdb_keepalive"], js["fdb_keepalive_rounds"]) == (want, 2)
+    # pyflowctl stats prints them as NAME VALUE rows
+    rows = {line.split()[0]: line.split()[1] for line in show_pairs(stats.to_json()).splitlines()[1:]}
+    assert rows["engine.fdb_keepalive.refreshed"] == "6" and rows["engine.fdb_keepalive_rounds"] == "2"

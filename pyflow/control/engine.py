@@ -71,8 +71,9 @@ from pyflow.control.model import (
     entries_of,
     entry_fields,
 )
+from pyflow.control.pathgroups import Group, PathGroups
 from pyflow.control.placement import HwPlacement, MapPlacement, pack_entries
-from pyflow.control.returning import Returning
+from pyflow.control.returning import Returning, path_key
 from pyflow.datapath.abi import FlowAction, FlowKey, datapath_clock_ns, key_bytes
 from pyflow.datapath.flowtable import Counters
 
@@ -127,6 +128,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.clock = clock  # must be the datapath's clock: last_seen_ns is compared with it
         self.offloaded: dict[tuple, Offloaded] = {}
+        # the same records by path key, so that a path change resolves each group once
+        self.groups = PathGroups()
         self.pending: dict[tuple, Conn] = {}
         # taken off by a path change, offered again at each later one (returning.py)
         self.returning = Returning(int(self.config.return_window_s * 1e9), self.config.return_max)
@@ -236,7 +239,12 @@ class Engine:
                 self.returning.discard(ident)
         off = self.offloaded.get(ident)
         if off is not None:
+            regroup = path_key(conn) != path_key(off.conn)  # a new mark: another group
+            if regroup:
+                self.groups.discard(ident, off)
             off.conn = conn  # the latest state: a hand-back reads it (Engine.handback_timeout)
+            if regroup:
+                self.groups.add(ident, off)
             if why is not None:
                 self.remove(ident, why, tell_conntrack=True)
                 return False
@@ -373,6 +381,7 @@ class Engine:
             now = self.clock()
         off = Offloaded(conn, path, now, keys_raw=kb[0] + kb[1], _source=conn, _entries=entries)
         self.offloaded[ident] = off
+        self.groups.add(ident, off)
         self.slots.take(off, last_seen_ns=now,
                         deadline_ns=keepalive.first_deadline(now, self.config.conntrack_timeout_s))
         self.stats.offloaded += 1
@@ -385,6 +394,7 @@ class Engine:
             return False
         off.ct_deadline_ns = keepalive.first_deadline(off.since_ns, self.config.conntrack_timeout_s)
         self.offloaded[ident] = off
+        self.groups.add(ident, off)
         self.stats.offloaded += 1
         return True
 
@@ -470,6 +480,7 @@ class Engine:
         off = self.offloaded.pop(ident, None)
         if off is None:
             return
+        self.groups.discard(ident, off)
         timeout = self.handback_timeout(off.conn, cause, self.idle_ns(off)) if tell_conntrack else None
         if off.hw:
             self.rules.forget(ident, off)
@@ -535,44 +546,53 @@ class Engine:
         self.stats.pending = len(self.pending)
 
     def paths_changed(self) -> None:
-        """Re-resolve every offloaded connection: rewrite changed paths, remove dead ones.
+        """Re-resolve the offloaded connections: rewrite changed paths, remove dead ones.
 
         Called on any route, neighbour or link change; the counters restart at zero
-        for a rewritten entry, so keep-alive treats it as new. A connection whose path
-        resolves to what its entries were built from is left alone without rebuilding
-        them; the rewrites of one pass go to the map together.
+        for a rewritten entry, so keep-alive treats it as new. One resolution per group of
+        connections with the same path key (pathgroups.py): a group whose answer is the path
+        object all its members were written from is left alone whole, without looking at
+        its members (most groups, most changes). Otherwise each member is compared: one
+        whose entries come out the same is left alone without rebuilding them, the others
+        are rewritten, and the rewrites of one pass go to the map together.
         """
         with self._pass():
             changed: list[tuple[tuple, Offloaded, Fields, Path]] = []
-            memo = self.planner.memo
-            assert memo is not None
-            for ident, off in list(self.offloaded.items()):
-                conn = off.conn
-                # the memo lookup inline: this loop runs over every offloaded connection
-                # on every neighbour change, and almost all of them end at `continue`
-                path = memo.get((conn.family, conn.orig.src, conn.reply.src, conn.mark))
-                if type(path) is not tuple:
-                    try:
-                        path = self.planner.resolve(conn)
-                    except (NotYet, NoPath):
+            looked_at: list[tuple[Group, Path]] = []
+            for key, group in list(self.groups.groups.items()):
+                members = group.members
+                if not members:
+                    continue
+                try:
+                    path = self.planner.resolve_key(key)
+                except (NotYet, NoPath):
+                    for ident in list(members):
                         self._path_lost(ident)  # waits in self.returning for its path
+                    continue
+                if path is group.path:
+                    continue
+                looked_at.append((group, path))
+                for ident, off in list(members.items()):
+                    if path == off.path:
+                        off.path = path  # the same path: the interned object from now on
                         continue
-                if path == off.path:
-                    continue
-                fields = entry_fields(conn, path)
-                # the entries' constructor arguments, old and new: equal arguments, equal entries
-                if fields == off.source_fields():
-                    off.path = path
-                    continue
-                if off.hw:
-                    if not self.rules.replace(ident, off, path, self.map, self.slots):
-                        self._path_lost(ident)
-                    continue
-                changed.append((ident, off, fields, path))
-                if len(changed) >= BATCH:
-                    self.map.rewrite(changed, self.slots, self._path_lost)
-                    changed = []
+                    conn = off.conn
+                    fields = entry_fields(conn, path)
+                    # the entries' constructor arguments, old and new: equal arguments, equal entries
+                    if fields == off.source_fields():
+                        off.path = path
+                        continue
+                    if off.hw:
+                        if not self.rules.replace(ident, off, path, self.map, self.slots):
+                            self._path_lost(ident)
+                        continue
+                    changed.append((ident, off, fields, path))
+                    if len(changed) >= BATCH:
+                        self.map.rewrite(changed, self.slots, self._path_lost)
+                        changed = []
             self.map.rewrite(changed, self.slots, self._path_lost)
+            for group, path in looked_at:  # each member now written from path, or gone
+                group.path = path if all(off.path is path for off in group.members.values()) else None
             self._retry_returning()
             self.retry_pending()
 
@@ -654,10 +674,13 @@ class Planner:
 
     def resolve(self, conn: Conn) -> Path:
         """Raises NotYet (neighbour unresolved) or NoPath."""
+        return self.resolve_key((conn.family, conn.orig.src, conn.reply.src, conn.mark))
+
+    def resolve_key(self, mkey: tuple) -> Path:
+        """The path of the connections with this key (returning.path_key); raises as resolve."""
         memo = self.memo
         if memo is None:
-            return self._ask(conn.family, conn.orig.src, conn.reply.src, conn.mark)
-        mkey = (conn.family, conn.orig.src, conn.reply.src, conn.mark)
+            return self._ask(*mkey)
         hit = memo.get(mkey)
         if hit is None:
             try:

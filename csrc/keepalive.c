@@ -48,14 +48,14 @@ static uint64_t hash_key(const unsigned char *k, uint32_t size)
 	return h ^ (h >> 29);
 }
 
-struct index {
+struct pyflow_ka_index {
 	int32_t *slots; /* dump position, -1 = empty */
 	uint64_t mask;
 	const unsigned char *keys;
 	uint32_t key_size;
 };
 
-static int32_t index_find(const struct index *ix, const unsigned char *key)
+static int32_t index_find(const struct pyflow_ka_index *ix, const unsigned char *key)
 {
 	uint64_t pos = hash_key(key, ix->key_size) & ix->mask;
 	int32_t at;
@@ -68,39 +68,61 @@ static int32_t index_find(const struct index *ix, const unsigned char *key)
 	return -1;
 }
 
-int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t n, uint32_t key_size,
-		   const void *dump_keys, const void *dump_counters, uint32_t ndump, int64_t now_ns,
-		   int64_t idle_ns, int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout,
-		   uint32_t max_extend, uint32_t *extend_over)
+struct pyflow_ka_index *pyflow_ka_index_new(const void *dump_keys, uint32_t ndump, uint32_t key_size)
 {
-	const struct pyflow_flow_counters *cnt = dump_counters;
-	const unsigned char *ck = conn_keys;
-	struct index ix = { .keys = dump_keys, .key_size = key_size };
+	struct pyflow_ka_index *ix;
 	uint64_t size = 16;
-	uint32_t i, found = 0, extends = 0;
+	uint32_t i;
 
-	*nout = 0;
-	*extend_over = 0;
 	if (!key_size || key_size > PYFLOW_FT_KEY_MAX)
-		return -EINVAL;
+		return NULL;
+	ix = malloc(sizeof(*ix));
+	if (!ix)
+		return NULL;
 	while (size < 2ull * ndump)
 		size <<= 1;
-	ix.slots = malloc(size * sizeof(*ix.slots));
-	if (!ix.slots)
-		return -ENOMEM;
-	memset(ix.slots, 0xff, size * sizeof(*ix.slots));
-	ix.mask = size - 1;
+	ix->slots = malloc(size * sizeof(*ix->slots));
+	if (!ix->slots) {
+		free(ix);
+		return NULL;
+	}
+	memset(ix->slots, 0xff, size * sizeof(*ix->slots));
+	ix->mask = size - 1;
+	ix->keys = dump_keys;
+	ix->key_size = key_size;
 	for (i = 0; i < ndump; i++) {
-		const unsigned char *key = ix.keys + (size_t)i * key_size;
-		uint64_t pos = hash_key(key, key_size) & ix.mask;
+		const unsigned char *key = ix->keys + (size_t)i * key_size;
+		uint64_t pos = hash_key(key, key_size) & ix->mask;
 		int32_t at;
 
 		/* a key seen twice (the walk is not a snapshot): the later one wins, as in a dict */
-		while ((at = ix.slots[pos]) >= 0 && memcmp(ix.keys + (size_t)at * key_size, key, key_size))
-			pos = (pos + 1) & ix.mask;
-		ix.slots[pos] = (int32_t)i;
+		while ((at = ix->slots[pos]) >= 0 && memcmp(ix->keys + (size_t)at * key_size, key, key_size))
+			pos = (pos + 1) & ix->mask;
+		ix->slots[pos] = (int32_t)i;
 	}
-	for (i = 0; i < n; i++) {
+	return ix;
+}
+
+void pyflow_ka_index_free(struct pyflow_ka_index *ix)
+{
+	if (ix) {
+		free(ix->slots);
+		free(ix);
+	}
+}
+
+int pyflow_ka_scan_range(const struct pyflow_ka_index *ix, const void *conn_keys, struct pyflow_ka_conn *conns,
+			 uint32_t lo, uint32_t hi, const void *dump_counters, int64_t now_ns, int64_t idle_ns,
+			 int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout,
+			 uint32_t max_extend, uint32_t *extend_over)
+{
+	const struct pyflow_flow_counters *cnt = dump_counters;
+	const unsigned char *ck = conn_keys;
+	uint32_t key_size = ix->key_size, i, found = 0, extends = 0;
+
+	*nout = 0;
+	*extend_over = 0;
+	for (i = lo; i < hi; i++) {
 		struct pyflow_ka_conn *c = &conns[i];
 		int32_t o, r;
 		uint64_t packets, seen;
@@ -108,8 +130,8 @@ int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t
 
 		if (!c->used)
 			continue;
-		o = index_find(&ix, ck + (size_t)2 * i * key_size);
-		r = index_find(&ix, ck + ((size_t)2 * i + 1) * key_size);
+		o = index_find(ix, ck + (size_t)2 * i * key_size);
+		r = index_find(ix, ck + ((size_t)2 * i + 1) * key_size);
 		if (o < 0 || r < 0) {
 			what = PYFLOW_KA_MISSING;
 		} else if (cnt[o].closing || cnt[r].closing) {
@@ -140,7 +162,27 @@ int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t
 			found++;
 		}
 	}
-	free(ix.slots);
 	*nout = found;
 	return 0;
+}
+
+int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t n, uint32_t key_size,
+		   const void *dump_keys, const void *dump_counters, uint32_t ndump, int64_t now_ns,
+		   int64_t idle_ns, int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout,
+		   uint32_t max_extend, uint32_t *extend_over)
+{
+	struct pyflow_ka_index *ix;
+	int err;
+
+	*nout = 0;
+	*extend_over = 0;
+	if (!key_size || key_size > PYFLOW_FT_KEY_MAX)
+		return -EINVAL;
+	ix = pyflow_ka_index_new(dump_keys, ndump, key_size);
+	if (!ix)
+		return -ENOMEM;
+	err = pyflow_ka_scan_range(ix, conn_keys, conns, 0, n, dump_counters, now_ns, idle_ns, extend_ns,
+				   out_index, out_what, nout, max_extend, extend_over);
+	pyflow_ka_index_free(ix);
+	return err;
 }

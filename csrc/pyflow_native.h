@@ -165,6 +165,20 @@ int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t
 		   const void *dump_keys, const void *dump_counters, uint32_t ndump, int64_t now_ns,
 		   int64_t idle_ns, int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout,
 		   uint32_t max_extend, uint32_t *extend_over);
+
+/* The same scan in parts: the dump indexed once (pyflow_ka_index_new, NULL if out of
+ * memory; keys and counters must outlive it), then the slots [lo, hi) scanned against
+ * it (pyflow_ka_scan_range; verdicts as above, out_index holding slot numbers, room
+ * for hi - lo), as often as wanted. The index can be built in one thread and used in
+ * another: a walk of a large table reads the map and builds the index away from the
+ * control loop, which scans a bounded number of slots per turn. */
+struct pyflow_ka_index;
+struct pyflow_ka_index *pyflow_ka_index_new(const void *dump_keys, uint32_t ndump, uint32_t key_size);
+void pyflow_ka_index_free(struct pyflow_ka_index *ix);
+int pyflow_ka_scan_range(const struct pyflow_ka_index *ix, const void *conn_keys, struct pyflow_ka_conn *conns,
+			 uint32_t lo, uint32_t hi, const void *dump_counters, int64_t now_ns, int64_t idle_ns,
+			 int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout,
+			 uint32_t max_extend, uint32_t *extend_over);
 /* ==== end of keep-alive section ============================================= */
 
 /* ==== conntrack feed (csrc/ctfeed.c, libmnl) ==================================

@@ -537,6 +537,12 @@ class Engine:
         self.returning.expire(self.clock())
         self.fdb.tick(self)
 
+    def scan(self, n: int) -> bool:
+        """The next n connections of a walk under way scanned (keepalive.scan_some: a walk
+        whose map read was made in another thread, scanned in parts between loop turns);
+        True when it is done."""
+        return keepalive.scan_some(self, n)
+
     # ---- path changes -----------------------------------------------------------------
 
     def retry_pending(self) -> None:

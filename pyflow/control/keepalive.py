@@ -95,6 +95,12 @@ WALK_BUDGET = 0.01
 """Share of a core the walks may take on average once paced: a walk of c CPU seconds is
 followed by the next one c / WALK_BUDGET later (85 ms at 100k connections: 8.5 s)."""
 
+SCAN_SLICE = 1024
+"""Connections the control loop scans per turn when the map was read in another thread
+(Walk, scan_some): under a millisecond (2048 took 1-2.5 ms on a loaded test machine). One
+scan of the whole table in one turn took 50-100 ms at 100,000 connections, and every
+conntrack event that came meanwhile waited."""
+
 MAX_WALK_INTERVAL_S = 10.0
 """Walks are never further apart than this (nor than half of idle_timeout_s): it bounds
 how late an idle connection is handed back, and stays well inside the 30 s conntrack
@@ -119,6 +125,7 @@ class Pacer:
         self.queue: deque[tuple[tuple, Offloaded]] = deque()
         self.walk_when_drained = False
         self.defer_writes = False  # True: ticks only queue them, the control loop drains
+        self.walk: Walk | None = None  # a scan under way in parts (scan_some)
 
     def due(self, now: int) -> bool:
         if now >= self.next_ns or (self.walk_when_drained and not self.queue):
@@ -137,6 +144,35 @@ class Pacer:
         else:
             self.interval_s = min(cost_s / WALK_BUDGET, max_walk_interval_s(idle_timeout_s))
         self.next_ns = now + int(self.interval_s * 1e9)
+
+
+class Walk:
+    """A walk whose map read (and its index, index_of) was made in another thread
+    (runner.BackgroundRead), scanned by the control loop SCAN_SLICE connections per turn
+    (scan_some). The verdicts are those one scan of the whole table would give: every
+    slot is judged against the same read at the same time ``now``, and the slots taken or
+    rewritten since the read began are not called missing (Slots.touched), whether that
+    happened during the read or between two parts of the scan."""
+
+    def __init__(self, counters: Counters, index: Any, top: int, now: int, cost_s: float, limit: int):
+        self.counters = counters  # the index points into its keys: kept as long as the index
+        self.index = index
+        self.next = 0  # the next slot to scan
+        self.top = top  # slots from here on were taken after the read began
+        self.now = now
+        self.cost_s = cost_s  # CPU seconds: the read's and the index's, then each part's
+        self.limit = limit  # EXTEND verdicts this walk hands out at most (extends_per_walk)
+        self.extends: list[tuple[tuple, Offloaded]] = []
+        self.over = 0  # EXTEND verdicts held back beyond limit
+
+
+def index_of(counters: Counters) -> Any:
+    """counters' keys indexed for scans in parts (csrc/keepalive.c), freed with the returned
+    object; one C call, made without the GIL, so the reading thread builds it."""
+    index = lib.pyflow_ka_index_new(counters.keys, counters.n, KEY_SIZE)
+    if index == ffi.NULL:
+        raise MemoryError(f"keep-alive index of {counters.n} entries: no memory")
+    return ffi.gc(index, lib.pyflow_ka_index_free)
 
 
 def max_walk_interval_s(idle_timeout_s: float) -> float:
@@ -234,6 +270,21 @@ class Slots:
         self.free.append(slot)
         off.slot = -1
 
+    def scan_range(self, walk: Walk, lo: int, hi: int, idle_ns: int, extend_ns: int,
+                   max_extend: int) -> tuple[Verdicts, int]:
+        """Slots [lo, hi) against walk's read (Slots.scan for part of the table): their
+        verdicts, and how many EXTEND verdicts were held back beyond max_extend."""
+        nout, over = self._nout, self._over
+        lib.pyflow_ka_scan_range(walk.index, self.keys, self.conns, lo, hi, walk.counters.counters, walk.now,
+                                 idle_ns, extend_ns, self.out_index, self.out_what, nout, max_extend, over)
+        owner, index, what = self.owner, self.out_index, self.out_what
+        out: Verdicts = []
+        for k in range(nout[0]):
+            off = owner[index[k]]
+            assert off is not None  # the C side skips unused slots
+            out.append((off.conn.ident, off, what[k]))
+        return out, over[0]
+
     def scan(self, counters: Counters, now: int, idle_ns: int, extend_ns: int,
              max_extend: int = 0xFFFFFFFF) -> Verdicts:
         """The verdicts of every connection in the slots against one counter read, in C
@@ -295,6 +346,60 @@ def drain(eng: Engine, n: int) -> int:
     return len(batch)
 
 
+def act(eng: Engine, verdicts: Verdicts, touched: set[int]) -> list[tuple[tuple, Offloaded]]:
+    """Removals for the verdicts that call for one; returns the connections whose conntrack
+    timeout runs low (to write). ``touched``: slots written since the read began."""
+    extend: list[tuple[tuple, Offloaded]] = []
+    for ident, off, what in verdicts:
+        if what == MISSING and off.slot in touched:
+            continue  # written after the read began: judged at the next walk
+        if what == MISSING:
+            # do not leave half a flow behind
+            eng.remove(ident, "entry_missing", tell_conntrack=True)
+        elif what == CLOSING:
+            eng.remove(ident, "fin_rst", tell_conntrack=True)
+        elif what == IDLE:
+            eng.remove(ident, "idle", tell_conntrack=True)
+        else:
+            extend.append((ident, off))
+    return extend
+
+
+def begin_walk(eng: Engine, counters: Counters, index: Any, read_cpu_s: float) -> None:
+    """A read made in another thread (begun with begin_read; index: index_of) is done: its
+    scan starts, in parts (scan_some). Ticks meanwhile start no other walk."""
+    eng.pacer.walk = Walk(counters, index, eng.slots.top, eng.clock(), read_cpu_s,
+                          extends_per_walk(eng.slots.in_use()))
+
+
+def scan_some(eng: Engine, n: int = SCAN_SLICE) -> bool:
+    """The next n slots of the walk under way scanned and acted on; after the last part,
+    the rest of what a walk's tick does (the timeouts found running low queued, the next
+    walk set). True when the walk is done."""
+    pacer, walk = eng.pacer, eng.pacer.walk
+    assert walk is not None
+    cpu0 = pacer.cpu()
+    hold = eng.config.conntrack_timeout_s
+    lo, hi = walk.next, min(walk.top, walk.next + n)
+    verdicts, over = eng.slots.scan_range(walk, lo, hi, int(eng.config.idle_timeout_s * 1e9), extend_ns(hold),
+                                          max(0, walk.limit - len(walk.extends)))
+    walk.over += over
+    walk.next = hi
+    walk.extends += act(eng, verdicts, eng.slots.touched)
+    walk.cost_s += pacer.cpu() - cpu0
+    if hi < walk.top:
+        return False
+    pacer.walk = None
+    eng.slots.extend_over = walk.over
+    pacer.queue = deque(walk.extends)  # as tick: what this walk found replaces what was queued
+    if not pacer.defer_writes:
+        drain(eng, walk.limit)
+    pacer.walked(eng.clock(), walk.cost_s, eng.slots.in_use(), eng.config.idle_timeout_s, walk.over > 0)
+    if eng.pending:
+        eng.retry_pending()
+    return True
+
+
 def tick(eng: Engine, counters: Counters | None = None, *, walk: bool = True,
          read_cpu_s: float = 0.0, write_extends: bool | None = None) -> None:
     """One keep-alive round of eng (Engine.tick): when the pacer says a walk is due, one
@@ -325,19 +430,7 @@ def tick(eng: Engine, counters: Counters | None = None, *, walk: bool = True,
         verdicts = eng.slots.scan(counters, now, idle_ns, ext_ns, limit)
         cost += pacer.cpu() - cpu0
     rule_verdicts = eng.rules.scan(now, idle_ns, ext_ns) if eng.rules.flows else []
-    extend: list[tuple[tuple, Offloaded]] = []
-    for ident, off, what in verdicts + rule_verdicts:
-        if what == MISSING and off.slot in touched:
-            continue  # written after the read began: judged at the next walk
-        if what == MISSING:
-            # do not leave half a flow behind
-            eng.remove(ident, "entry_missing", tell_conntrack=True)
-        elif what == CLOSING:
-            eng.remove(ident, "fin_rst", tell_conntrack=True)
-        elif what == IDLE:
-            eng.remove(ident, "idle", tell_conntrack=True)
-        else:
-            extend.append((ident, off))
+    extend = act(eng, verdicts + rule_verdicts, touched)
     if walked:
         # what this walk found running low replaces what was queued: a walk finds all of it
         # (up to `limit`), and what was written since no longer runs low

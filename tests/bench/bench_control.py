@@ -240,8 +240,9 @@ def make_control_plane(dp: Any, cfg: Any) -> Any:
             self.engine.resync = resync  # type: ignore[method-assign]
             # loop turns longer than 1 ms, to explain latency outliers: (start, ms, what)
             self.slow: list[tuple[float, float, str]] = []
-            for name in ("tick", "handle", "paths_changed"):
-                self._clock_slow(name)
+            for name in ("tick", "handle", "paths_changed", "scan"):  # scan: a walk's parts
+                if hasattr(self.engine, name):
+                    self._clock_slow(name)
             self.path_events: list[tuple[float, Any]] = []  # what made the loop re-plan
             poll, events = self.watcher.poll, self.path_events
 

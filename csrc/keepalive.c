@@ -166,6 +166,39 @@ int pyflow_ka_scan_range(const struct pyflow_ka_index *ix, const void *conn_keys
 	return 0;
 }
 
+int pyflow_ka_unowned(const struct pyflow_ka_index *ix, uint32_t ndump, const void *conn_keys,
+		      const struct pyflow_ka_conn *conns, uint32_t n, uint32_t *out, uint32_t *nout)
+{
+	const unsigned char *ck = conn_keys;
+	uint32_t key_size = ix->key_size, i, found = 0;
+	uint8_t *owned;
+
+	*nout = 0;
+	owned = calloc(ndump ? ndump : 1, 1); /* by dump position: the index's answer for a key */
+	if (!owned)
+		return -ENOMEM;
+	for (i = 0; i < n; i++) {
+		int32_t at;
+
+		if (!conns[i].used)
+			continue;
+		if ((at = index_find(ix, ck + (size_t)2 * i * key_size)) >= 0)
+			owned[at] = 1;
+		if ((at = index_find(ix, ck + ((size_t)2 * i + 1) * key_size)) >= 0)
+			owned[at] = 1;
+	}
+	for (i = 0; i < ndump; i++) {
+		/* a repeated key: the index answers with one of its positions, asked for either */
+		int32_t at = index_find(ix, ix->keys + (size_t)i * key_size);
+
+		if (at < 0 || !owned[at])
+			out[found++] = i;
+	}
+	free(owned);
+	*nout = found;
+	return 0;
+}
+
 int pyflow_ka_scan(const void *conn_keys, struct pyflow_ka_conn *conns, uint32_t n, uint32_t key_size,
 		   const void *dump_keys, const void *dump_counters, uint32_t ndump, int64_t now_ns,
 		   int64_t idle_ns, int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout,

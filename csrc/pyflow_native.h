@@ -179,6 +179,13 @@ int pyflow_ka_scan_range(const struct pyflow_ka_index *ix, const void *conn_keys
 			 uint32_t lo, uint32_t hi, const void *dump_counters, int64_t now_ns, int64_t idle_ns,
 			 int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout,
 			 uint32_t max_extend, uint32_t *extend_over);
+
+/* The dump positions whose key no used slot among the first n holds (the map entries
+ * no connection on the XDP path owns: the resync's prune), in dump order into out (room
+ * for the index's ndump), *nout = how many. A key the dump holds twice is reported at
+ * both positions or at neither. -ENOMEM if a scratch array cannot be had. */
+int pyflow_ka_unowned(const struct pyflow_ka_index *ix, uint32_t ndump, const void *conn_keys,
+		      const struct pyflow_ka_conn *conns, uint32_t n, uint32_t *out, uint32_t *nout);
 /* ==== end of keep-alive section ============================================= */
 
 /* ==== conntrack feed (csrc/ctfeed.c, libmnl) ==================================

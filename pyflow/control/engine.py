@@ -29,6 +29,7 @@ counter dump against every connection in C (csrc/keepalive.c).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import socket
 from collections.abc import Callable, Iterable, Iterator
@@ -260,7 +261,7 @@ class Engine:
 
     def resync(self) -> None:
         """Reconcile with a full dump: offload what qualifies, drop what conntrack no longer has."""
-        with self._pass():
+        with _collector_paused(), self._pass():
             self._flush()  # what the events before a resync marker planned goes in first
             self.stats.resyncs += 1
             live = {}
@@ -301,8 +302,14 @@ class Engine:
 
     def prune(self) -> int:
         """Delete map entries no offloaded connection owns (left by a crashed or older
-        process, or written by hand); returns how many."""
-        return self.map.prune({kb for off in self.offloaded.values() for kb in off.key_bytes})
+        process, or written by hand); returns how many. The map's keys are matched against
+        the keep-alive slots (every connection on the XDP map) in C; the keys of the few
+        flower flows are owned too."""
+        stray = self.slots.unowned(self.flows.read_counters())
+        if stray and self.rules.flows:
+            hw = {kb for off in self.rules.flows.values() for kb in off.key_bytes}
+            stray = [kb for kb in stray if kb not in hw]
+        return self.map.delete_stray(stray)
 
     # ---- install ----------------------------------------------------------------------
 
@@ -648,6 +655,24 @@ class Engine:
                 self._enqueue(conn, ident)
         self._flush()
         self.stats.reoffloaded += sum(1 for ident in back if ident in self.offloaded)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's garbage collector off for a resync. A resync makes several objects per
+    connection (its Conn and tuples from the dump, its record, its keys), all of which it
+    keeps; on the way the collector would run its full collection several times, each
+    walking every object the process holds (at 100,000 connections most of a second in
+    all) to free nothing. The control loop freezes what survives at its next tick
+    (runner._GcPacer)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class Planner:

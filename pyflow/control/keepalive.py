@@ -241,7 +241,7 @@ class Slots:
         self.touched.add(slot)
         c = self.conns[slot]
         c.used, c.packets, c.last_seen_ns, c.ct_deadline_ns = 1, 0, last_seen_ns, deadline_ns
-        self.rewritten(off)
+        ffi.memmove(self.keys + slot * 2 * KEY_SIZE, off.keys_raw, 2 * KEY_SIZE)  # as rewritten()
 
     def rewritten(self, off: Offloaded) -> None:
         """off's entries were written anew (keys in off.key_bytes): their counters restart at
@@ -262,6 +262,17 @@ class Slots:
 
     def in_use(self) -> int:
         return self.top - len(self.free)
+
+    def unowned(self, counters: Counters) -> list[bytes]:
+        """The keys of a counter read that no connection in the slots holds, in C (one index
+        of the read, two lookups per connection); a key read twice comes back twice."""
+        n = counters.n
+        index = index_of(counters)
+        out = ffi.new("uint32_t[]", max(n, 1))
+        if lib.pyflow_ka_unowned(index, n, self.keys, self.conns, self.top, out, self._nout) < 0:
+            raise MemoryError(f"stray-entry check of {n} entries: no memory")
+        raw = ffi.buffer(counters.keys, n * KEY_SIZE)
+        return [raw[i * KEY_SIZE:(i + 1) * KEY_SIZE] for i in out[0:self._nout[0]]]
 
     def drop(self, off: Offloaded) -> None:
         slot = off.slot

@@ -117,11 +117,10 @@ class MapPlacement:
     def delete(self, keys: Iterable[bytes]) -> None:
         self.flows.delete(list(keys), missing_ok=True)
 
-    def prune(self, owned: set[bytes]) -> int:
-        """Delete the entries whose key is not owned (left by a crashed or older process, or
-        written by hand), counted; returns how many."""
-        # the keys alone: no counters decoded, no dict built; a walk may repeat a key
-        stray = list(dict.fromkeys(kb for kb in self.flows.read_counters().key_bytes() if kb not in owned))
+    def delete_stray(self, keys: list[bytes]) -> int:
+        """Delete entries no connection owns (left by a crashed or older process, or written
+        by hand: Engine.prune found them), counted; returns how many."""
+        stray = list(dict.fromkeys(keys))  # a walk may repeat a key
         if stray:
             self.flows.delete(stray, missing_ok=True)
             self.stats.removed["stray_entry"] = self.stats.removed.get("stray_entry", 0) + len(stray)

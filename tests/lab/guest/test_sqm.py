@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -52,6 +53,7 @@ RATE_TOLERANCE = 0.05
 # Emulation (qemu without KVM) makes round-trip times jittery by itself: "no worse" allows
 # this much over the kernel path's figure (ratio or absolute, the larger)
 PING_MARGIN_RATIO, PING_MARGIN_MS = 1.25, 2.0
+FULL = os.environ.get("PYFLOW_LAB_FULL") == "1"  # make lab-parity: the extra runs below
 # two bulk connections each way, as SQM tests load a link (flent's RRUL runs four): one TCP
 # flow alone under cake's AQM leaves the link idle now and then under emulation's jitter
 UPLOAD_PORTS, DOWNLOAD_PORTS = (5301, 5303), (5302, 5304)
@@ -127,21 +129,23 @@ class Bulk:
 
 
 class TxBytes:
-    """r1's devices' transmitted bytes, read in-process over rtnetlink (a command per read
-    takes a second under emulation, longer than the reads may stray from their timestamps)."""
+    """r1's devices' transmitted bytes, from /proc/thread-self/net/dev read by this thread
+    inside r1's namespace (a command per read takes a second under emulation, longer than
+    the reads may stray from their timestamps)."""
 
     def __init__(self, topo):
-        from pyroute2 import IPRoute
-
-        with netns.inside(topo.r1):
-            self.ipr = IPRoute()
+        self.ns = topo.r1
 
     def read(self, dev: str) -> int:
-        msg = self.ipr.link("get", ifname=dev)[0]
-        return int(msg.get_attr("IFLA_STATS64")["tx_bytes"])
+        with netns.inside(self.ns), open("/proc/thread-self/net/dev") as f:
+            for line in f.read().splitlines()[2:]:
+                name, _, counters = line.partition(":")
+                if name.strip() == dev:
+                    return int(counters.split()[8])  # receive has 8 columns, then transmit bytes
+        raise LookupError(f"no device {dev} in {self.ns}")
 
     def close(self) -> None:
-        self.ipr.close()
+        pass
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -149,10 +153,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def measure(topo, label: str, *, gate=None, fast_path=None) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(topo, label: str, *, gate=None, fast_path=None, window=contextlib.nullcontext,
+            daemon_pid: int | None = None) -> dict:
     """Upload, download and ping together; figures over the window after the warm-up.
-    ``fast_path()``: (packets, bytes) the fast path forwarded so far, read at both ends of
-    the window."""
+    ``fast_path()``: (packets, bytes) the fast path forwarded so far, read just before and
+    after the window (its share is over the payload received between those reads);
+    ``window()``: a context the window runs in (e.g. the daemon paused); ``daemon_pid``:
+    whose CPU time over the window to report."""
     ups = [Bulk(topo, p, upload=True) for p in UPLOAD_PORTS]
     downs = [Bulk(topo, p, upload=False) for p in DOWNLOAD_PORTS]
     tx = TxBytes(topo)
@@ -166,18 +179,22 @@ def measure(topo, label: str, *, gate=None, fast_path=None) -> dict:
             gate()
         time.sleep(WARMUP_S)
         count = int(WINDOW_S / PING_INTERVAL_S)
-        ping = subprocess.Popen(["ip", "netns", "exec", topo.cl, "ping", "-n", "-i", str(PING_INTERVAL_S),
-                                 "-c", str(count), "-W", "2", V4["sv"]],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        # the fast path's count first: a scrape is slow, the other reads are quick and together
-        fast0 = fast_path() if fast_path else (0, 0)
-        t0 = time.monotonic()
-        (up0, down0), wan0, lan0 = received(), tx.read(UP), tx.read(LAN)
-        time.sleep(WINDOW_S)
-        (up1, down1), wan1, lan1 = received(), tx.read(UP), tx.read(LAN)
-        seconds = time.monotonic() - t0
-        fast1 = fast_path() if fast_path else (0, 0)
-        out, _ = ping.communicate(timeout=WINDOW_S + 30)
+        # the fast path's counters are read outside the ping's time: a scrape has pyflowd
+        # render its metrics and this process parse them, a second or more of CPU under
+        # emulation that would land in the offloaded run's round-trip times only
+        fast0, moved0 = (fast_path(), sum(received())) if fast_path else ((0, 0), 0)
+        with window():
+            ping = subprocess.Popen(["ip", "netns", "exec", topo.cl, "ping", "-n", "-i", str(PING_INTERVAL_S),
+                                     "-c", str(count), "-W", "2", V4["sv"]],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            t0, cpu0 = time.monotonic(), cpu_seconds(daemon_pid) if daemon_pid else 0.0
+            (up0, down0), wan0, lan0 = received(), tx.read(UP), tx.read(LAN)
+            time.sleep(WINDOW_S)
+            (up1, down1), wan1, lan1 = received(), tx.read(UP), tx.read(LAN)
+            seconds = time.monotonic() - t0
+            daemon_cpu = (cpu_seconds(daemon_pid) - cpu0) / seconds if daemon_pid else None
+            out, _ = ping.communicate(timeout=WINDOW_S + 30)
+        moved1, fast1 = (sum(received()), fast_path()) if fast_path else (0, (0, 0))
         for b in (*ups, *downs):
             assert b.error is None, f"{label}: transfer on port {b.port} failed: {b.error}"
     finally:
@@ -201,12 +218,23 @@ def measure(topo, label: str, *, gate=None, fast_path=None) -> dict:
         "ping": {"sent": count, "received": len(rtts), "median_ms": round(statistics.median(rtts), 2),
                  "p95_ms": round(percentile(rtts, 0.95), 2), "min_ms": min(rtts), "max_ms": max(rtts)},
     }
+    if daemon_pid:
+        out_["pyflowd_cpu_share"] = round(daemon_cpu, 3)  # of one (emulated) CPU, over the window
     if fast_path:
-        moved = (up1 - up0) + (down1 - down0)
+        moved = moved1 - moved0
         fb = fast1[1] - fast0[1]
         out_["fast_path"] = {"packets": int(fast1[0] - fast0[0]), "bytes": int(fb),
                              "share": round(fb / moved, 3) if moved else 0.0}
     return out_
+
+
+@contextlib.contextmanager
+def _paused(daemon):
+    daemon.signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        daemon.signal(signal.SIGCONT)
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +278,17 @@ def write_results(results_dir: Path, data: dict) -> None:
                   f"the fast path forwarded {fp['bytes']} bytes in {fp['packets']} packets "
                   f"({fp['share']:.2f} x the bulk payload received; frames and ACKs included).",
               f"Kernel {data['kernel']}. {NOTE}", ""]
+    runs = (("pyflow_daemon_paused", "pyflow, pyflowd stopped for the window"),
+            ("kernel_path_again", "kernel path again, after pyflowd"))
+    extra = [(label, data[key]) for key, label in runs if key in data]
+    if extra:
+        lines += ["Further runs of the same load (make lab-parity):", "",
+                  "| run | upload link (Mbit/s) | download link (Mbit/s) | ping median (ms) "
+                  "| ping p95 (ms) |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {label} | {r['upload']['link_mbit']} | {r['download']['link_mbit']} | "
+                  f"{r['ping']['median_ms']} | {r['ping']['p95_ms']} |" for label, r in extra]
+        lines.append("")
     (results_dir / "lab-sqm.md").write_text("\n".join(lines))
 
 
@@ -274,8 +313,13 @@ def sqm_runs(shaped_router, results_dir):
         assert {devs[n]["mode"] for n in (LAN, UP)} == {"tc"}
         assert all(devs[n]["shaping"]["treatment"] == {"egress": "tc_only"} for n in (LAN, UP))
         def fast_path() -> tuple[float, float]:
-            m = d.scrape()
-            return m.get("pyflow_fastpath_packets_total", 0), m.get("pyflow_fastpath_bytes_total", 0)
+            # after a pause the first scrapes find the loop's snapshot stale (pyflow_up 0,
+            # no counters) until its next keep-alive tick
+            fresh: list[dict] = []
+            assert wait_for(lambda: fresh.append(d.scrape()) or fresh[-1].get("pyflow_up") == 1, 30,
+                            interval=0.5), fresh[-1:]
+            m = fresh[-1]
+            return m["pyflow_fastpath_packets_total"], m["pyflow_fastpath_bytes_total"]
 
         def gate():
             ok = wait_for(lambda: all(d.flow_on(p) for p in (*UPLOAD_PORTS, *DOWNLOAD_PORTS)), 60,
@@ -283,12 +327,23 @@ def sqm_runs(shaped_router, results_dir):
             assert ok, f"bulk flows not offloaded: {d.json('stats')['engine']}"
 
         lab_log("sqm: pyflow under load")
-        offloaded = measure(topo, "pyflow", gate=gate, fast_path=fast_path)
+        offloaded = measure(topo, "pyflow", gate=gate, fast_path=fast_path, daemon_pid=d.proc.pid)
         flows = d.json("flows")["flows"]
+        lab_log(f"sqm: pyflow {offloaded}")
+        if FULL:
+            # the same offloaded load with pyflowd stopped for the window (its flows stay in
+            # the datapath): separates what the fast path does to the ping from what the
+            # daemon's own CPU does to it on the emulated machine
+            lab_log("sqm: pyflow under load, daemon paused during the window")
+            paused = measure(topo, "pyflow paused", gate=gate, fast_path=fast_path, window=lambda: _paused(d))
+            lab_log(f"sqm: pyflow paused {paused}")
     finally:
         d.cleanup()
         shutil.rmtree(work, ignore_errors=True)
-    lab_log(f"sqm: pyflow {offloaded}")
+    if FULL:
+        lab_log("sqm: kernel path under load again, after pyflowd")
+        kernel_again = measure(topo, "kernel path again")
+        lab_log(f"sqm: kernel path again {kernel_again}")
 
     offloaded["modes"] = {n: devs[n]["mode"] for n in (LAN, UP)}
     offloaded["flows"] = flows
@@ -296,6 +351,8 @@ def sqm_runs(shaped_router, results_dir):
             "config": {"upload_mbit": UP_MBIT, "download_mbit": DOWN_MBIT, "window_s": WINDOW_S,
                        "warmup_s": WARMUP_S, "ping_interval_s": PING_INTERVAL_S},
             "kernel_path": kernel, "pyflow": offloaded}
+    if FULL:
+        data.update(pyflow_daemon_paused=paused, kernel_path_again=kernel_again)
     write_results(results_dir, data)
     return kernel, offloaded
 

@@ -188,6 +188,20 @@ int pyflow_ka_unowned(const struct pyflow_ka_index *ix, uint32_t ndump, const vo
 		      const struct pyflow_ka_conn *conns, uint32_t n, uint32_t *out, uint32_t *nout);
 /* ==== end of keep-alive section ============================================= */
 
+/* ==== flow-map entries in bulk (csrc/entries.c) ================================
+ * Both entries of n connections (original direction, then reply) into keys_out (2n
+ * struct pyflow_flow_key) and values_out (2n struct pyflow_flow). Per path, templates
+ * (tmpl_keys: 2 keys, tmpl_values: 2 values per path, packed with the connection's
+ * fields zeroed and no NAT) give what the path decides; per connection i: its path
+ * path_index[i] (< npaths), its protocol protos[i], its ports ports[4i..4i+3] (o.sport,
+ * o.dport, r.sport, r.dport, host order) and its four addresses as text in addrs
+ * (o.src, o.dst, r.src, r.dst, each ended by a NUL; addrs_len covers all of them
+ * exactly). -EINVAL for a path index out of range, text that is not an address, a
+ * key whose addresses are of two families, or addrs not holding exactly 4n texts. */
+int pyflow_pack_entries(const void *tmpl_keys, const void *tmpl_values, uint32_t npaths,
+			const uint32_t *path_index, const uint8_t *protos, const uint16_t *ports,
+			const char *addrs, uint32_t addrs_len, uint32_t n, void *keys_out, void *values_out);
+
 /* ==== conntrack feed (csrc/ctfeed.c, libmnl) ==================================
  * ctnetlink datagrams decoded into one struct pyflow_ct_entry per entry. mode EVENTS:
  * NEW/UPDATE/DESTROY messages, those sent by skip_portid (the echo of our own changes;

@@ -73,7 +73,7 @@ from pyflow.control.model import (
     entry_fields,
 )
 from pyflow.control.pathgroups import Group, PathGroups
-from pyflow.control.placement import HwPlacement, MapPlacement, pack_entries
+from pyflow.control.placement import HwPlacement, MapPlacement, pack_conns, pack_entries
 from pyflow.control.returning import Returning, path_key
 from pyflow.datapath.abi import FlowAction, FlowKey, datapath_clock_ns, key_bytes
 from pyflow.datapath.flowtable import Counters
@@ -464,8 +464,12 @@ class Engine:
     @staticmethod
     def _entry_bytes(batch: list[tuple[tuple, Conn, Path]]) -> tuple[list[bytes], list[bytes],
                                                                      list[tuple[bytes, bytes]]]:
-        """Keys and values of the queued connections, packed from their fields: (keys, values,
-        each connection's two keys)."""
+        """Keys and values of the queued connections: (keys, values, each connection's two
+        keys). Packed in C from per-path templates (pack_conns); by the Python packer, from
+        the connections' fields, when C refuses the batch (it then raises what it always did)."""
+        packed = pack_conns([item[1] for item in batch], [item[2] for item in batch])
+        if packed is not None:
+            return packed
         return pack_entries(entry_fields(conn, path) for _i, conn, path in batch)
 
     # ---- planning ---------------------------------------------------------------------

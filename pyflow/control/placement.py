@@ -2,7 +2,9 @@
 
 MapPlacement writes entries to the flow map (pyflow.datapath.flowtable.FlowTable), both
 directions of a connection or neither. Many connections go in one insert, as bytes packed
-straight from their fields (pack_entries, abi.entry_bytes): one bpf() call for a batch.
+in C from per-path templates (pack_conns, csrc/entries.c), or by the Python packer straight
+from their fields (pack_entries, abi.entry_bytes), the reference the C output is held to:
+one bpf() call for a batch.
 A batch is not atomic and stops at its first failure, so then all of its entries are
 deleted again and the engine writes its connections one by one.
 
@@ -18,9 +20,14 @@ counters do (``scan``, read by keepalive.tick).
 from __future__ import annotations
 
 import logging
+import socket
+from array import array
 from collections.abc import Callable, Iterable
+from itertools import chain
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
+from pyflow._native import ffi, lib
 from pyflow.control.keepalive import EXTEND, IDLE, MISSING, Slots, Verdicts
 from pyflow.control.model import (
     Actions,
@@ -32,10 +39,12 @@ from pyflow.control.model import (
     Keys,
     Offloaded,
     Path,
+    Tuple,
     entries_of,
+    entry_fields,
     entry_objects,
 )
-from pyflow.datapath.abi import entry_bytes, key_bytes
+from pyflow.datapath.abi import FLOW_SIZE, KEY_SIZE, entry_bytes, key_bytes
 from pyflow.errors import MapError
 
 if TYPE_CHECKING:
@@ -57,6 +66,60 @@ def pack_entries(fields: Iterable[Fields]) -> tuple[list[bytes], list[bytes], li
         values += (vo, vr)
         kbs.append((ko, kr))
     return keys, values, kbs
+
+
+_ADDR_TEXT = attrgetter("orig.src", "orig.dst", "reply.src", "reply.dst")
+_PORTS = attrgetter("orig.sport", "orig.dport", "reply.sport", "reply.dport")
+_PROTO = attrgetter("proto")
+# A connection whose fields are all zero and without NAT: packed on a path, the entries
+# hold what the path decides and nothing of a connection (csrc/entries.c fills that in).
+_BLANK = Conn(socket.AF_INET, 0, Tuple("0.0.0.0", "0.0.0.0", 0, 0), Tuple("0.0.0.0", "0.0.0.0", 0, 0))
+_PACK_ERRORS = (TypeError, ValueError, OverflowError)
+
+
+def pack_conns(conns: list[Conn], paths: list[Path]) -> tuple[list[bytes], list[bytes],
+                                                             list[tuple[bytes, bytes]]] | None:
+    """pack_entries(entry_fields(c, p) for c, p in zip(conns, paths)), the same bytes, in
+    one call to C (csrc/entries.c: pyflow_pack_entries): each path's entries are packed once
+    by the Python packer as templates, and C writes each connection's addresses, ports,
+    protocol and NAT into copies. None when anything is out of the ordinary (text that is
+    not an address, a port out of range, a path the packer refuses): the caller packs with
+    pack_entries then, which gives the error it always gave."""
+    n = len(conns)
+    if n != len(paths):
+        raise ValueError(f"{n} connections, {len(paths)} paths")
+    if not n:
+        return [b""], [b""], []
+    ids = list(map(id, paths))
+    by_id = dict(zip(ids, paths, strict=True))
+    slot = {pid: i for i, pid in enumerate(by_id)}
+    try:
+        tkeys: list[bytes] = []
+        tvalues: list[bytes] = []
+        for path in by_id.values():
+            kf_o, kf_r, af_o, af_r = entry_fields(_BLANK, path)
+            ko, vo = entry_bytes(kf_o, af_o)
+            kr, vr = entry_bytes(kf_r, af_r)
+            tkeys += (ko, kr)
+            tvalues += (vo, vr)
+        text = ("\0".join(chain.from_iterable(map(_ADDR_TEXT, conns))) + "\0").encode()
+        ports = array("H", chain.from_iterable(map(_PORTS, conns)))
+        protos = array("B", map(_PROTO, conns))
+    except _PACK_ERRORS:
+        return None
+    index = array("I", map(slot.__getitem__, ids))
+    keys = bytearray(2 * n * KEY_SIZE)
+    values = bytearray(2 * n * FLOW_SIZE)
+    rc = lib.pyflow_pack_entries(b"".join(tkeys), b"".join(tvalues), len(by_id),
+                                 ffi.from_buffer("uint32_t[]", index), ffi.from_buffer("uint8_t[]", protos),
+                                 ffi.from_buffer("uint16_t[]", ports), text, len(text), n,
+                                 ffi.from_buffer(keys), ffi.from_buffer(values))
+    if rc < 0:
+        return None
+    kb = bytes(keys)
+    step = 2 * KEY_SIZE
+    kbs = [(kb[i:i + KEY_SIZE], kb[i + KEY_SIZE:i + step]) for i in range(0, len(kb), step)]
+    return [kb], [bytes(values)], kbs
 
 
 class MapPlacement:

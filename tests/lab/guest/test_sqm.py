@@ -38,9 +38,11 @@ from pathlib import Path
 
 import pytest
 
+from pyflow.datapath.loader import Datapath
 from tests import netns
 from tests.daemon.process import Pyflowd
 from tests.lab.guest.lab import lab_log, require_modules
+from tests.pins import remove_pin_dir
 from tests.support.topology import LAN, UP, V4, topology
 from tests.support.traffic import wait_for
 
@@ -228,6 +230,23 @@ def measure(topo, label: str, *, gate=None, fast_path=None, window=contextlib.nu
     return out_
 
 
+def measure_with_empty_hook(topo) -> dict:
+    """The load on the kernel path with pyflow's TC program attached to both shaped ports
+    and nothing in its flow map."""
+    pin = f"/sys/fs/bpf/pft-sqm-hook-{os.getpid()}"
+    with netns.inside(topo.r1):
+        dp = Datapath(pin)
+    try:
+        with netns.inside(topo.r1):
+            for dev in (LAN, UP):
+                dp.attach(dev, "tc")
+        return measure(topo, "kernel path with the hook")
+    finally:
+        with netns.inside(topo.r1):
+            dp.destroy()
+        remove_pin_dir(pin)
+
+
 @contextlib.contextmanager
 def _paused(daemon):
     daemon.signal(signal.SIGSTOP)
@@ -279,7 +298,8 @@ def write_results(results_dir: Path, data: dict) -> None:
                   f"({fp['share']:.2f} x the bulk payload received; frames and ACKs included).",
               f"Kernel {data['kernel']}. {NOTE}", ""]
     runs = (("pyflow_daemon_paused", "pyflow, pyflowd stopped for the window"),
-            ("kernel_path_again", "kernel path again, after pyflowd"))
+            ("kernel_path_again", "kernel path again, after pyflowd"),
+            ("hook_no_flows", "kernel path, pyflow's TC hook on both ports, no flows"))
     extra = [(label, data[key]) for key, label in runs if key in data]
     if extra:
         lines += ["Further runs of the same load (make lab-parity):", "",
@@ -344,6 +364,11 @@ def sqm_runs(shaped_router, results_dir):
         lab_log("sqm: kernel path under load again, after pyflowd")
         kernel_again = measure(topo, "kernel path again")
         lab_log(f"sqm: kernel path again {kernel_again}")
+        # pyflow's TC program on both ports with an empty flow map: every packet takes the
+        # hook's lookup and miss, none the redirect (what the hook alone does to the ping)
+        lab_log("sqm: kernel path with pyflow's hook attached, no flows")
+        hook_only = measure_with_empty_hook(topo)
+        lab_log(f"sqm: kernel path with the hook {hook_only}")
 
     offloaded["modes"] = {n: devs[n]["mode"] for n in (LAN, UP)}
     offloaded["flows"] = flows
@@ -352,7 +377,7 @@ def sqm_runs(shaped_router, results_dir):
                        "warmup_s": WARMUP_S, "ping_interval_s": PING_INTERVAL_S},
             "kernel_path": kernel, "pyflow": offloaded}
     if FULL:
-        data.update(pyflow_daemon_paused=paused, kernel_path_again=kernel_again)
+        data.update(pyflow_daemon_paused=paused, kernel_path_again=kernel_again, hook_no_flows=hook_only)
     write_results(results_dir, data)
     return kernel, offloaded
 

@@ -42,6 +42,19 @@ def rig(cost: float, idle_s: float = 30.0):
     return eng, ct, flows, clock
 
 
+
+def offloaded_half_a_day_ago(eng, ct, flows, clock, n: int, *, sport: int) -> list:
+    """``n`` UDP connections offloaded, then half a day and a second on, all seen moving
+    just now: each one's long conntrack timeout is running low."""
+    conns = [masq_conn(proto=UDP, sport=sport + i) for i in range(n)]
+    for conn in conns:
+        ct.table[conn.ident] = conn
+    eng.handle([CtEvent(EventType.UPDATE, conn) for conn in conns])
+    clock.now += (86400 // 2 + 1) * SEC
+    for off in eng.offloaded.values():
+        flows.hit(off.keys[0], 1, clock.now)
+    return conns
+
 def test_pacer_interval_is_the_cost_over_the_budget_and_bounded():
     p = keepalive.Pacer(cpu=FakeCpu(0.0))
     p.walked(0, 0.05, keepalive.PACE_FROM, 30.0, backlog=False)
@@ -88,13 +101,7 @@ def test_a_walk_that_left_extensions_is_followed_at_the_next_tick(monkeypatch):
     monkeypatch.setattr(keepalive, "PACE_FROM", 1)
     monkeypatch.setattr(keepalive, "MAX_EXTENDS_PER_TICK", 3)
     eng, ct, flows, clock = rig(cost=1.0)  # a walk would otherwise wait 10 s
-    conns = [masq_conn(proto=UDP, sport=20000 + i) for i in range(7)]
-    for conn in conns:
-        ct.table[conn.ident] = conn
-    eng.handle([CtEvent(EventType.UPDATE, conn) for conn in conns])
-    clock.now += (86400 // 2 + 1) * SEC
-    for off in eng.offloaded.values():
-        flows.hit(off.keys[0], 1, clock.now)
+    offloaded_half_a_day_ago(eng, ct, flows, clock, 7, sport=20000)
     done, over = [], []
     for _ in range(3):
         eng.tick()
@@ -134,13 +141,7 @@ def test_the_loop_writes_what_a_walk_found_in_small_batches():
     """With defer_writes a tick only queues the timeouts running low; drain writes
     them n at a time and skips a connection that left meanwhile."""
     eng, ct, flows, clock = rig(cost=0.0)
-    conns = [masq_conn(proto=UDP, sport=21000 + i) for i in range(5)]
-    for conn in conns:
-        ct.table[conn.ident] = conn
-    eng.handle([CtEvent(EventType.UPDATE, conn) for conn in conns])
-    clock.now += (86400 // 2 + 1) * SEC
-    for off in eng.offloaded.values():
-        flows.hit(off.keys[0], 1, clock.now)
+    conns = offloaded_half_a_day_ago(eng, ct, flows, clock, 5, sport=21000)
     eng.pacer.defer_writes = True  # as the control loop sets it
     eng.tick()
     assert ct.refreshed == [] and len(eng.pacer.queue) == 5

@@ -146,9 +146,6 @@ class TxBytes:
                     return int(counters.split()[8])  # receive has 8 columns, then transmit bytes
         raise LookupError(f"no device {dev} in {self.ns}")
 
-    def close(self) -> None:
-        pass
-
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -205,7 +202,6 @@ def measure(topo, label: str, *, gate=None, fast_path=None, window=contextlib.nu
             ping.wait(10)
         for b in (*ups, *downs):
             b.close()
-        tx.close()
     rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", out)]
     assert len(rtts) >= count // 2, f"{label}: ping mostly lost:\n{out}"
 

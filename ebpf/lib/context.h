@@ -314,6 +314,8 @@ static __always_inline int ctx_resize_l2(void *ctx, const int is_tc, const struc
  * helper handles that and CHECKSUM_COMPLETE's skb->csum for the pseudo-header
  * part. The port part's effect on the field is not in skb->csum, so its
  * measured change goes into *acc like every other word written directly.
+ * ports == 0 (no port changed) needs no call for them: a helper call is a
+ * good part of a hit's cost at TC.
  */
 static __always_inline int ctx_l4_csum(void *ctx, const int is_tc, __u32 check_off, __u32 pseudo,
 				       __u32 ports, const int is_udp, __u32 *acc)
@@ -331,15 +333,17 @@ static __always_inline int ctx_l4_csum(void *ctx, const int is_tc, __u32 check_o
 				: csum_replace(*check, pseudo + ports);
 		return 0;
 	}
-	before = *check;
-	if (bpf_l4_csum_replace(ctx, check_off, 0, csum_fold32(ports), mangled))
-		return -1;
-	data = ctx_data(ctx, 1);
-	data_end = ctx_data_end(ctx, 1);
-	check = data + check_off;
-	if ((void *)(check + 1) > data_end)
-		return -1;
-	*acc = csum_diff16(*acc, before, *check);
+	if (ports) {
+		before = *check;
+		if (bpf_l4_csum_replace(ctx, check_off, 0, csum_fold32(ports), mangled))
+			return -1;
+		data = ctx_data(ctx, 1);
+		data_end = ctx_data_end(ctx, 1);
+		check = data + check_off;
+		if ((void *)(check + 1) > data_end)
+			return -1;
+		*acc = csum_diff16(*acc, before, *check);
+	}
 	if (bpf_l4_csum_replace(ctx, check_off, 0, csum_fold32(pseudo), BPF_F_PSEUDO_HDR | mangled))
 		return -1;
 	return 0;

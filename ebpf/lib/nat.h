@@ -33,11 +33,13 @@ static __always_inline int l4_rewrite(void *ctx, const int is_tc, __u32 l4off, _
 		return 0; /* TTL is not in the pseudo-header: the L4 checksum stays */
 	if (l4off > PYFLOW_L3_MAX_OFF + 40 || (void *)(ports + 2) > data_end)
 		return -1;
-	if (act->flags & PYFLOW_ACT_SNAT) {
+	/* a port NAT keeps (masquerade mostly keeps the source port) adds nothing:
+	 * pdiff stays 0 and TC skips the checksum helper for the ports */
+	if ((act->flags & PYFLOW_ACT_SNAT) && ports[0] != act->nat_sport) {
 		pdiff = csum_diff16(pdiff, ports[0], act->nat_sport);
 		ports[0] = act->nat_sport;
 	}
-	if (act->flags & PYFLOW_ACT_DNAT) {
+	if ((act->flags & PYFLOW_ACT_DNAT) && ports[1] != act->nat_dport) {
 		pdiff = csum_diff16(pdiff, ports[1], act->nat_dport);
 		ports[1] = act->nat_dport;
 	}

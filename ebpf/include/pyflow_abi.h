@@ -118,7 +118,8 @@ struct pyflow_flow_counters {
 			     * CLOCK_MONOTONIC_COARSE, jiffy resolution */
 	__u32 closing;      /* set to 1 by the datapath on TCP FIN or RST; from then on
 			     * the flow's packets go to the kernel until it is removed */
-	__u32 pad;
+	__u32 pad;          /* the datapath's: the jiffy (low 32 bits) it last read the
+			     * clock for last_seen_ns in; userspace writes 0, never reads it */
 };
 
 /* The value stored in PYFLOW_MAP_FLOWS: one lookup gives action and counters. */

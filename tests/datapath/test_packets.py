@@ -10,6 +10,8 @@ otherwise).
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from scapy.layers.inet import IP
 from scapy.layers.inet6 import IPv6
@@ -96,6 +98,19 @@ def test_counters_accumulate_over_hits(dp):
     flow = dp.flow(case.flow[0])
     assert flow.counters.packets == 2
     assert flow.counters.bytes == 2 * l3_length(case.packet)
+
+
+def test_last_seen_follows_later_hits(dp):
+    """The datapath reads the clock at most once a jiffy per flow: a hit in a later jiffy
+    still moves last_seen_ns to its own time (for each hook)."""
+    case = next(c for c in CASES if "counters" in c.tags)
+    dp.install(case.flows)
+    for hook in HOOKS:
+        time.sleep(0.03)  # more than a jiffy at any HZ (>= 100)
+        t0 = abi.datapath_clock_ns()
+        assert dp.run(hook, case.packet).retval == VERDICTS[hook][1]
+        t1 = abi.datapath_clock_ns()
+        assert t0 <= dp.flow(case.flow[0]).counters.last_seen_ns <= t1, hook
 
 
 @pytest.mark.parametrize("hook", HOOKS)

@@ -52,7 +52,7 @@ venv:
 	@[ -x $(PY) ] || $(PY_SYS) -m venv --system-site-packages $(VENV) \
 		|| { echo "setup: cannot create $(VENV)" >&2; exit 1; }
 	@$(PY) -m pip install -q --upgrade pip setuptools wheel cffi >/dev/null
-	@$(PY) -m pip install -q "pyroute2>=0.9" "prometheus-client>=0.17" "pytest>=7" "scapy>=2.5" ruff mypy matplotlib \
+	@$(PY) -m pip install -q "pyroute2>=0.9" "prometheus-client>=0.17" "pytest>=7" "scapy>=2.5" ruff mypy matplotlib numpy \
 		|| { echo "setup: pip install failed" >&2; exit 1; }
 
 # pip's editable build runs setup.py, which also compiles the datapath object when its

@@ -34,6 +34,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
 from collections.abc import Sequence
 
@@ -91,6 +92,7 @@ from pyflow.netlink.wire import (
     BE16,
     BE32,
     NLATTR,
+    NLMSGHDR,
     Buffer,
     Span,
     attrs,
@@ -456,10 +458,16 @@ class CtNetlink:
                             timeout_s: int | None = None) -> list[bool]:
         """mark_offloaded for each of conns, sent together: per connection, False if its
         entry is gone."""
-        q = self.changes()
+        items: list[tuple[Conn, bytes, str, int]] = []
+        append = items.append
+        made: dict[bool, tuple[bytes, int]] = {}  # TCP or not -> what _mark_change gives
         for conn in conns:
-            q.mark_offloaded(conn, offloaded, timeout_s=timeout_s)
-        return q.send()
+            tcp = conn.proto == socket.IPPROTO_TCP
+            change = made.get(tcp)
+            if change is None:
+                change = made[tcp] = self._mark_change(conn, offloaded, timeout_s)
+            append((conn, change[0], "mark_offloaded", change[1]))
+        return self._send_changes(items) if items else []
 
     def refresh_many(self, conns: Sequence[Conn], timeout_s: int) -> list[bool]:
         """refresh for each of conns, sent together: per connection, False if its entry is gone."""
@@ -484,14 +492,15 @@ class CtNetlink:
             size = 0
             seq = first = s.next_seq()
             for conn, change, _what, msg_type in items[start:start + CHANGES_PER_SEND]:
-                body = _change_body(conn, change)
-                if msgs and size + NLMSG_HDRLEN + len(body) > CHANGE_BYTES_PER_SEND:
+                form = _change_form(conn, change, msg_type)
+                length = form[0] if form is not None else NLMSG_HDRLEN + len(_change_body(conn, change))
+                if msgs and size + length > CHANGE_BYTES_PER_SEND:
                     break
                 if msgs:
                     seq = s.next_seq()
                     if seq != (first + len(msgs)) & 0xFFFFFFFF:
                         break  # the numbers wrapped past 0: the next send starts afresh
-                msg = _message(msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, body)
+                msg = _change_request(form, conn, change, msg_type, seq)
                 msgs.append(msg)
                 size += len(msg)
             chunk = items[start:start + len(msgs)]
@@ -557,6 +566,64 @@ def _change_body(conn: Conn, change: bytes) -> bytes:
     if conn.zone:
         head += nla(CTA_ZONE, BE16.pack(conn.zone))  # the lookup is per zone
     return _nfgen(conn.family) + head + change
+
+
+def _change_form(conn: Conn, change: bytes, msg_type: int) -> tuple[int, struct.Struct, tuple] | None:
+    """How _change_request packs a request about conn: (message length, layout, constant
+    parts), made once per family, message type, change and whether a zone is sent; None
+    when conn cannot be encoded (_change_body then raises what it always did)."""
+    key = (conn.family, msg_type, change, conn.zone != 0)
+    form = _CHANGE_FORMS.get(key)
+    if form is None:
+        try:
+            form = _make_change_form(*key)
+        except KeyError:
+            return None
+        if len(_CHANGE_FORMS) >= 4096:
+            _CHANGE_FORMS.clear()  # changes carry hand-back timeouts that vary: never unbounded
+        _CHANGE_FORMS[key] = form
+    return form
+
+
+def _make_change_form(family: int, msg_type: int, change: bytes,
+                      zoned: bool) -> tuple[int, struct.Struct, tuple]:
+    cache, (head, ip, v_src, v_dst, proto, num, sport, dport) = _PACKED[family]
+    alen = _ADDR[family][2]
+    length = NLMSG_HDRLEN + _NFGENMSG.size + head + (8 if zoned else 0) + len(change)
+    hdr = NLMSGHDR.pack(length, msg_type, NLM_F_REQUEST | NLM_F_ACK, 0, 0)
+    # header up to its sequence number; then its pid, the nfgenmsg and the tuple's heads up
+    # to the source address; the tuple as _tuple_attr lays it out; the zone; the change
+    fmt = f">8s4s20s{alen}s4s{alen}s8sB3x4sH2x4sH2x{'4sH2x' if zoned else ''}{len(change)}s"
+    pre = hdr[12:16] + _nfgen(family) + _nla_head(CTA_TUPLE_ORIG, head) + ip + v_src
+    consts = (hdr[:8], pre, v_dst, proto + num, sport, dport, NLATTR.pack(6, CTA_ZONE), cache)
+    return length, struct.Struct(fmt), consts
+
+
+def _change_request(form: tuple[int, struct.Struct, tuple] | None, conn: Conn, change: bytes, msg_type: int,
+                    seq: int) -> bytes:
+    """_message(msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, _change_body(conn, change)), the
+    same bytes, in one pack from ``form`` (_change_form): the request of every change sent
+    in batches (a resync's marks, the keep-alive's refreshes)."""
+    if form is not None:
+        length, layout, (hdr, pre, v_dst, proto_num, v_sport, v_dport, v_zone, cache) = form
+        t = conn.orig
+        src = cache.get(t.src)
+        dst = cache.get(t.dst)
+        if src is not None and dst is not None:
+            seq_raw = seq.to_bytes(4, sys.byteorder)
+            try:
+                if conn.zone:
+                    return layout.pack(hdr, seq_raw, pre, src, v_dst, dst, proto_num, conn.proto, v_sport,
+                                       t.sport, v_dport, t.dport, v_zone, conn.zone, change)
+                return layout.pack(hdr, seq_raw, pre, src, v_dst, dst, proto_num, conn.proto, v_sport,
+                                   t.sport, v_dport, t.dport, change)
+            except (OverflowError, struct.error):
+                pass  # the general path below says what is wrong
+    return _message(msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, _change_body(conn, change))
+
+
+# (family, message type, change, zone or not) -> _change_request's layout
+_CHANGE_FORMS: dict[tuple, tuple[int, struct.Struct, tuple]] = {}
 
 
 def _answer(err: int, conn: Conn, what: str) -> bool:

@@ -274,11 +274,40 @@ class Engine:
                 if ident not in live:
                     del self.pending[ident]
             self.returning.retain(live)
-            for ident, conn in live.items():
-                self._consider(conn, ident, queue=True)
+            self._consider_all(live)
             self._flush()
             self._release_leftovers(live)
             self.prune()
+
+    def _consider_all(self, live: dict[tuple, Conn]) -> None:
+        """_consider(conn, ident, queue=True) for each of a dump's connections, inside a pass:
+        the same decisions and counts, with the common case (not offloaded, not waiting for
+        its path, qualifying, its path already planned in this pass) queued here without the
+        calls between."""
+        offloaded, returning, pending = self.offloaded, self.returning, self.pending
+        refusal, count, refused = self.refusal, self.stats.count, self.stats.refused
+        memo = self.planner.memo
+        waiting = bool(returning)  # nothing here adds to it: empty now, empty throughout
+        for ident, conn in live.items():
+            if ident in offloaded or (waiting and ident in returning) or memo is None:
+                self._consider(conn, ident, queue=True)
+                continue
+            why = refusal(conn)
+            if why is not None:
+                pending.pop(ident, None)
+                count(refused, why)
+                continue
+            path = memo.get((conn.family, conn.orig.src, conn.reply.src, conn.mark))  # resolve_key's
+            if path is None or isinstance(path, Exception):
+                self._enqueue(conn, ident)  # planned now, or refused (counted) for its path
+                continue
+            if pending:
+                pending.pop(ident, None)
+            queue = self._queue
+            queue.append((ident, conn, path))
+            self._queued.add(ident)
+            if len(queue) >= BATCH:
+                self._flush()
 
     def _release_leftovers(self, live: dict[tuple, Conn]) -> None:
         """Connections conntrack holds with the long offload timeout though nothing carries
@@ -290,13 +319,13 @@ class Engine:
         mark = self.ct.offload_mark
         timeouts = self.ct.timeouts()
         for ident, conn in live.items():
-            if ident in self.offloaded or conn.status & IPS_DYING or (
-                    conn.proto == socket.IPPROTO_TCP and conn.tcp_state != TCP_CONNTRACK_ESTABLISHED):
-                continue  # ours, or conntrack set its timeout itself when its state moved on
             full = timeouts.get(conn.proto)
             if not (mark and conn.mark & mark) and not (
                     full is not None and conn.timeout is not None and conn.timeout > full):
                 continue
+            if ident in self.offloaded or conn.status & IPS_DYING or (
+                    conn.proto == socket.IPPROTO_TCP and conn.tcp_state != TCP_CONNTRACK_ESTABLISHED):
+                continue  # ours, or conntrack set its timeout itself when its state moved on
             if self.ct.mark_offloaded(conn, False, timeout_s=full):
                 self.stats.count(self.stats.removed, "released_at_resync")
 
@@ -393,6 +422,21 @@ class Engine:
                         deadline_ns=keepalive.first_deadline(now, self.config.conntrack_timeout_s))
         self.stats.offloaded += 1
 
+    def _adopt_many(self, batch: list[tuple[tuple, Conn, Path]], kbs: list[tuple[bytes, bytes]]) -> None:
+        """_adopt for each of a batch written together (kbs: each one's two keys), at one
+        time: the same records, groups and slots."""
+        now = self.clock()  # one time (one int object) for the whole batch
+        offloaded = self.offloaded
+        members = []
+        for (ident, conn, path), kb in zip(batch, kbs, strict=True):
+            off = Offloaded(conn, path, now, keys_raw=kb[0] + kb[1], _source=conn)
+            offloaded[ident] = off
+            members.append((ident, off))
+        self.groups.add_many(members)
+        self.slots.take_many([off for _ident, off in members], last_seen_ns=now,
+                             deadline_ns=keepalive.first_deadline(now, self.config.conntrack_timeout_s))
+        self.stats.offloaded += len(members)
+
     def _place_hw(self, ident: tuple, conn: Conn, path: Path) -> bool:
         """conn as flower rules if both its ingress devices are hardware devices and the
         hardware takes them; False: the caller puts it on the XDP path."""
@@ -454,9 +498,7 @@ class Engine:
         if len(batch) > 1:
             keys, values, kbs = self._entry_bytes(batch)
             if self.map.insert_many(keys, values, kbs, "install"):
-                now = self.clock()  # one time (one int object) for the whole batch
-                for n, (ident, conn, path) in enumerate(batch):
-                    self._adopt(ident, conn, path, kbs[n], None, now)
+                self._adopt_many(batch, kbs)
                 return
         for ident, conn, path in batch:
             self._install(ident, conn, path)

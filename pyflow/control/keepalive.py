@@ -209,6 +209,7 @@ class Slots:
         self.keys: Any = None  # uint8_t[2 * KEY_SIZE * cap]: each slot's two keys
         self.conns: Any = None  # struct pyflow_ka_conn[cap]
         self._nout = ffi.new("uint32_t *")
+        self._one = ffi.new("struct pyflow_ka_conn *")  # take_many's state of each slot
         self._over = ffi.new("uint32_t *")
         self.extend_over = 0  # EXTEND verdicts the last scan held back (max_extend)
         # slots taken or rewritten since the current map read began: a read made in another
@@ -242,6 +243,35 @@ class Slots:
         c = self.conns[slot]
         c.used, c.packets, c.last_seen_ns, c.ct_deadline_ns = 1, 0, last_seen_ns, deadline_ns
         ffi.memmove(self.keys + slot * 2 * KEY_SIZE, off.keys_raw, 2 * KEY_SIZE)  # as rewritten()
+
+    def take_many(self, offs: list[Offloaded], *, last_seen_ns: int, deadline_ns: int) -> None:
+        """take() for each of offs in turn, all with the same times: the same slots and state.
+        Past the free slots they are consecutive, so their keys and state are written with
+        one copy each."""
+        n = 0
+        while self.free and n < len(offs):
+            self.take(offs[n], last_seen_ns=last_seen_ns, deadline_ns=deadline_ns)
+            n += 1
+        rest = len(offs) - n
+        if not rest:
+            return
+        size = 2 * KEY_SIZE
+        keys = b"".join([off.keys_raw for off in offs[n:]])
+        if len(keys) != rest * size:
+            raise ValueError(f"{rest} connections with {len(keys)} bytes of keys")
+        top = self.top
+        while self.cap < top + rest:
+            self._grow(self.cap * 2)
+        self.top = top + rest
+        owner = self.owner
+        for slot, off in enumerate(offs[n:], top):
+            owner[slot] = off
+            off.slot = slot
+        self.touched.update(range(top, top + rest))
+        one = self._one
+        one.used, one.packets, one.last_seen_ns, one.ct_deadline_ns = 1, 0, last_seen_ns, deadline_ns
+        ffi.memmove(self.conns + top, ffi.buffer(one)[:] * rest, rest * ffi.sizeof(one[0]))
+        ffi.memmove(self.keys + top * size, keys, len(keys))
 
     def rewritten(self, off: Offloaded) -> None:
         """off's entries were written anew (keys in off.key_bytes): their counters restart at

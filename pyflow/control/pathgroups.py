@@ -48,6 +48,19 @@ class PathGroups:
             group.path = off.path if not group.members else None
         group.members[ident] = off
 
+    def add_many(self, members: list[tuple[tuple, Offloaded]]) -> None:
+        """add() for each (ident, record) in turn."""
+        groups = self.groups
+        for ident, off in members:
+            conn = off.conn
+            key = (conn.family, conn.orig.src, conn.reply.src, conn.mark)  # path_key(conn)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = Group(off.path)
+            elif group.path is not off.path:
+                group.path = off.path if not group.members else None
+            group.members[ident] = off
+
     def discard(self, ident: tuple, off: Offloaded) -> None:
         """off (under ident) leaves; its key is computed from off.conn as it is now."""
         key = path_key(off.conn)

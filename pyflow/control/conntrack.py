@@ -510,6 +510,10 @@ class CtNetlink:
                 conn, _c, what, _t = chunk[0]
                 raise ConntrackError(f"conntrack {what} {_describe(conn)} and {len(chunk) - 1} more: "
                                      f"{error_text(ret)}")
+            if not any(errs) and len(errs) == len(chunk):
+                out += [True] * len(chunk)  # every one done: what _answer says of each
+                start += len(msgs)
+                continue
             for (conn, change, what, msg_type), err in zip(chunk, errs, strict=True):
                 if err == ctfeed.NO_ANSWER:
                     out.append(self._change(conn, change, what, msg_type))

@@ -80,8 +80,9 @@ class Operations:
 
     # ---- the attached devices ---------------------------------------------------------
 
-    def attached(self) -> dict[str, DeviceStatus]:
-        return {st.ifname: st for st in self.dp.status() if st.mode is not None}
+    def attached(self, *, live: bool = True) -> dict[str, DeviceStatus]:
+        """The attached devices by name; ``live=False``: without the program ids (Datapath.status)."""
+        return {st.ifname: st for st in self.dp.status(live=live) if st.mode is not None}
 
     def read_shaping(self, names: Any = None) -> shaping.Shaping:
         """The shaping of the wanted devices (or of ``names``), read now; the last one
@@ -243,12 +244,13 @@ class Operations:
         self.apply_devices(live=True)
 
     def flows(self, args: dict[str, Any]) -> dict[str, Any]:
-        names = {st.ifindex: st.ifname for st in self.dp.status()}
+        names = {st.ifindex: st.ifname for st in self.dp.status(live=False)}
         return views.flow_list(self.cp.offloaded(), names, args)
 
     def stats(self, *, fresh: bool = False) -> Stats:
-        """The stats snapshot; ``fresh``: with the flow map counted now (see ControlPlane.snapshot)."""
-        attached = self.attached()
+        """The stats snapshot; ``fresh``: with the flow map counted now (see ControlPlane.snapshot).
+        Kept after every keep-alive tick, so it reads no device state from the kernel."""
+        attached = self.attached(live=False)
         modes: dict[str, int] = {}
         for st in attached.values():
             modes[st.mode or "none"] = modes.get(st.mode or "none", 0) + 1
@@ -280,7 +282,7 @@ class Operations:
     def sync_tracking(self) -> None:
         """pyflowd's conntrack table as the config and the devices want it: there while a
         device is attached and daemon.ensure_conntrack is on, gone otherwise."""
-        self.tracking.sync(wanted=self.config.daemon.ensure_conntrack, active=bool(self.attached()))
+        self.tracking.sync(wanted=self.config.daemon.ensure_conntrack, active=bool(self.attached(live=False)))
 
     def _tracked(self, result: dict[str, Any]) -> dict[str, Any]:
         """A device request's answer, once tracking follows the new device list."""

@@ -288,8 +288,13 @@ class Datapath:
                     return st.slots.get(ifindex)
             return None
 
-    def status(self) -> list[DeviceStatus]:
-        """Every device we run on or hold a slot for, with the program id live on it."""
+    def status(self, *, live: bool = True) -> list[DeviceStatus]:
+        """Every device we run on or hold a slot for, with the program id live on it.
+
+        ``live=False`` leaves prog_id 0 instead of reading each device's hooks from the
+        kernel (a netlink round trip per device, parsed in Python): for callers that only
+        need which devices are attached and how, such as the stats snapshot the control
+        loop keeps after every keep-alive tick."""
         out = []
         with self._op() as st:
             for ifindex in sorted(set(st.devices) | set(st.slots)):
@@ -299,8 +304,8 @@ class Datapath:
                     out.append(DeviceStatus(st.names.get(ifindex, "?"), ifindex, None, 0, slot,
                                             "redirect target: tx-port slot only"))
                     continue
-                live = self._adoption.live(ifindex)
-                prog_id = live[1] if live is not None and live[0] == att.mode else 0
+                now = self._adoption.live(ifindex) if live else None
+                prog_id = now[1] if now is not None and now[0] == att.mode else 0
                 out.append(DeviceStatus(att.ifname, ifindex, att.mode, prog_id, slot, att.reason, att.hw))
         return out
 

@@ -129,6 +129,8 @@ def test_attach_each_mode(make_dp, ns, mode):
         assert st.prog_id == dp.xdp_prog_id
         assert our_filter(ns, "pft-a") is None
     assert [(s.ifname, s.mode, s.prog_id, s.slot) for s in dp.status()] == [("pft-a", mode, st.prog_id, 0)]
+    # without the kernel read: the same devices and modes, no program id
+    assert [(s.ifname, s.mode, s.prog_id, s.slot) for s in dp.status(live=False)] == [("pft-a", mode, 0, 0)]
     # the programs are pinned next to the maps
     for pin in (PIN_XDP, PIN_TC, abi.MAP_FLOWS, abi.MAP_STATS, abi.MAP_TX_PORTS):
         assert os.path.exists(f"{dp.pin_dir}/{pin}")

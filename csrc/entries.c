@@ -40,6 +40,31 @@ static int parse_addr(const char *text, uint8_t out[16])
 	return -1;
 }
 
+/*
+ * One direction's entry, from its path's template: the key src:sport -> dst:dport and
+ * the NAT source nsrc:nsport and destination ndst:ndport, where src, dst, nsrc and ndst
+ * index the connection's four addresses and ports (o.src, o.dst, r.src, r.dst); flags
+ * are the NAT flags this direction sets.
+ */
+static void fill_entry(struct pyflow_flow_key *k, struct pyflow_flow *v, const struct pyflow_flow_key *tk,
+		       const struct pyflow_flow *tv, int family, uint8_t proto, const uint16_t *pt,
+		       uint8_t raw[4][16], int src, int dst, int nsrc, int ndst, uint16_t flags)
+{
+	memcpy(k, tk, sizeof(*k));
+	memcpy(v, tv, sizeof(*v));
+	k->family = (uint8_t)family;
+	k->proto = proto;
+	k->sport = htons(pt[src]);
+	k->dport = htons(pt[dst]);
+	memcpy(k->saddr, raw[src], 16);
+	memcpy(k->daddr, raw[dst], 16);
+	v->action.flags |= flags;
+	v->action.nat_sport = htons(pt[nsrc]);
+	v->action.nat_dport = htons(pt[ndst]);
+	memcpy(v->action.nat_saddr, raw[nsrc], 16);
+	memcpy(v->action.nat_daddr, raw[ndst], 16);
+}
+
 int pyflow_pack_entries(const void *tmpl_keys, const void *tmpl_values, uint32_t npaths,
 			const uint32_t *path_index, const uint8_t *protos, const uint16_t *ports,
 			const char *addrs, uint32_t addrs_len, uint32_t n, void *keys_out, void *values_out)
@@ -58,8 +83,6 @@ int pyflow_pack_entries(const void *tmpl_keys, const void *tmpl_values, uint32_t
 		int fam[4], j;
 		uint32_t p = path_index[i];
 		const uint16_t *pt = ports + 4 * (size_t)i; /* o.sport, o.dport, r.sport, r.dport */
-		struct pyflow_flow_key *k;
-		struct pyflow_flow *v;
 		uint8_t snat, dnat;
 
 		if (p >= npaths)
@@ -83,39 +106,12 @@ int pyflow_pack_entries(const void *tmpl_keys, const void *tmpl_values, uint32_t
 		snat = strcmp(text[0], text[3]) || pt[0] != pt[3];
 		dnat = strcmp(text[1], text[2]) || pt[1] != pt[2];
 
-		/* original direction */
-		k = &ko[2 * (size_t)i];
-		v = &vo[2 * (size_t)i];
-		memcpy(k, &tk[2 * (size_t)p], sizeof(*k));
-		memcpy(v, &tv[2 * (size_t)p], sizeof(*v));
-		k->family = (uint8_t)fam[0];
-		k->proto = protos[i];
-		k->sport = htons(pt[0]);
-		k->dport = htons(pt[1]);
-		memcpy(k->saddr, raw[0], 16);
-		memcpy(k->daddr, raw[1], 16);
-		v->action.flags |= (snat ? PYFLOW_ACT_SNAT : 0) | (dnat ? PYFLOW_ACT_DNAT : 0);
-		v->action.nat_sport = htons(pt[3]);
-		v->action.nat_dport = htons(pt[2]);
-		memcpy(v->action.nat_saddr, raw[3], 16);
-		memcpy(v->action.nat_daddr, raw[2], 16);
-
-		/* reply direction */
-		k++;
-		v++;
-		memcpy(k, &tk[2 * (size_t)p + 1], sizeof(*k));
-		memcpy(v, &tv[2 * (size_t)p + 1], sizeof(*v));
-		k->family = (uint8_t)fam[2];
-		k->proto = protos[i];
-		k->sport = htons(pt[2]);
-		k->dport = htons(pt[3]);
-		memcpy(k->saddr, raw[2], 16);
-		memcpy(k->daddr, raw[3], 16);
-		v->action.flags |= (dnat ? PYFLOW_ACT_SNAT : 0) | (snat ? PYFLOW_ACT_DNAT : 0);
-		v->action.nat_sport = htons(pt[1]);
-		v->action.nat_dport = htons(pt[0]);
-		memcpy(v->action.nat_saddr, raw[1], 16);
-		memcpy(v->action.nat_daddr, raw[0], 16);
+		fill_entry(&ko[2 * (size_t)i], &vo[2 * (size_t)i], &tk[2 * (size_t)p], &tv[2 * (size_t)p],
+			   fam[0], protos[i], pt, raw, 0, 1, 3, 2,
+			   (snat ? PYFLOW_ACT_SNAT : 0) | (dnat ? PYFLOW_ACT_DNAT : 0));
+		fill_entry(&ko[2 * (size_t)i + 1], &vo[2 * (size_t)i + 1], &tk[2 * (size_t)p + 1],
+			   &tv[2 * (size_t)p + 1], fam[2], protos[i], pt, raw, 2, 3, 1, 0,
+			   (dnat ? PYFLOW_ACT_SNAT : 0) | (snat ? PYFLOW_ACT_DNAT : 0));
 	}
 	return pos == end ? 0 : -EINVAL;
 }

@@ -472,12 +472,18 @@ struct counters_ctx {
 static void counters_sink(void *ctx, uint32_t first, const uint8_t *values, uint32_t n)
 {
 	struct counters_ctx *c = ctx;
-	struct pyflow_flow_counters *out = (struct pyflow_flow_counters *)c->out + first;
+	struct pyflow_ft_counters *out = (struct pyflow_ft_counters *)c->out + first;
+	const struct pyflow_flow *flow;
 	uint32_t i;
 
-	for (i = 0; i < n; i++)
-		memcpy(&out[i], values + (size_t)i * c->value_size + offsetof(struct pyflow_flow, counters),
-		       sizeof(out[i]));
+	for (i = 0; i < n; i++) {
+		/* the batch buffer holds values back to back, 8-byte aligned as the kernel copies them */
+		flow = (const struct pyflow_flow *)(values + (size_t)i * c->value_size);
+		out[i].packets = flow->counters.packets;
+		out[i].bytes = flow->counters.bytes;
+		out[i].closing = flow->action.closing;
+		out[i].pad = 0;
+	}
 }
 
 int pyflow_ft_read_counters(const struct pyflow_ft *ft, void *keys, void *counters, uint32_t cap,
@@ -490,7 +496,7 @@ int pyflow_ft_read_counters(const struct pyflow_ft *ft, void *keys, void *counte
 	res_init(res, 0);
 	if (!keys || !counters)
 		return res_fail(res, -EINVAL, 0);
-	/* The counters are read out of struct pyflow_flow: any other value layout is a caller bug. */
+	/* What is read is part of struct pyflow_flow: any other value layout is a caller bug. */
 	if (ft->value_size != sizeof(struct pyflow_flow))
 		return res_fail(res, -EINVAL, 0);
 	return walk_run(&w, flags, res);

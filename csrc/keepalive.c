@@ -8,17 +8,20 @@
  * whether it has been idle too long, or whether conntrack's timeout runs low.
  * Conntrack never sees the packets the fast path carries, so while a connection is
  * offloaded its entry holds a long timeout (a day by default, written with the
- * offload mark) and idleness is judged here from the datapath's last-seen times,
- * as the kernel's own flowtable does. Packets that moved only update the slot:
- * nothing goes to Python or to conntrack for them, so a tick costs Python work in
- * proportion to what changed, not to what moved. The dump is indexed once (open
+ * offload mark) and idleness is judged here from the datapath's packet counts, as
+ * the kernel's own flowtable judges it from its own last-seen times. The datapath
+ * keeps no per-flow clock (a flow-map element stays within three cache lines):
+ * a connection whose count moved since the previous read is taken as seen at this
+ * read, so idle time is accurate to the interval between reads. Packets that
+ * moved only update the slot: nothing goes to Python or to conntrack for them, so
+ * a tick costs Python work in proportion to what changed, not to what moved. The dump is indexed once (open
  * addressing) and each connection's two keys are looked up in it.
  *
  * The engine keeps, per connection, a slot: its two keys (original direction,
  * reply direction) in `conn_keys`, and what it recorded at the last tick in
  * `conns`. The decisions are the engine's, in the engine's order:
- *   an entry missing -> MISSING; else FIN/RST seen -> CLOSING; else (count and
- *   last-seen updated when the packets of both directions moved) idle for longer
+ *   an entry missing -> MISSING; else FIN/RST seen -> CLOSING; else (count updated
+ *   and last-seen set to now when the packets of both directions moved) idle longer
  *   than idle_ns -> IDLE; else conntrack's timeout has less than extend_ns left
  *   -> EXTEND.
  * At most max_extend EXTEND verdicts are handed out (the others are counted in
@@ -116,7 +119,7 @@ int pyflow_ka_scan_range(const struct pyflow_ka_index *ix, const void *conn_keys
 			 int64_t extend_ns, uint32_t *out_index, uint8_t *out_what, uint32_t *nout,
 			 uint32_t max_extend, uint32_t *extend_over)
 {
-	const struct pyflow_flow_counters *cnt = dump_counters;
+	const struct pyflow_ft_counters *cnt = dump_counters;
 	const unsigned char *ck = conn_keys;
 	uint32_t key_size = ix->key_size, i, found = 0, extends = 0;
 
@@ -125,7 +128,7 @@ int pyflow_ka_scan_range(const struct pyflow_ka_index *ix, const void *conn_keys
 	for (i = lo; i < hi; i++) {
 		struct pyflow_ka_conn *c = &conns[i];
 		int32_t o, r;
-		uint64_t packets, seen;
+		uint64_t packets;
 		uint8_t what = 0;
 
 		if (!c->used)
@@ -139,13 +142,8 @@ int pyflow_ka_scan_range(const struct pyflow_ka_index *ix, const void *conn_keys
 		} else {
 			packets = cnt[o].packets + cnt[r].packets;
 			if (packets != c->packets) {
-				seen = (uint64_t)c->last_seen_ns;
-				if (cnt[o].last_seen_ns > seen)
-					seen = cnt[o].last_seen_ns;
-				if (cnt[r].last_seen_ns > seen)
-					seen = cnt[r].last_seen_ns;
 				c->packets = packets;
-				c->last_seen_ns = (int64_t)seen;
+				c->last_seen_ns = now_ns;
 			}
 			if (now_ns - c->last_seen_ns > idle_ns)
 				what = PYFLOW_KA_IDLE;

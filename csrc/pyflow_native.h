@@ -96,7 +96,16 @@ int pyflow_ft_lookup(const struct pyflow_ft *ft, const void *keys, void *values,
  * does not fit in the room left). */
 int pyflow_ft_dump(const struct pyflow_ft *ft, void *keys, void *values, uint32_t cap, uint32_t chunk,
 		   uint32_t flags, struct pyflow_ft_result *res);
-/* As dump, but only struct pyflow_flow_counters of each value is kept (counters[i]). */
+/* What the keep-alive needs of one flow-map entry (not part of the map's ABI: read_counters
+ * fills it from struct pyflow_flow). */
+struct pyflow_ft_counters {
+	uint64_t packets;
+	uint64_t bytes;
+	uint32_t closing; /* action.closing: the datapath saw FIN or RST */
+	uint32_t pad;
+};
+
+/* As dump, but of each value only its struct pyflow_ft_counters is kept (counters[i]). */
 int pyflow_ft_read_counters(const struct pyflow_ft *ft, void *keys, void *counters, uint32_t cap,
 			    uint32_t chunk, uint32_t flags, struct pyflow_ft_result *res);
 /* Number of entries (a full walk: the kernel keeps no cheap count for hash maps). */
@@ -139,10 +148,11 @@ int pyflow_bpf_load(struct pyflow_bpf_load *req);
  * The per-connection work of the control plane's keep-alive tick. The caller keeps
  * one slot per offloaded connection: two keys (original, reply direction) at
  * conn_keys + 2 * i * key_size, and conns[i]. For every used slot the two keys are
- * looked up in a counters dump (dump_keys[j] -> struct pyflow_flow_counters
- * dump_counters[j], j < ndump). Packets that moved (the count of both directions
- * differs from conns[i].packets) update the slot's packets and last_seen_ns here and
- * need nothing else. The slot's verdict, if it needs one, is appended to
+ * looked up in a counters dump (dump_keys[j] -> struct pyflow_ft_counters
+ * dump_counters[j], j < ndump, read at now_ns). Packets that moved (the count of both
+ * directions differs from conns[i].packets) update the slot's packets and set its
+ * last_seen_ns to now_ns (the datapath keeps no clock: a connection is seen at the
+ * first read that finds its count moved) and need nothing else. The slot's verdict, if it needs one, is appended to
  * out_index/out_what (room for n each; *nout = how many), in slot order:
  * MISSING (an entry is not in the map), else CLOSING (FIN/RST seen), else IDLE
  * (now_ns - last_seen_ns > idle_ns), else EXTEND (conntrack's timeout, which runs
@@ -155,8 +165,8 @@ int pyflow_bpf_load(struct pyflow_bpf_load *req);
 
 struct pyflow_ka_conn {
 	uint64_t packets;       /* both directions, at the last tick */
-	int64_t last_seen_ns;   /* datapath clock (counters.last_seen_ns) */
-	int64_t ct_deadline_ns; /* datapath clock: when the conntrack timeout last written runs out */
+	int64_t last_seen_ns;   /* the read that last found packets moved (caller's clock) */
+	int64_t ct_deadline_ns; /* caller's clock: when the conntrack timeout last written runs out */
 	uint32_t used;          /* 0: a free slot, skipped */
 	uint32_t pad;
 };

@@ -72,7 +72,7 @@ static __always_inline int pyflow_process(void *ctx, const int is_tc)
 	struct pyflow_flow *flow;
 	struct pyflow_flow_action *act;
 	void *data;
-	__u32 out_l2, cov, acc = 0, jiffy;
+	__u32 out_l2, cov, acc = 0;
 	__be16 l3proto;
 	int proto, rc, via_ppp;
 
@@ -135,12 +135,12 @@ static __always_inline int pyflow_process(void *ctx, const int is_tc)
 		return pyflow_pass(is_tc, &pkt);
 	}
 	if (key.proto == IPPROTO_TCP &&
-	    (flow->counters.closing || (pkt.tcp_flags & (PYFLOW_TCP_FIN | PYFLOW_TCP_RST)))) {
+	    (act->closing || (pkt.tcp_flags & (PYFLOW_TCP_FIN | PYFLOW_TCP_RST)))) {
 		/* The control plane tears the flow down at its next tick. Until then every
 		 * packet of a closing flow goes to the kernel too, so that conntrack sees
 		 * the whole close (the last ACK as well) and leaves its entry in the
 		 * state the endpoints reached, as the kernel flowtable does on teardown. */
-		flow->counters.closing = 1;
+		flow->action.closing = 1;
 		pkt.reason = PYFLOW_R_TCP_FIN_RST;
 		return pyflow_pass(is_tc, &pkt);
 	}
@@ -187,16 +187,6 @@ static __always_inline int pyflow_process(void *ctx, const int is_tc)
 
 	__sync_fetch_and_add(&flow->counters.packets, ctx_gso_segs(ctx, is_tc));
 	__sync_fetch_and_add(&flow->counters.bytes, pkt.l3len);
-	/* Keep-alive and idle expiry work in seconds, so the coarse clock's jiffy
-	 * resolution is plenty, and it need not be read more than once a jiffy per
-	 * flow: bpf_jiffies64() is a load the verifier inlines, the clock a helper
-	 * call (about a tenth of a hit). counters.pad keeps the jiffy of the last
-	 * read (low 32 bits; userspace writes it as 0 and never reads it). */
-	jiffy = (__u32)bpf_jiffies64();
-	if (flow->counters.pad != jiffy) {
-		flow->counters.pad = jiffy;
-		flow->counters.last_seen_ns = bpf_ktime_get_coarse_ns();
-	}
 	stats_count(PYFLOW_R_FORWARDED, pkt.frame_len);
 	return ctx_redirected(is_tc);
 

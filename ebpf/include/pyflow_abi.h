@@ -100,7 +100,10 @@ struct pyflow_flow_action {
 	__u8 dmac[6];    /* next hop's address */
 	__u8 smac[6];    /* egress device's address */
 	struct pyflow_l2_encap encap;
-	__u8 pad[2];
+	/* The one action field the datapath writes: set to 1 on TCP FIN or RST; from
+	 * then on the flow's packets go to the kernel until the flow is removed.
+	 * Userspace writes 0 when it installs or rewrites the flow. */
+	__u16 closing;
 	/* With PYFLOW_ACT_PPPOE: the PPP device (pppoe-wan) of the session, 0 = none.
 	 * The TC build hands a packet that cannot carry a PPPoE header pushed in BPF
 	 * (a GSO super-packet: every segment needs its own PPPoE length) to this L3
@@ -110,16 +113,15 @@ struct pyflow_flow_action {
 };
 
 /* Per-flow counters, written by the datapath. Userspace reads them in batches
- * for keep-alive and expiry; it writes them only when it installs a flow. */
+ * for keep-alive and expiry; it writes them only when it installs a flow.
+ * There is no per-flow clock: the keep-alive scan takes a flow whose packet
+ * count moved since its previous read as seen at that read. That keeps the
+ * value at 96 bytes, so a flow-map element (the hash map's 48-byte header, the
+ * 48-byte key, the value) fills exactly three cache lines, and a hit stores
+ * nothing but the two counters (docs/architecture.md, "A flow in three cache lines"). */
 struct pyflow_flow_counters {
 	__u64 packets;
-	__u64 bytes;        /* L3 bytes (IP header and payload) as received */
-	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns() of the latest hit:
-			     * CLOCK_MONOTONIC_COARSE, jiffy resolution */
-	__u32 closing;      /* set to 1 by the datapath on TCP FIN or RST; from then on
-			     * the flow's packets go to the kernel until it is removed */
-	__u32 pad;          /* the datapath's: the jiffy (low 32 bits) it last read the
-			     * clock for last_seen_ns in; userspace writes 0, never reads it */
+	__u64 bytes; /* L3 bytes (IP header and payload) as received */
 };
 
 /* The value stored in PYFLOW_MAP_FLOWS: one lookup gives action and counters. */

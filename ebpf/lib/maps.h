@@ -20,6 +20,12 @@
 #include "pyflow_abi.h"
 #include "compat.h"
 
+/* The hash map's element header (48 bytes) + key + value fill exactly three cache lines;
+ * a fourth would be touched on every hit (docs/architecture.md, "A flow in three cache
+ * lines"). */
+_Static_assert(sizeof(struct pyflow_flow_key) + sizeof(struct pyflow_flow) == 144,
+	       "flow-map key + value must stay 144 bytes (element 192 = 3 cache lines)");
+
 #ifdef PYFLOW_LIBBPF
 /* csrc/loader.c adopts each map pinned in the pin dir, or pins the one libbpf made */
 struct {

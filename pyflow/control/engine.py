@@ -75,7 +75,7 @@ from pyflow.control.model import (
 from pyflow.control.pathgroups import Group, PathGroups
 from pyflow.control.placement import HwPlacement, MapPlacement, pack_conns, pack_entries
 from pyflow.control.returning import Returning, path_key
-from pyflow.datapath.abi import FlowAction, FlowKey, datapath_clock_ns, key_bytes
+from pyflow.datapath.abi import FlowAction, FlowKey, coarse_clock_ns, key_bytes
 from pyflow.datapath.flowtable import Counters
 
 __all__ = ["BATCH", "Engine", "EngineConfig", "EngineStats", "ManagedDevice", "Offloaded"]
@@ -123,11 +123,11 @@ class EngineStats:
 
 class Engine:
     def __init__(self, conntrack: Conntrack, paths: PathResolver, flows: FlowMap, devices: Devices,
-                 config: EngineConfig | None = None, *, clock: Callable[[], int] = datapath_clock_ns,
+                 config: EngineConfig | None = None, *, clock: Callable[[], int] = coarse_clock_ns,
                  hw: HwPlacer | None = None):
         self.ct = conntrack
         self.config = config or EngineConfig()
-        self.clock = clock  # must be the datapath's clock: last_seen_ns is compared with it
+        self.clock = clock  # keep-alive slots, deadlines and ages are all on this clock
         self.offloaded: dict[tuple, Offloaded] = {}
         # the same records by path key, so that a path change resolves each group once
         self.groups = PathGroups()
@@ -558,10 +558,14 @@ class Engine:
             return None
         return max(1, full - idle_ns // 1_000_000_000)
 
+    def last_seen_ns(self, off: Offloaded) -> int:
+        """When off last moved packets, as the last keep-alive walk found (a flow on the
+        map: the first walk that saw its count move; flower rules: their own last use)."""
+        return off.last_seen_ns if off.hw or off.slot < 0 else self.slots.activity(off)[1]
+
     def idle_ns(self, off: Offloaded) -> int:
         """How long off has seen no packet, as of the last tick."""
-        last = off.last_seen_ns if off.hw or off.slot < 0 else self.slots.activity(off)[1]
-        return max(0, self.clock() - last)
+        return max(0, self.clock() - self.last_seen_ns(off))
 
     def held(self, off: Offloaded, deadline_ns: int) -> None:
         """Conntrack's timeout for off was written again: it runs out at deadline_ns."""

@@ -5,7 +5,9 @@ Conntrack never sees the packets the fast path forwards. As the kernel's own flo
 does, an offloaded connection's conntrack entry is given a long timeout when it is
 claimed (EngineConfig.conntrack_timeout_s, a day by default, written in the same message
 as the offload mark) and extended only when less than half of it is left; idleness is
-judged from the datapath's last-seen times, never from conntrack. (The kernel flowtable
+judged from the datapath's packet counts, never from conntrack. The datapath keeps no
+per-flow clock (it would take a fourth cache line per flow-map element): a connection
+whose count moved since the previous walk is taken as seen at this walk. (The kernel flowtable
 extends its entries in its own garbage collector; that extension is broken since Linux
 6.14, and pyflow does not rely on it: it writes the extension itself.)
 
@@ -31,8 +33,9 @@ MAX_WALK_INTERVAL_S apart (nor half of idle_timeout_s). FIN and RST need no walk
 effect: the datapath sends them and every later packet of that flow to the kernel, so
 conntrack follows the close itself; the walk only finds idleness and low timeouts. The
 cost of pacing is delay, bounded: a connection idle for idle_timeout_s is handed back
-at most the walk interval (MAX_WALK_INTERVAL_S, 10 s, at most) plus one tick later, and
-a closed one's entries are removed at most that late. A walk that left extensions for
+at most two walk intervals (MAX_WALK_INTERVAL_S, 10 s, at most) plus one tick later (its
+last packet may have come just after one walk, which is seen only at the next), and a
+closed one's entries are removed at most one walk interval and a tick late. A walk that left extensions for
 later (more than a walk writes ran low) is followed by one as soon as what it found is
 written. The control loop writes the timeouts a walk found in small batches between its
 turns (drain), so that no conntrack event waits for ten thousand of them.
@@ -115,7 +118,7 @@ class Pacer:
 
     def __init__(self, cpu: Callable[[], float] = time.thread_time):
         self.cpu = cpu
-        self.next_ns = 0  # datapath clock; 0: the next tick walks
+        self.next_ns = 0  # engine clock; 0: the next tick walks
         self.interval_s = 0.0  # between the last walk and the next
         self.last_cost_s = 0.0  # CPU seconds of the last walk
         self.walks = 0

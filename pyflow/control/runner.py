@@ -557,8 +557,9 @@ class ControlPlane:
     def offloaded(self) -> list[FlowRecord]:
         """Every connection on the fast path with its counters (one dump of the flow map)."""
         counters = self.flows.read_counters().as_dict()
-        now = self.engine.clock()
-        return [_record(off, counters, now) for off in self.engine.offloaded.values()]
+        eng = self.engine
+        now = eng.clock()
+        return [_record(off, counters, now, eng.last_seen_ns(off)) for off in eng.offloaded.values()]
 
     @property
     def offloaded_count(self) -> int:
@@ -653,18 +654,18 @@ class ControlPlane:
                 close()
 
 
-def _record(off: Offloaded, counters: dict[bytes, tuple[int, ...]], now_ns: int) -> FlowRecord:
+def _record(off: Offloaded, counters: dict[bytes, tuple[int, ...]], now_ns: int,
+            last_seen_ns: int) -> FlowRecord:
     """One offloaded connection as reported; ``counters``: the flow map's (packets, bytes,
-    last_seen_ns, ...) by key."""
+    closing) by key; ``last_seen_ns``: Engine.last_seen_ns."""
     conn = off.conn
     in_o, in_r, eg_o, eg_r = off.path[:4]
     co: tuple[int, ...] | None = counters.get(off.key_bytes[0])
     cr: tuple[int, ...] | None = counters.get(off.key_bytes[1])
     if off.hw_counters:  # a hardware flow counts in its rules, not in the map
         (po, bo), (pr, br) = off.hw_counters
-        co, cr = (po, bo, 0, 0), (pr, br, 0, 0)
-    # a map flow's own last-seen time is in its keep-alive slot; the entries' counters say it too
-    last = max(off.last_seen_ns, off.since_ns, co[2] if co else 0, cr[2] if cr else 0)
+        co, cr = (po, bo, 0), (pr, br, 0)
+    last = max(last_seen_ns, off.since_ns)
 
     def direction(t: Tuple, ingress: Any, egress: Any, c: tuple[int, ...] | None) -> Direction:
         return Direction(t, ingress.ifindex, egress.ifindex, Traffic(c[0], c[1]) if c else None)

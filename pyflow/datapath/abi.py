@@ -297,8 +297,7 @@ _FLOW_ORDER = ("action.out_ifindex", "action.tx_port", "action.mtu", "action.fla
                "action.nat_dport", "action.nat_saddr[16]", "action.nat_daddr[16]", "action.in_mac[6]",
                "action.dmac[6]", "action.smac[6]", "action.encap.vlan_outer_tpid",
                "action.encap.vlan_outer_tci", "action.encap.vlan_inner_tci", "action.encap.pppoe_sid",
-               "action.ppp_ifindex", "counters.packets", "counters.bytes", "counters.last_seen_ns",
-               "counters.closing")
+               "action.closing", "action.ppp_ifindex", "counters.packets", "counters.bytes")
 _KEY, _key_order = _layout(KEY_TYPE)
 _FLOW, _flow_order = _layout(FLOW_TYPE)
 if _key_order != _KEY_ORDER:
@@ -338,7 +337,7 @@ def _pack_value_fields(out_ifindex: int, tx_port: int, mtu: int, in_mac: str | b
         _htons(nat_dport if nat_dport is not None else key_dport),
         nat_saddr_w, nat_daddr_w, mac_bytes(in_mac), mac_bytes(dmac), mac_bytes(smac),
         _htons(vlan_outer_tpid) if outer else 0, vlan_outer_tci or 0, vlan_inner_tci or 0,
-        pppoe_sid or 0, ppp_ifindex, 0, 0, 0, 0)
+        pppoe_sid or 0, 0, ppp_ifindex, 0, 0)
 
 
 def _pack_key(key: FlowKey) -> bytes:
@@ -406,6 +405,7 @@ _ACTION_DEFAULTS = tuple(f.default for f in fields(FlowAction))
 CLOCK_MONOTONIC_COARSE = 6  # <linux/time.h>; Python's time module does not name it
 
 
-def datapath_clock_ns() -> int:
-    """Now, on the clock of ``counters.last_seen_ns`` (bpf_ktime_get_coarse_ns)."""
+def coarse_clock_ns() -> int:
+    """Now, on the control plane's clock (CLOCK_MONOTONIC_COARSE: a clock read costs no
+    syscall, and keep-alive works in seconds); the datapath itself keeps no clock."""
     return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)

@@ -46,7 +46,7 @@ from pyflow.datapath.abi import (
 )
 from pyflow.errors import MapError
 
-COUNTERS_TYPE = "struct pyflow_flow_counters"
+COUNTERS_TYPE = "struct pyflow_ft_counters"  # csrc/pyflow_native.h: what read_counters keeps
 COUNTERS_SIZE = ffi.sizeof(COUNTERS_TYPE)
 
 BPF_MAP_TYPE_HASH = 1
@@ -267,7 +267,8 @@ class Dump:
 
 
 class Counters:
-    """Keys with their ``struct pyflow_flow_counters`` only (the action part is not copied)."""
+    """Keys with what the keep-alive needs of each value (``struct pyflow_ft_counters``:
+    packets, bytes, the closing flag); the rest of the value is not copied."""
 
     __slots__ = ("keys", "counters", "n")
 
@@ -282,7 +283,7 @@ class Counters:
         return _split(self.keys, self.n, KEY_SIZE)
 
     def rows(self) -> Iterator[tuple[bytes, tuple[int, ...]]]:
-        """(key bytes, (packets, bytes, last_seen_ns, closing)) per entry, decoded in bulk."""
+        """(key bytes, (packets, bytes, closing)) per entry, decoded in bulk."""
         tuples = _COUNTERS.iter_unpack(ffi.buffer(self.counters, self.n * COUNTERS_SIZE))
         return zip(_split(self.keys, self.n, KEY_SIZE), tuples, strict=True)
 

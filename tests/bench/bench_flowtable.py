@@ -9,7 +9,7 @@ and start from the same Python data, lists of key and value bytes encoded once t
 - insert: FlowTable.insert((joined keys, joined values)) vs ``t[Key] = Leaf`` per entry;
 - lookup: FlowTable.lookup(key list) vs ``t[Key]`` per entry;
 - delete: FlowTable.delete(key list) vs ``del t[Key]`` per entry;
-- counters: FlowTable.read_counters() decoded to {key bytes: (packets, bytes, last_seen, closing)}
+- counters: FlowTable.read_counters() decoded to {key bytes: (packets, bytes, closing)}
   vs the same dict built from ``t.items()`` (GET_NEXT_KEY + LOOKUP per entry); bcc's own batch
   read (``items_lookup_batch``) is shown as a reference.
 Each figure is the median of the repeats, entries per second; the ratio is from the same run.
@@ -75,19 +75,17 @@ def split(buf, n: int, size: int) -> list[bytes]:
     return [raw[i : i + size] for i in range(0, n * size, size)]
 
 
-def bcc_counters(t) -> dict[bytes, tuple[int, int, int, int]]:
+def bcc_counters(t) -> dict[bytes, tuple[int, int, int]]:
     out = {}
     for k, v in t.items():
-        c = v.counters
-        out[bytes(k)] = (c.packets, c.bytes, c.last_seen_ns, c.closing)
+        out[bytes(k)] = (v.counters.packets, v.counters.bytes, v.action.closing)
     return out
 
 
-def bcc_counters_batch(t) -> dict[bytes, tuple[int, int, int, int]]:
+def bcc_counters_batch(t) -> dict[bytes, tuple[int, int, int]]:
     out = {}
     for k, v in t.items_lookup_batch():
-        c = v.counters
-        out[bytes(k)] = (c.packets, c.bytes, c.last_seen_ns, c.closing)
+        out[bytes(k)] = (v.counters.packets, v.counters.bytes, v.action.closing)
     return out
 
 

@@ -71,7 +71,7 @@ def child(args: argparse.Namespace) -> int:
     from pyflow.control import conntrack as ctmod  # noqa: PLC0415
     from pyflow.control.engine import Engine, EngineConfig  # noqa: PLC0415
     from pyflow.control.model import Conn, CtEvent, EventType, Tuple  # noqa: PLC0415
-    from pyflow.datapath.abi import FLOW_SIZE, FLOW_TYPE, KEY_SIZE, datapath_clock_ns  # noqa: PLC0415
+    from pyflow.datapath.abi import FLOW_SIZE, FLOW_TYPE, KEY_SIZE, coarse_clock_ns  # noqa: PLC0415
     from pyflow.datapath.flowtable import FlowTable  # noqa: PLC0415
     from pyflow.netlink import uapi  # noqa: PLC0415
     from pyflow.netlink.wire import nest, nla  # noqa: PLC0415
@@ -187,7 +187,7 @@ def child(args: argparse.Namespace) -> int:
                     break
         ticks = []
         for t in range(args.ticks):
-            now = datapath_clock_ns()
+            now = coarse_clock_ns()
             for j in range(len(values) // FLOW_SIZE):
                 struct.pack_into("=QQQ", values, j * FLOW_SIZE + at, t + 1, 100 * (t + 1), now)
             flows.insert((keys, bytes(values)))
@@ -209,7 +209,7 @@ def child(args: argparse.Namespace) -> int:
             start, t = time.monotonic(), args.ticks
             while time.monotonic() - start < args.steady:
                 t += 1
-                now = datapath_clock_ns()
+                now = coarse_clock_ns()
                 for j in range(len(values) // FLOW_SIZE):
                     struct.pack_into("=QQQ", values, j * FLOW_SIZE + at, t + 1, 100 * (t + 1), now)
                 flows.insert((keys, bytes(values)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -37,7 +38,6 @@ from pyflow.control.model import (
 )
 from pyflow.datapath.abi import FLOW_SIZE, FLOW_TYPE, KEY_SIZE, KEY_TYPE, FlowKey, key_bytes, mac_bytes
 from pyflow.datapath.flowtable import (
-    COUNTERS_SIZE,
     COUNTERS_TYPE,
     MODES,
     BatchError,
@@ -54,7 +54,9 @@ SEC = 1_000_000_000
 TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
 LIVE = IPS_SEEN_REPLY | IPS_ASSURED | IPS_CONFIRMED  # a replied, assured, confirmed entry
 
-_COUNTERS_AT = ffi.offsetof(FLOW_TYPE, "counters")  # in struct pyflow_flow
+_PACKETS_AT = ffi.offsetof(FLOW_TYPE, "counters")  # in struct pyflow_flow: packets, bytes (u64)
+_CLOSING_AT = ffi.offsetof(FLOW_TYPE, "action") + ffi.offsetof("struct pyflow_flow_action", "closing")
+_U64X2, _U16 = struct.Struct("=QQ"), struct.Struct("=H")
 
 
 def masq_conn(proto=TCP, sport=40000, *, state=TCP_CONNTRACK_ESTABLISHED, status=LIVE,
@@ -150,7 +152,7 @@ class FakeDevices:
 
 
 class Clock:
-    """The datapath clock, moved by hand."""
+    """The engine's clock, moved by hand."""
 
     def __init__(self):
         self.now = 1000 * SEC
@@ -159,17 +161,17 @@ class Clock:
         return self.now
 
 
-def counters_of(rows: Iterable[tuple[bytes, tuple[int, int, int, int]]]) -> Counters:
+def counters_of(rows: Iterable[tuple[bytes, tuple[int, int, int]]]) -> Counters:
     """What FlowTable.read_counters returns, holding ``rows`` (key bytes, (packets, bytes,
-    last_seen_ns, closing)) in their order, repeats included."""
+    closing)) in their order, repeats included."""
     rows = list(rows)
     n = len(rows)
     keys = ffi.new(f"{KEY_TYPE}[]", max(n, 1))
     counters = ffi.new(f"{COUNTERS_TYPE}[]", max(n, 1))
-    for i, (kb, (packets, nbytes, seen, closing)) in enumerate(rows):
+    for i, (kb, (packets, nbytes, closing)) in enumerate(rows):
         ffi.memmove(keys + i, kb, KEY_SIZE)
         c = counters[i]
-        c.packets, c.bytes, c.last_seen_ns, c.closing = packets, nbytes, seen, closing
+        c.packets, c.bytes, c.closing = packets, nbytes, closing
     return Counters(keys, counters, n)
 
 
@@ -226,25 +228,24 @@ class FakeFlows:
 
     # ---- for tests: what the datapath would do to the counters ----------------------
 
-    def counters(self, key: FlowKey | bytes) -> tuple[int, int, int, int]:
-        """(packets, bytes, last_seen_ns, closing) of an entry."""
+    def counters(self, key: FlowKey | bytes) -> tuple[int, int, int]:
+        """(packets, bytes, closing) of an entry, as read_counters gives them."""
         v = self.entries[_kb(key)]
-        c = ffi.from_buffer(f"{COUNTERS_TYPE} *", v[_COUNTERS_AT:_COUNTERS_AT + COUNTERS_SIZE])
-        return c.packets, c.bytes, c.last_seen_ns, c.closing
+        packets, nbytes = _U64X2.unpack_from(v, _PACKETS_AT)
+        return packets, nbytes, _U16.unpack_from(v, _CLOSING_AT)[0]
 
-    def set_counters(self, key: FlowKey | bytes, packets: int, nbytes: int, last_seen_ns: int,
-                     closing: int) -> None:
+    def set_counters(self, key: FlowKey | bytes, packets: int, nbytes: int, closing: int) -> None:
+        """What the datapath writes: the entry's counters and its closing flag."""
         kb = _kb(key)
-        buf = bytearray(COUNTERS_SIZE)
-        c = ffi.from_buffer(f"{COUNTERS_TYPE} *", buf)
-        c.packets, c.bytes, c.last_seen_ns, c.closing = packets, nbytes, last_seen_ns, closing
-        v = self.entries[kb]
-        self.entries[kb] = v[:_COUNTERS_AT] + bytes(buf) + v[_COUNTERS_AT + COUNTERS_SIZE:]
+        v = bytearray(self.entries[kb])
+        _U64X2.pack_into(v, _PACKETS_AT, packets, nbytes)
+        _U16.pack_into(v, _CLOSING_AT, closing)
+        self.entries[kb] = bytes(v)
 
-    def hit(self, key: FlowKey | bytes, packets: int, now: int, closing: int = 0) -> None:
-        """packets forwarded through the entry at now (and FIN/RST seen if closing)."""
-        p, b, _, c = self.counters(key)
-        self.set_counters(key, p + packets, b + 100 * packets, now, c | closing)
+    def hit(self, key: FlowKey | bytes, packets: int, closing: int = 0) -> None:
+        """packets forwarded through the entry (and FIN/RST seen if closing)."""
+        p, b, c = self.counters(key)
+        self.set_counters(key, p + packets, b + 100 * packets, c | closing)
 
     def action(self, key: FlowKey | bytes):
         """The entry's ``struct pyflow_flow_action`` (a copy)."""

@@ -15,7 +15,7 @@ import time
 from pyflow.control.conntrack import CtNetlink
 from pyflow.control.engine import Engine, EngineConfig, ManagedDevice
 from pyflow.control.paths import PathWatcher, RtPaths
-from pyflow.datapath.abi import datapath_clock_ns
+from pyflow.datapath.abi import coarse_clock_ns
 from pyflow.hw.offload import FlowerOffload
 from tests import netns
 from tests.support.fakes import FakeFlows
@@ -107,7 +107,7 @@ class FlowerRouter:
                     self.device_refusals[name] = self.hw.add_device(socket.if_nametoindex(name))
                 self.flows = MapOfRefused()
                 self.engine = Engine(self.ct, self.paths, self.flows, Devices(self.paths, (LAN, UP, UP2)),
-                                     EngineConfig(idle_timeout_s=self._idle), clock=datapath_clock_ns,
+                                     EngineConfig(idle_timeout_s=self._idle), clock=coarse_clock_ns,
                                      hw=self.hw)
                 self.engine.resync()
                 self._ready.set()

@@ -3,9 +3,9 @@ scan is held to (tests/unit/test_keepalive_scan.py).
 
 Per connection, in this order: an entry missing -> MISSING; else FIN/RST seen on
 either entry -> CLOSING; else (when the packets of both directions differ from the
-count recorded at the last tick, count and last-seen time are updated: the latest of
-the recorded one and both entries', with no verdict) idle for longer than idle_ns ->
-IDLE; else conntrack's timeout has less than extend_ns left -> EXTEND.
+count recorded at the last tick, the count is updated and the last-seen time becomes
+the scan's time, with no verdict) idle for longer than idle_ns -> IDLE; else
+conntrack's timeout has less than extend_ns left -> EXTEND.
 A key the counter walk gave twice counts with its later row.
 """
 
@@ -30,7 +30,7 @@ class Tracked:
 def scan(conns: Mapping[Hashable, Tracked], rows: Iterable[tuple[bytes, tuple[int, ...]]], now: int,
          idle_ns: int, extend_ns: int) -> tuple[dict[Hashable, int], dict[Hashable, Tracked]]:
     """(verdicts of the connections that need something done, what is recorded of every
-    connection after the scan). rows: (key bytes, (packets, bytes, last_seen_ns, closing))
+    connection after the scan). rows: (key bytes, (packets, bytes, closing))
     as the walk gave them."""
     counters = dict(rows)
     verdicts: dict[Hashable, int] = {}
@@ -41,11 +41,11 @@ def scan(conns: Mapping[Hashable, Tracked], rows: Iterable[tuple[bytes, tuple[in
         if co is None or cr is None:
             verdicts[ident] = MISSING
             continue
-        if co[3] or cr[3]:
+        if co[2] or cr[2]:
             verdicts[ident] = CLOSING
             continue
         if (packets := co[0] + cr[0]) != c.packets:
-            c = after[ident] = Tracked(c.keys, packets, max(c.last_seen_ns, co[2], cr[2]), c.ct_deadline_ns)
+            c = after[ident] = Tracked(c.keys, packets, now, c.ct_deadline_ns)
         if now - c.last_seen_ns > idle_ns:
             verdicts[ident] = IDLE
         elif c.ct_deadline_ns - now < extend_ns:

@@ -84,7 +84,7 @@ def test_action_nat_flags_and_defaults():
     assert bytes(ffi.buffer(v.action.nat_daddr))[:4] == bytes([198, 19, 0, 2])
     assert struct.pack("=H", v.action.nat_sport) == struct.pack("!H", 4000)
     assert struct.pack("=H", v.action.nat_dport) == struct.pack("!H", 80)
-    assert v.counters.packets == 0 and v.counters.closing == 0
+    assert v.counters.packets == 0 and v.action.closing == 0
 
 
 def test_action_encap_flags():

@@ -193,7 +193,7 @@ def test_keepalive_holds_moving_flows_without_conntrack_messages_and_expires_idl
     assert ct.timeout == {busy.ident: 120, idle.ident: 120}  # written with the mark, no refresh
     for second in range(1, 131):
         clock.now += SEC
-        flows.hit(eng.offloaded[busy.ident].keys[0], 10, clock.now)
+        flows.hit(eng.offloaded[busy.ident].keys[0], 10)
         eng.tick()
         if second == 30:
             assert idle.ident in eng.offloaded, "30 s is not yet idle"
@@ -213,7 +213,7 @@ def test_closing_flag_tears_down(rig):
     conn = masq_conn()
     offer(eng, ct, conn)
     clock.now += SEC
-    flows.hit(eng.offloaded[conn.ident].keys[1], 1, clock.now, closing=1)
+    flows.hit(eng.offloaded[conn.ident].keys[1], 1, closing=1)
     eng.tick()
     assert not flows.entries and eng.stats.removed == {"fin_rst": 1} and not ct.marked
 
@@ -224,7 +224,7 @@ def test_refresh_of_a_vanished_entry_removes_the_flow(rig):
     offer(eng, ct, conn)
     del ct.table[conn.ident]  # DESTROY event lost
     clock.now += 61 * SEC  # less than half of conntrack's 120 s left: extended at this tick
-    flows.hit(eng.offloaded[conn.ident].keys[0], 3, clock.now)
+    flows.hit(eng.offloaded[conn.ident].keys[0], 3)
     eng.tick()
     assert not flows.entries and eng.stats.removed == {"destroyed": 1}
 

@@ -137,7 +137,7 @@ def test_hw_and_xdp_flows_tick_side_by_side(hwrig):
     sw_conn = masq_conn(sport=40002)
     offer(eng, ct, sw_conn)
     clock.now += 61 * SEC  # less than half of conntrack's timeout left for both
-    flows.hit(eng.offloaded[sw_conn.ident].keys[0], 4, clock.now)
+    flows.hit(eng.offloaded[sw_conn.ident].keys[0], 4)
     hw.counters[eng.offloaded[hw_conn.ident].hw_rules[0]] = RuleStats(7, 0)
     eng.tick()
     assert {i for i, _t in ct.refreshed} == {hw_conn.ident, sw_conn.ident}

@@ -51,7 +51,7 @@ def test_a_key_read_twice_is_stray_twice_or_owned_twice():
     offer(eng, ct, conn)
     ko, kr = eng.offloaded[conn.ident].key_bytes
     ghost = key_bytes(FlowKey(LAN, UDP, "198.18.0.99", "198.19.0.9", 1, 2))
-    row = (0, 0, 0, 0)
+    row = (0, 0, 0)
     read = counters_of([(ko, row), (ghost, row), (kr, row), (ko, row), (ghost, row)])
     assert eng.slots.unowned(read) == [ghost, ghost]
     assert eng.slots.unowned(counters_of([])) == []

@@ -54,7 +54,7 @@ def test_offload_writes_a_day_with_the_mark_and_nothing_while_packets_move(rig):
     assert ct.refreshed == []
     for _ in range(600):  # ten minutes of traffic, one tick a second
         clock.now += SEC
-        flows.hit(eng.offloaded[conn.ident].keys[0], 100, clock.now)
+        flows.hit(eng.offloaded[conn.ident].keys[0], 100)
         eng.tick()
     assert ct.refreshed == [(conn.ident, DAY)] and eng.stats.refreshes == 1
     assert eng.slots.activity(eng.offloaded[conn.ident])[0] == 60000
@@ -77,7 +77,7 @@ def test_hand_back_gives_the_protocols_own_timeout(rig, proto, cause, want):
         eng.tick()
     elif cause == "fin_rst":
         clock.now += SEC
-        flows.hit(off.keys[0], 1, clock.now, closing=1)
+        flows.hit(off.keys[0], 1, closing=1)
         eng.tick()
     elif cause == "path_lost":
         paths.wan_dev = OTHER
@@ -117,7 +117,7 @@ def test_extensions_are_spread_over_ticks(rig):
     assert len(eng.offloaded) == n
     clock.now += (DAY // 2 + 1) * SEC
     for off in eng.offloaded.values():
-        flows.hit(off.keys[0], 1, clock.now)
+        flows.hit(off.keys[0], 1)
     eng.tick()
     assert len(ct.refreshed) == keepalive.MAX_EXTENDS_PER_TICK
     clock.now += SEC

@@ -52,7 +52,7 @@ def offloaded_half_a_day_ago(eng, ct, flows, clock, n: int, *, sport: int) -> li
     eng.handle([CtEvent(EventType.UPDATE, conn) for conn in conns])
     clock.now += (86400 // 2 + 1) * SEC
     for off in eng.offloaded.values():
-        flows.hit(off.keys[0], 1, clock.now)
+        flows.hit(off.keys[0], 1)
     return conns
 
 def test_pacer_interval_is_the_cost_over_the_budget_and_bounded():
@@ -83,7 +83,7 @@ def test_a_costly_walk_is_spaced_and_idle_hand_back_stays_within_the_bound(monke
     for t in range(1, 121):  # two minutes, a tick a second; packets for the first 20 s
         clock.now += SEC
         if t <= 20:
-            flows.hit(key, 10, clock.now)
+            flows.hit(key, 10)
             last_packet = clock.now
         eng.tick()
         if conn.ident not in eng.offloaded:

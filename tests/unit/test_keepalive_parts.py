@@ -89,7 +89,7 @@ def test_the_timeouts_one_walk_writes_are_bounded_across_its_parts(monkeypatch):
     eng.handle([CtEvent(EventType.UPDATE, conn) for conn in conns])
     clock.now += (HOLD_S // 2 + 1) * SEC
     for off in eng.offloaded.values():
-        flows.hit(off.keys[0], 1, clock.now)
+        flows.hit(off.keys[0], 1)
     eng.pacer.defer_writes = True  # as the control loop sets it
     keepalive.begin_read(eng)
     walk_in_parts(eng, flows.read_counters(), 3)

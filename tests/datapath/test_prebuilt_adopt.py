@@ -9,20 +9,26 @@ the devices and behind the pins, and a loader that fails if it is called at all.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 
+from pyflow._native import ffi, lib
 from pyflow.datapath import bpfobject
+from pyflow.datapath.abi import FLOW_SIZE, KEY_SIZE, MAP_FLOWS, MAP_STATS
+from pyflow.datapath.attach import programs
 from pyflow.datapath.attach.pins import PinDir
 from pyflow.datapath.attach.programs import map_info
 from pyflow.datapath.loader import PIN_TC, PIN_XDP, Datapath
+from pyflow.errors import DatapathError
 from tests.support.datapath import link_xdp, our_filter
 
 pytestmark = pytest.mark.root
 
 XDP_ATTACHED_DRV = 1
+BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_ARRAY = 1, 6
 
 
 def _tc_prog_id(ns: str, ifname: str) -> int:
@@ -149,3 +155,56 @@ def test_destroy_removes_the_record(make_dp, ns):
     b = make_dp()
     b.destroy()
     assert not _record(make_dp).exists()
+
+
+def _pin_map(pins: PinDir, name: str, key_size: int, value_size: int, entries: int, map_type: int) -> int:
+    fd = lib.pyflow_map_create(map_type, key_size, value_size, entries, name.encode())
+    assert fd >= 0, f"map create: errno {-fd}"
+    assert lib.pyflow_obj_pin(fd, pins.pin_path(name).encode()) == 0
+    return fd
+
+
+def _pinned_id(pins: PinDir, name: str) -> int:
+    fd = pins.pinned_fd(name)
+    assert fd is not None, f"{name} not pinned"
+    try:
+        info = ffi.new("struct pyflow_map_info *")
+        assert lib.pyflow_map_info(fd, info) == 0
+        return info.id
+    finally:
+        lib.pyflow_close(fd)
+
+
+@pytest.mark.parametrize("build", ["prebuilt", "bcc"])
+def test_maps_pinned_with_another_layout_are_replaced(make_dp, pin_dir, build, caplog, monkeypatch):
+    """A flow map pinned by a version whose value had another size (112 bytes, with a
+    per-flow clock) and a stats map with fewer reasons are not adopted: the load makes
+    new ones and says so. A load that fails pins the old ones back, as they were."""
+    pins = PinDir(pin_dir)
+    pins.prepare()
+    old_flows = _pin_map(pins, MAP_FLOWS, KEY_SIZE, 112, 64, BPF_MAP_TYPE_HASH)
+    old_stats = _pin_map(pins, MAP_STATS, 4, 16, 3, BPF_MAP_TYPE_PERCPU_ARRAY)
+    try:
+        ids = {n: _pinned_id(pins, n) for n in (MAP_FLOWS, MAP_STATS)}
+
+        def fail(fd: int) -> int:  # after the new maps were made and pinned, in both builds
+            raise DatapathError("test: the load fails half way")
+
+        monkeypatch.setattr(programs, "fd_prog_id", fail)
+        with pytest.raises(DatapathError, match="half way"):
+            make_dp(build=build)
+        monkeypatch.undo()
+        assert {n: _pinned_id(pins, n) for n in ids} == ids  # as it was
+        assert sorted(pins.entries()) == sorted([MAP_FLOWS, MAP_STATS])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pyflow.datapath.attach.pins"):
+            dp = make_dp(build=build)
+        assert all(_pinned_id(pins, n) != ids[n] for n in ids)
+        flows = map_info(dp.flows)
+        assert (flows.key_size, flows.value_size) == (KEY_SIZE, FLOW_SIZE)
+        assert map_info(dp.stats).max_entries == lib.PYFLOW_R__COUNT
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert "48/112" in said and "another pyflow version" in said, said
+    finally:
+        lib.pyflow_close(old_flows)
+        lib.pyflow_close(old_stats)

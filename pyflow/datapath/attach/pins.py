@@ -13,8 +13,8 @@ import contextlib
 import logging
 import os
 
-from pyflow._native import lib
-from pyflow.datapath.abi import MAP_FLOWS, MAP_STATS, MAP_TX_PORTS
+from pyflow._native import ffi, lib
+from pyflow.datapath.abi import FLOW_SIZE, KEY_SIZE, MAP_FLOWS, MAP_STATS, MAP_TX_PORTS
 from pyflow.datapath.attach.state import check_dir_stat
 from pyflow.errors import DatapathError
 
@@ -26,6 +26,13 @@ PIN_XDP = "prog_xdp"
 PIN_TC = "prog_tc"
 BPF_FS_TYPE = "bpf"
 ALL_PINS = (PIN_XDP, PIN_TC, MAP_FLOWS, MAP_STATS, MAP_TX_PORTS)
+# (key size, value size, entries or None: the pinned map's own) of each map this build's
+# programs and control plane expect; a pinned map of another shape is another version's
+MAP_SHAPES: dict[str, tuple[int, int, int | None]] = {
+    MAP_FLOWS: (KEY_SIZE, FLOW_SIZE, None),
+    MAP_STATS: (4, ffi.sizeof("struct pyflow_stat"), lib.PYFLOW_R__COUNT),
+    MAP_TX_PORTS: (4, 4, None),
+}
 
 
 def bpffs_mounted(path: str = BPFFS_ROOT) -> bool:
@@ -82,6 +89,7 @@ class PinDir:
 
     def __init__(self, path: str) -> None:
         self.path = path.rstrip("/")
+        self._aside: dict[str, int] = {}  # pin name -> fd of a map set aside (set_aside_other_shapes)
 
     def prepare(self) -> bool:
         """Mount bpffs if needed and create the pin dir; True if the dir is new."""
@@ -109,13 +117,52 @@ class PinDir:
     def entries(self) -> set[str]:
         return set(os.listdir(self.path))
 
+    def set_aside_other_shapes(self) -> list[str]:
+        """Unpin the maps whose shape is not MAP_SHAPES' (pinned by a pyflow whose flow map
+        had another layout), holding an fd of each: the loaders would adopt them, and the
+        programs or the control plane could not use them. The load then makes new maps;
+        undo() pins the old ones back, release_aside() lets them go. Their flows are not
+        lost: the first resync offloads again what conntrack still holds. Returns the
+        names set aside."""
+        for name, (key_size, value_size, entries) in MAP_SHAPES.items():
+            fd = self.pinned_fd(name)
+            if fd is None:
+                continue
+            info = ffi.new("struct pyflow_map_info *")
+            known = lib.pyflow_map_info(fd, info) == 0
+            if known and (info.key_size, info.value_size) == (key_size, value_size) \
+                    and entries in (None, info.max_entries):
+                lib.pyflow_close(fd)
+                continue
+            log.warning("pinned map %s has key/value size %d/%d and %d entries, this datapath's %d/%d%s "
+                        "(another pyflow version): making a new one, its flows are offloaded again "
+                        "from conntrack", self.pin_path(name), info.key_size, info.value_size,
+                        info.max_entries, key_size, value_size, f" and {entries} entries" if entries else "")
+            try:
+                os.unlink(self.pin_path(name))
+            except OSError as exc:
+                lib.pyflow_close(fd)
+                raise DatapathError(f"cannot unpin {self.pin_path(name)}: {exc.strerror}") from None
+            self._aside[name] = fd
+        return sorted(self._aside)
+
+    def release_aside(self) -> None:
+        """The load that replaced the maps set aside succeeded: their fds go."""
+        for fd in self._aside.values():
+            lib.pyflow_close(fd)
+        self._aside = {}
+
     def undo(self, before: set[str], made_dir: bool) -> None:
         """Remove what appeared since ``before`` (and the dir if it was new): bcc pins each
         map as it creates it, and a failure half way must not leave new pins behind for the
-        next start to adopt. Old pins stay untouched."""
+        next start to adopt. Old pins stay untouched; maps set aside are pinned back."""
         for entry in self.entries() - before:
             with contextlib.suppress(OSError):
                 os.unlink(self.pin_path(entry))
+        for name, fd in self._aside.items():
+            if lib.pyflow_obj_pin(fd, self.pin_path(name).encode()) < 0:
+                log.error("could not pin %s back after the failed load", self.pin_path(name))
+        self.release_aside()
         if made_dir:
             with contextlib.suppress(OSError):
                 os.rmdir(self.path)

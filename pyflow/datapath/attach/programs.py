@@ -132,22 +132,29 @@ class Programs:
         self._record = record
         self._identity: dict[str, object] | None = None
         self.adopted = False  # the programs are the pinned ones, not loaded by this process
+        aside = pins.set_aside_other_shapes()
         before = pins.entries()
-        if build == "prebuilt":
-            try:
-                self._identity = bpfobject.identity(defines)
-            except DatapathError:
-                pins.undo(before, made_dir)
-                raise
-            if record is not None and self._adopt_pinned(record):
-                return
-            self._load_prebuilt(defines, before, made_dir)
-            return
         try:
-            self.bpf = bpfsource.compile_datapath(pin_dir=pins.path, defines=defines)
-        except DatapathError:
+            self._open(defines, reuse=not aside)
+        except BaseException:
+            # bcc pins each map as it makes it: a failure half way leaves no new pin behind
+            # for the next start to adopt, and the maps set aside are pinned back
             pins.undo(before, made_dir)
             raise
+        pins.release_aside()
+
+    def _open(self, defines: Mapping[str, int] | None, *, reuse: bool) -> None:
+        """Load (or reuse the pinned programs when ``reuse`` and the record allow); the
+        caller undoes the pins when this fails."""
+        record = self._record
+        if self.build == "prebuilt":
+            self._identity = bpfobject.identity(defines)
+            if reuse and record is not None and self._adopt_pinned(record):
+                return
+            self._object = bpfobject.load(pin_dir=self.pins.path, defines=defines)
+            self._take_object()
+            return
+        self.bpf = bpfsource.compile_datapath(pin_dir=self.pins.path, defines=defines)
         try:
             from bcc import BPF
 
@@ -162,14 +169,6 @@ class Programs:
         except BaseException:
             self.close()
             raise
-
-    def _load_prebuilt(self, defines: Mapping[str, int] | None, before: set[str], made_dir: bool) -> None:
-        try:
-            self._object = bpfobject.load(pin_dir=self.pins.path, defines=defines)
-        except DatapathError:
-            self.pins.undo(before, made_dir)
-            raise
-        self._take_object()
 
     def _take_object(self) -> None:
         """Wrap the fds of ``self._object`` (loaded, or opened from the pins)."""

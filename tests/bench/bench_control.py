@@ -17,7 +17,9 @@ CLOCK_MONOTONIC and the same in every process and namespace.
    entries + conntrack mark per connection, then the stray-entry prune) is timed from its
    first to its last instruction, and checked: N connections offloaded, 2N map entries, N
    conntrack entries carrying the offload mark. The loop is then stopped (flows handed back)
-   and the same resync is repeated with manual timers around each adapter call, which gives
+   and started again, CAPACITY_RUNS resyncs in all: the rate is their median (the machine
+   is shared; one 1.5 s resync can meet another tenant's burst). Then the same resync is
+   repeated with manual timers around each adapter call, which gives
    the breakdown (the timers add a little; their total is shown beside the clean figure).
 2. Event-to-offload latency. With the loop running (and the N connections of part 1 still
    offloaded, so each keep-alive tick has a realistic table to walk), new connections at a
@@ -68,6 +70,7 @@ CHUNK = 19_000
 PORT_MORE = 7100  # + k: the server port of chunk k >= 1
 PAYLOAD_TAG = b"pfbc"
 OFFLOAD_MARK = 0x100
+CAPACITY_RUNS = 3  # clean resyncs of the whole table in part 1; the figure is their median
 
 
 # ---- helper processes ------------------------------------------------------------------
@@ -583,26 +586,37 @@ def bench(args: argparse.Namespace) -> int:
             print(f"part 1: {len(c1['sent'])} sent, {c1['echoed']} echoed in {c1['seconds']:.2f} s; "
                   f"conntrack {before}", file=sys.stderr)
             replied = before["replied"]
-            cp = make_control_plane(dp, cfg)
-            cps.append(cp)
-            with netns.inside(topo.r1):
-                cp.start()
-            r0, r1 = cp.resyncs[0]
-            first = r1 - r0
-            offloaded = len(cp.engine.offloaded)
-            entries = map_view.count()
-            after = ct_count(topo.r1, cap_ports)
-            # what was not offloaded, and why: every qualifying connection has a counted reason
-            waiting = {"pending": len(cp.engine.pending), "refused": dict(cp.engine.stats.refused),
-                       "install_errors": cp.engine.stats.install_errors}
-            cap = {"connections": replied, "offloaded": offloaded, "map_entries": entries,
-                   "ct_marked": after["marked"], "resync_s": first, "setup_s": cp.setup_s,
-                   "conn_per_s": offloaded / first, "us_per_conn": first / max(offloaded, 1) * 1e6,
-                   "not_offloaded": waiting}
-            print(f"part 1: resync {first * 1e3:.1f} ms for {offloaded} connections; not offloaded: "
-                  f"{waiting}", file=sys.stderr)
-            cp.stop(hand_back=True)
-            cps.remove(cp)
+            # the same resync CAPACITY_RUNS times (each hands everything back at its end): the
+            # machine is shared, and the median of a few 1.5 s resyncs says more than one
+            rates: list[float] = []
+            for run in range(CAPACITY_RUNS):
+                cp = make_control_plane(dp, cfg)
+                cps.append(cp)
+                with netns.inside(topo.r1):
+                    cp.start()
+                r0, r1 = cp.resyncs[0]
+                offloaded = len(cp.engine.offloaded)
+                rates.append(offloaded / (r1 - r0))
+                if run == 0:
+                    first = r1 - r0
+                    entries = map_view.count()
+                    after = ct_count(topo.r1, cap_ports)
+                    # what was not offloaded, and why: every qualifying connection has a counted reason
+                    waiting = {"pending": len(cp.engine.pending), "refused": dict(cp.engine.stats.refused),
+                               "install_errors": cp.engine.stats.install_errors}
+                    cap = {"connections": replied, "offloaded": offloaded, "map_entries": entries,
+                           "ct_marked": after["marked"], "resync_s": first, "setup_s": cp.setup_s,
+                           "first_conn_per_s": offloaded / first,
+                           "us_per_conn": first / max(offloaded, 1) * 1e6, "not_offloaded": waiting}
+                    print(f"part 1: resync {first * 1e3:.1f} ms for {offloaded} connections; not offloaded: "
+                          f"{waiting}", file=sys.stderr)
+                elif offloaded != cap["offloaded"]:
+                    raise SystemExit(f"capacity run {run + 1}: {offloaded} offloaded, "
+                                     f"the first {cap['offloaded']}")
+                cp.stop(hand_back=True)
+                cps.remove(cp)
+            cap["runs_conn_per_s"] = rates
+            cap["conn_per_s"] = statistics.median(rates)
             cap["handed_back_entries_left"] = map_view.count()
 
             inst = instrumented_resync(topo.r1, dp, cfg, args.profile, work)
@@ -793,9 +807,11 @@ def report(r: dict[str, Any]) -> None:
     print(f"   connections replied in conntrack   {cap['connections']}")
     print(f"   offloaded / map entries / marked   {cap['offloaded']} / {cap['map_entries']} / "
           f"{cap['ct_marked']}")
-    print(f"   resync time                        {cap['resync_s'] * 1e3:9.1f} ms")
-    print(f"   rate                               {cap['conn_per_s']:9.0f} conn/s   (target >= 50000)")
-    print(f"   per connection                     {cap['us_per_conn']:9.1f} us")
+    print(f"   first resync time                  {cap['resync_s'] * 1e3:9.1f} ms")
+    runs = cap.get("runs_conn_per_s", [])
+    print(f"   rate, median of {len(runs)} resyncs         {cap['conn_per_s']:9.0f} conn/s   "
+          f"(target >= 50000; each: {', '.join(f'{r:.0f}' for r in runs)})")
+    print(f"   per connection (first resync)      {cap['us_per_conn']:9.1f} us")
     print(f"   (control plane setup before it     {cap['setup_s'] * 1e3:9.1f} ms; second resync "
           f"{cap['second_resync_s'] * 1e3:.1f} ms for {cap['second_resync_offloaded']})")
     print(f"   breakdown, instrumented rerun: {inst['seconds'] * 1e3:.1f} ms for {inst['offloaded']} "
@@ -811,7 +827,7 @@ def report(r: dict[str, Any]) -> None:
           f"measured {lat['measured']}")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     print(f"   p50 {fmt(lat['p50_ms'])} ms   p99 {fmt(lat['p99_ms'])} ms   max {fmt(lat['max_ms'])} ms"
-          f"   (target p99 < 5 ms)")
+          f"   (target p99 < 2 ms)")
     print()
     print(f"3. path change reaction ({path['offloaded_before']} offloaded connections, default route "
           f"replaced to the second uplink)")

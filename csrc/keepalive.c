@@ -14,8 +14,9 @@
  * a connection whose count moved since the previous read is taken as seen at this
  * read, so idle time is accurate to the interval between reads. Packets that
  * moved only update the slot: nothing goes to Python or to conntrack for them, so
- * a tick costs Python work in proportion to what changed, not to what moved. The dump is indexed once (open
- * addressing) and each connection's two keys are looked up in it.
+ * a tick costs Python work in proportion to what changed, not to what moved. The
+ * dump is indexed once (open addressing) and each connection's two keys are looked
+ * up in it.
  *
  * The engine keeps, per connection, a slot: its two keys (original direction,
  * reply direction) in `conn_keys`, and what it recorded at the last tick in

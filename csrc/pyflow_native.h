@@ -152,11 +152,11 @@ int pyflow_bpf_load(struct pyflow_bpf_load *req);
  * dump_counters[j], j < ndump, read at now_ns). Packets that moved (the count of both
  * directions differs from conns[i].packets) update the slot's packets and set its
  * last_seen_ns to now_ns (the datapath keeps no clock: a connection is seen at the
- * first read that finds its count moved) and need nothing else. The slot's verdict, if it needs one, is appended to
- * out_index/out_what (room for n each; *nout = how many), in slot order:
- * MISSING (an entry is not in the map), else CLOSING (FIN/RST seen), else IDLE
- * (now_ns - last_seen_ns > idle_ns), else EXTEND (conntrack's timeout, which runs
- * out at ct_deadline_ns, has less than extend_ns left). Allocates (and frees) an
+ * first read that finds its count moved) and need nothing else. The slot's verdict,
+ * if it needs one, is appended to out_index/out_what (room for n each; *nout = how
+ * many), in slot order: MISSING (an entry is not in the map), else CLOSING (FIN/RST
+ * seen), else IDLE (now_ns - last_seen_ns > idle_ns), else EXTEND (conntrack's
+ * timeout, which runs out at ct_deadline_ns, has less than extend_ns left). Allocates (and frees) an
  * index of the dump: -ENOMEM if it cannot. */
 #define PYFLOW_KA_MISSING 1
 #define PYFLOW_KA_CLOSING 2

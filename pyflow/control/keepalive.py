@@ -7,9 +7,9 @@ claimed (EngineConfig.conntrack_timeout_s, a day by default, written in the same
 as the offload mark) and extended only when less than half of it is left; idleness is
 judged from the datapath's packet counts, never from conntrack. The datapath keeps no
 per-flow clock (it would take a fourth cache line per flow-map element): a connection
-whose count moved since the previous walk is taken as seen at this walk. (The kernel flowtable
-extends its entries in its own garbage collector; that extension is broken since Linux
-6.14, and pyflow does not rely on it: it writes the extension itself.)
+whose count moved since the previous walk is taken as seen at this walk. (The kernel
+flowtable extends its entries in its own garbage collector; that extension is broken
+since Linux 6.14, and pyflow does not rely on it: it writes the extension itself.)
 
 Every tick the engine reads the flow map's counters in one batched walk
 (FlowTable.read_counters) and matches them against every connection on the XDP path in
@@ -35,9 +35,9 @@ conntrack follows the close itself; the walk only finds idleness and low timeout
 cost of pacing is delay, bounded: a connection idle for idle_timeout_s is handed back
 at most two walk intervals (MAX_WALK_INTERVAL_S, 10 s, at most) plus one tick later (its
 last packet may have come just after one walk, which is seen only at the next), and a
-closed one's entries are removed at most one walk interval and a tick late. A walk that left extensions for
-later (more than a walk writes ran low) is followed by one as soon as what it found is
-written. The control loop writes the timeouts a walk found in small batches between its
+closed one's entries are removed at most one walk interval and a tick late. A walk that
+left extensions for later (more than a walk writes ran low) is followed by one as soon
+as what it found is written. The control loop writes the timeouts a walk found in small batches between its
 turns (drain), so that no conntrack event waits for ten thousand of them.
 
 A connection handed back gets its protocol's own timeout again (Engine.remove: TCP

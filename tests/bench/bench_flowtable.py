@@ -33,7 +33,7 @@ from pyflow._native import ffi
 from pyflow.datapath import abi
 from pyflow.datapath.abi import FLOW_SIZE, KEY_SIZE, FlowAction, FlowKey
 from pyflow.datapath.bpfsource import EBPF_DIR
-from pyflow.datapath.flowtable import COUNTERS_SIZE, COUNTERS_TYPE, FlowTable, pack, struct_format
+from pyflow.datapath.flowtable import FlowTable, pack
 from pyflow.errors import DatapathError
 
 FALLBACK_SRC = r"""
@@ -135,10 +135,12 @@ def choose_counter_read(n: int, kb, vb, ft: FlowTable, repeats: int) -> dict:
     ft.insert((b"".join(kb[:n]), b"".join(vb[:n])))
     rows: dict[str, list[float]] = {name: [] for name in
                                     ("dump", "read_counters", "dump+decode", "read_counters+decode")}
-    # The counters' place inside struct pyflow_flow, as cffi sees the ABI (no hand-written layout).
+    # What read_counters keeps (closing flag, packets, bytes), at its places in struct pyflow_flow
+    # as cffi sees the ABI (no hand-written layout).
+    closing = ffi.offsetof(abi.FLOW_TYPE, "action") + ffi.offsetof("struct pyflow_flow_action", "closing")
     off = ffi.offsetof(abi.FLOW_TYPE, "counters")
-    tail = FLOW_SIZE - off - COUNTERS_SIZE
-    fmt = f"={off}x{struct_format(COUNTERS_TYPE)[1:]}" + (f"{tail}x" if tail else "")
+    tail = FLOW_SIZE - off - 16
+    fmt = f"={closing}xH{off - closing - 2}xQQ" + (f"{tail}x" if tail else "")
     counters_in_flow = struct.Struct(fmt)
     for _ in range(repeats):
         rows["dump"].append(timed(ft.dump))

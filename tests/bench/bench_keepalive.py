@@ -71,7 +71,7 @@ def child(args: argparse.Namespace) -> int:
     from pyflow.control import conntrack as ctmod  # noqa: PLC0415
     from pyflow.control.engine import Engine, EngineConfig  # noqa: PLC0415
     from pyflow.control.model import Conn, CtEvent, EventType, Tuple  # noqa: PLC0415
-    from pyflow.datapath.abi import FLOW_SIZE, FLOW_TYPE, KEY_SIZE, coarse_clock_ns  # noqa: PLC0415
+    from pyflow.datapath.abi import FLOW_SIZE, FLOW_TYPE, KEY_SIZE  # noqa: PLC0415
     from pyflow.datapath.flowtable import FlowTable  # noqa: PLC0415
     from pyflow.netlink import uapi  # noqa: PLC0415
     from pyflow.netlink.wire import nest, nla  # noqa: PLC0415
@@ -187,9 +187,8 @@ def child(args: argparse.Namespace) -> int:
                     break
         ticks = []
         for t in range(args.ticks):
-            now = coarse_clock_ns()
             for j in range(len(values) // FLOW_SIZE):
-                struct.pack_into("=QQQ", values, j * FLOW_SIZE + at, t + 1, 100 * (t + 1), now)
+                struct.pack_into("=QQ", values, j * FLOW_SIZE + at, t + 1, 100 * (t + 1))
             flows.insert((keys, bytes(values)))
             time.sleep(0.05)
             sent = ct.messages
@@ -209,9 +208,8 @@ def child(args: argparse.Namespace) -> int:
             start, t = time.monotonic(), args.ticks
             while time.monotonic() - start < args.steady:
                 t += 1
-                now = coarse_clock_ns()
                 for j in range(len(values) // FLOW_SIZE):
-                    struct.pack_into("=QQQ", values, j * FLOW_SIZE + at, t + 1, 100 * (t + 1), now)
+                    struct.pack_into("=QQ", values, j * FLOW_SIZE + at, t + 1, 100 * (t + 1))
                 flows.insert((keys, bytes(values)))
                 next_at = start + (steady["ticks"] + 1) * 1.0
                 time.sleep(max(0.0, next_at - time.monotonic()))

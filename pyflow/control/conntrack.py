@@ -219,6 +219,8 @@ class CtNetlink:
         self._timeouts = read_timeouts()  # in the namespace the sockets are made in
         self._timeouts_at = time.monotonic()
         self._batch = batch
+        # events read off the socket while our own changes were being sent, for poll()
+        self._backlog: list[CtEvent | None] = []
         self._ev: NetlinkSocket | None = None
         self._req: NetlinkSocket | None = None
         try:
@@ -308,13 +310,39 @@ class CtNetlink:
 
     # -- events --------------------------------------------------------
 
+    @property
+    def backlog(self) -> int:
+        """Events already read off the socket (while changes were sent) that poll() will
+        return without waiting: the caller must poll while this is not 0, whether or not
+        the socket is readable."""
+        return len(self._backlog)
+
     def poll(self, timeout: float) -> list[CtEvent | None]:
         """Events received within ``timeout`` seconds (at most ``batch`` per call).
 
-        Returns as soon as something arrived. After an overrun the list ends
-        with ``None`` (RESYNC): reconcile from dump() before trusting later
-        events. Echoes of our own refresh/mark changes are left out.
+        Returns as soon as something arrived; the backlog first, without waiting.
+        After an overrun the list ends with ``None`` (RESYNC): reconcile from dump()
+        before trusting later events. Echoes of our own refresh/mark changes are left out.
         """
+        if self._backlog:
+            out, self._backlog = self._backlog[:self._batch], self._backlog[self._batch:]
+            return out
+        return self._receive(timeout)
+
+    def _absorb(self) -> None:
+        """Read what the event socket holds into the backlog, without waiting. Every change
+        we send comes back on it as an event (which the reader drops as ours): the marks of
+        a resync of 100k connections would overrun the buffer (costing another resync)
+        though hardly one of those events is news. Bounded: a few batches per call."""
+        if self._ev is None:
+            return
+        for _ in range(4):
+            got = self._receive(0)
+            self._backlog += got
+            if len(got) < self._batch or got[-1] is None:
+                return
+
+    def _receive(self, timeout: float) -> list[CtEvent | None]:
         s = self._events()
         try:
             ready, _, _ = select.select([s.sock], [], [], max(timeout, 0))
@@ -510,6 +538,7 @@ class CtNetlink:
                 conn, _c, what, _t = chunk[0]
                 raise ConntrackError(f"conntrack {what} {_describe(conn)} and {len(chunk) - 1} more: "
                                      f"{error_text(ret)}")
+            self._absorb()  # the echoes of these changes, before they pile up
             if not any(errs) and len(errs) == len(chunk):
                 out += [True] * len(chunk)  # every one done: what _answer says of each
                 start += len(msgs)

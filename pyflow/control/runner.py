@@ -376,9 +376,11 @@ class ControlPlane:
             self.last_turn = now = time.monotonic()
             # timeouts queued to write or a scan under way: only look for events, then go on
             pacer = self.engine.pacer
-            wait = 0.0 if pacer.queue or pacer.walk else max(0.0, min(next_tick - now, 0.2))
+            # events read while changes were sent wait in the adapter, not on its socket
+            backlog = getattr(self.ct, "backlog", 0)
+            wait = 0.0 if pacer.queue or pacer.walk or backlog else max(0.0, min(next_tick - now, 0.2))
             ready, _, _ = select.select(sources, [], [], wait)
-            if self.ct.fileno() in ready:
+            if backlog or self.ct.fileno() in ready:
                 self._conntrack_events()
             if self.watcher.fileno() in ready:
                 self._paths_changed()

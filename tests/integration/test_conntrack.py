@@ -12,6 +12,7 @@ NFCTSocket (TCP window-tracking flags), so the adapter is not its own witness.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import subprocess
@@ -360,6 +361,40 @@ def test_overrun_reports_loss_and_resync_marker(lab: Lab) -> None:
     finally:
         tiny.close()
         big.close()
+
+
+def test_changes_in_bulk_do_not_overrun_the_event_socket(lab: Lab) -> None:
+    """Every change sent comes back on the event socket; 3000 of them fill a 256 KiB buffer
+    several times over. Sending them in bulk reads those echoes off as it goes: no overrun,
+    no resync marker, and an event of someone else's that came meanwhile is kept for
+    poll(), which returns it without waiting on the socket."""
+    n, base = 3000, 44000
+    # the kernel gives an entry its event cache only if someone listens when it is made (an
+    # entry from before any listener never reports an event): a listener while they are
+    # made, the adapter under test only after (so that their NEW events are not in its way)
+    listener = lab.ct()
+    u = lab.sock("client", socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(n):
+        u.sendto(b"x", (ADDR[socket.AF_INET]["server"], base + i))
+    ct = lab.ct(rcvbuf=256 << 10, offload_mark=0x100)
+    listener.close()
+    try:
+        conns = [c for c in ct.dump() if c.proto == 17 and base <= c.orig.dport < base + n]
+        assert len(conns) == n
+        u.sendto(b"x", (ADDR[socket.AF_INET]["server"], base + n))  # someone else's, queued now
+        deadline = time.monotonic() + 2
+        while not select.select([ct.fileno()], [], [], 0.05)[0] and time.monotonic() < deadline:
+            pass
+        u.close()
+        assert all(ct.mark_offloaded_many(conns, True, timeout_s=600))
+        assert ct.lost_events == 0 and ct.discarded_events == 0
+        assert ct.backlog >= 1 and not select.select([ct.fileno()], [], [], 0)[0]
+        got = ct.poll(0)
+        assert None not in got
+        assert [e.conn.orig.dport for e in got if e is not None] == [base + n]
+        assert ct.backlog == 0
+    finally:
+        ct.close()
 
 
 # -- changes -------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from pyflow.control.conntrack import CtNetlink
 from pyflow.control.engine import EngineConfig
 from pyflow.control.runner import ControlConfig
 from tests import netns
@@ -278,6 +279,91 @@ def test_event_storm_overflows_a_small_buffer_and_reconciles():
             assert len(got) == sent and r.offloaded_with(5901)
         finally:
             r.close()
+
+
+class _Echo:
+    """A UDP echo server in sv on ``port`` (a thread), for replied connections in bulk."""
+
+    def __init__(self, topo, port: int):
+        with netns.inside(topo.sv):
+            self.srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.srv.bind((V4["sv"], port))
+        self.srv.settimeout(0.2)
+        self.stop = threading.Event()
+        self.th = threading.Thread(target=self._run, daemon=True)
+        self.th.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                data, peer = self.srv.recvfrom(64)
+                self.srv.sendto(data, peer)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.th.join(2)
+        self.srv.close()
+
+
+def _replied(topo, port: int, n: int, first_sport: int) -> int:
+    """n UDP connections cl:first_sport.. -> sv:port (source ports set, so that no two are
+    one), each answered once (a datagram lost is sent again, up to three times); returns
+    how many got the answer."""
+    answered = 0
+    for start in range(0, n, 200):
+        with netns.inside(topo.cl):
+            socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(min(200, n - start))]
+        for i, s in enumerate(socks, first_sport + start):
+            s.bind((V4["cl"], i))
+            s.settimeout(0.5)
+            for _try in range(3):
+                s.sendto(b"x", (V4["sv"], port))
+                with contextlib.suppress(TimeoutError):
+                    if s.recv(64) == b"x":
+                        answered += 1
+                        break
+            s.close()
+    return answered
+
+
+def test_a_resync_of_thousands_does_not_overrun_the_event_buffer_with_its_own_marks(monkeypatch):
+    """The start-up resync marks every connection it offloads, and each mark comes back on
+    the event socket. 3000 of them overran a 256 KiB buffer (another full resync); they are
+    read off while the marks go out. An event that arrives during the resync waits in the
+    adapter's backlog, and the loop takes it from there without the socket waking it."""
+    cfg = ControlConfig(engine=EngineConfig(), keepalive_period_s=0.2, conntrack_rcvbuf=256 << 10)
+    with topology() as topo:
+        echoes = [_Echo(topo, 6001), _Echo(topo, 6002)]
+        try:
+            # an entry reports events only if someone listened when it was made
+            with netns.inside(topo.r1), CtNetlink():
+                assert _replied(topo, 6001, 3000, 30000) == 3000
+            r = Router(topo, cfg, start=False)
+            try:
+                late: list[int] = []
+                absorb = CtNetlink._absorb
+
+                def absorb_after_a_new_connection(self: CtNetlink) -> None:
+                    # once, inside the resync: a connection the resync's dump cannot hold
+                    if not late:
+                        late.append(_replied(topo, 6002, 1, 40000))
+                    absorb(self)
+
+                monkeypatch.setattr(CtNetlink, "_absorb", absorb_after_a_new_connection)
+                r.start()
+                ct = r.cp.ct
+                assert late == [1]
+                assert (ct.lost_events, r.engine.stats.resyncs) == (0, 1)
+                assert sum(1 for off in r.engine.offloaded.values() if off.conn.orig.dport == 6001) == 3000, \
+                    (r.engine.stats.refused, len(r.engine.pending), r.engine.stats.install_errors)
+                # the late connection's events came through the backlog
+                assert wait_for(lambda: r.offloaded_with(6002), 3.0), r.engine.stats.refused
+                assert r.engine.stats.resyncs == 1
+            finally:
+                r.close()
+        finally:
+            for echo in echoes:
+                echo.close()
 
 
 def test_mark_opt_out_keeps_the_flow_on_the_kernel_path():

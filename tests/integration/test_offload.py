@@ -99,23 +99,10 @@ def _udp_echo(topo, r, family, port, count=400):
     """Client sends numbered datagrams, server echoes them; returns (sent, echoed back)."""
     addrs = V4 if family == 4 else V6
     fam = socket.AF_INET if family == 4 else socket.AF_INET6
-    with netns.inside(topo.sv):
-        srv = socket.socket(fam, socket.SOCK_DGRAM)
+    echo = _Echo(topo, port, family)
     with netns.inside(topo.cl):
         cli = socket.socket(fam, socket.SOCK_DGRAM)
-    stop = threading.Event()
-
-    def echo():
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                data, peer = srv.recvfrom(2048)
-                srv.sendto(data, peer)
-
-    with srv, cli:
-        srv.bind((addrs["sv"], port))
-        th = threading.Thread(target=echo, daemon=True)
-        th.start()
+    try:
         cli.settimeout(2)
         got = set()
         for i in range(count):
@@ -125,9 +112,34 @@ def _udp_echo(topo, r, family, port, count=400):
                 got.add(int.from_bytes(data[:4], "big"))
             if i == 5:
                 r.wait_offloaded(port)
-        stop.set()
-        th.join(2)
+    finally:
+        cli.close()
+        echo.close()
     return count, got
+
+
+class _Echo:
+    """A UDP echo server in sv on ``port`` (a thread)."""
+
+    def __init__(self, topo, port: int, family: int = 4):
+        with netns.inside(topo.sv):
+            self.srv = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
+        self.srv.bind(((V4 if family == 4 else V6)["sv"], port))
+        self.srv.settimeout(0.2)
+        self.stop = threading.Event()
+        self.th = threading.Thread(target=self._run, daemon=True)
+        self.th.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                data, peer = self.srv.recvfrom(2048)
+                self.srv.sendto(data, peer)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.th.join(2)
+        self.srv.close()
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -279,30 +291,6 @@ def test_event_storm_overflows_a_small_buffer_and_reconciles():
             assert len(got) == sent and r.offloaded_with(5901)
         finally:
             r.close()
-
-
-class _Echo:
-    """A UDP echo server in sv on ``port`` (a thread), for replied connections in bulk."""
-
-    def __init__(self, topo, port: int):
-        with netns.inside(topo.sv):
-            self.srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.srv.bind((V4["sv"], port))
-        self.srv.settimeout(0.2)
-        self.stop = threading.Event()
-        self.th = threading.Thread(target=self._run, daemon=True)
-        self.th.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                data, peer = self.srv.recvfrom(64)
-                self.srv.sendto(data, peer)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.th.join(2)
-        self.srv.close()
 
 
 def _replied(topo, port: int, n: int, first_sport: int) -> int:

@@ -107,11 +107,10 @@ class FdbKeeper:
     def _walk(self, eng: Engine, bp: BridgePorts) -> None:
         scan, macs, since = self._scan, self._macs, self._since_ns
         assert scan is not None
-        activity = eng.slots.activity
+        last_seen = eng.last_seen_ns
         n = 0
         for off in scan:
-            last = off.last_seen_ns if off.hw or off.slot < 0 else activity(off)[1]
-            if last >= since:
+            if last_seen(off) >= since:
                 path = off.path
                 macs.add(path[2].dmac)  # the original direction's next hop
                 macs.add(path[3].dmac)  # the reply's: a LAN client's own MAC

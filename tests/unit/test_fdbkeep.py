@@ -5,11 +5,13 @@ side runs in tests/integration/test_bridged_lan.py."""
 
 from __future__ import annotations
 
+import functools
 import struct
 from types import SimpleNamespace
 
 from pyflow.control import fdbkeep
 from pyflow.control.bridge import AF_BRIDGE, BridgeInfo, BridgePorts, FdbEntry, parse_bridge, parse_fdb
+from pyflow.control.engine import Engine
 from pyflow.control.fdbkeep import FdbKeeper
 from pyflow.netlink import uapi as U
 from pyflow.netlink.wire import U32, nest, nla, request
@@ -105,9 +107,11 @@ def _conn(dmac_reply: bytes, last_seen: int):
 
 
 def _engine(bp: _Bp, offloaded: list, now: list[int]):
-    return SimpleNamespace(planner=SimpleNamespace(paths=SimpleNamespace(bridge_ports=bp)),
-                           offloaded=dict(enumerate(offloaded)), clock=lambda: now[0],
-                           pacer=SimpleNamespace(interval_s=0.0), slots=SimpleNamespace(activity=None))
+    eng = SimpleNamespace(planner=SimpleNamespace(paths=SimpleNamespace(bridge_ports=bp)),
+                          offloaded=dict(enumerate(offloaded)), clock=lambda: now[0],
+                          pacer=SimpleNamespace(interval_s=0.0), slots=SimpleNamespace(activity=None))
+    eng.last_seen_ns = functools.partial(Engine.last_seen_ns, eng)  # the engine's own rule
+    return eng
 
 
 def test_keeper_rounds_refresh_each_active_mac_once() -> None:

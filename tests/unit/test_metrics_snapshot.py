@@ -4,12 +4,14 @@ snapshot does not walk the whole flow map again (the tick's read already counted
 
 from __future__ import annotations
 
+import functools
 import time
 from types import SimpleNamespace
 
 from prometheus_client import generate_latest
 
 from pyflow.cli.main import show_pairs
+from pyflow.control.engine import Engine
 from pyflow.control.fdbkeep import OUTCOMES, FdbKeeper
 from pyflow.control.returning import Returning
 from pyflow.control.runner import ControlPlane
@@ -132,6 +134,7 @@ def test_fdb_keepalive_counts_reach_the_metrics_and_the_stats_answer():
     eng.planner = SimpleNamespace(paths=SimpleNamespace(bridge_ports=bridge))  # type: ignore[attr-defined]
     eng.offloaded, eng.clock = conns, (lambda: now)  # type: ignore[attr-defined]
     eng.pacer, eng.slots = SimpleNamespace(interval_s=0.0), SimpleNamespace(activity=None)  # type: ignore[attr-defined]
+    eng.last_seen_ns = functools.partial(Engine.last_seen_ns, eng)  # type: ignore[attr-defined]
     clock = [100.0]
     keeper = eng.fdb = FdbKeeper(monotonic=lambda: clock[0])  # type: ignore[attr-defined]
     keeper.tick(eng)  # type: ignore[arg-type]
